@@ -1,0 +1,187 @@
+"""Scan the labelled library into a manifest DataFrame; class counts and cutoffs.
+
+The scan is incremental: a file whose size and modification time match the
+cached manifest is not opened again. The cache lives in the workspace
+(`.zoolib/manifest.parquet`) and can always be rebuilt.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .images import content_hash, is_candidate, probe
+from .workspace import UNKNOWN, Workspace, ZoolibError, class_folders, open_workspace
+
+SOURCES = ("real", "staged", "synthetic")
+MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "mode", "format", "bytes",
+                    "mtime_ns", "orientation", "source", "notes", "readable", "error"]
+_FILE_COLUMNS = MANIFEST_COLUMNS[:10] + ["readable", "error"]
+
+
+def _cache_path(ws: Workspace) -> Path:
+    return ws.cache / "manifest.parquet"
+
+
+def _read_file(path: Path) -> bytes:
+    """Read a file's bytes (one place, so tests can count what a scan opens)."""
+    return path.read_bytes()
+
+
+def _describe(ws: Workspace, path: Path, stat) -> dict:
+    data = _read_file(path)
+    row = {"path": path.relative_to(ws.library).as_posix(),
+           "label": path.relative_to(ws.library).parts[0],
+           "hash": content_hash(data), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    row.update(probe(data))
+    return row
+
+
+def _list_files(ws: Workspace) -> list[Path]:
+    files = []
+    for folder in class_folders(ws):
+        files.extend(p for p in folder.rglob("*") if is_candidate(p))
+    return sorted(files)
+
+
+def read_meta(ws: Workspace) -> pd.DataFrame:
+    """Read `library/_meta.csv` (path, source, notes), validating the sources.
+
+    Raises:
+        ZoolibError: the file lacks a path column or names an unknown source.
+    """
+    if not ws.meta_csv.exists():
+        return pd.DataFrame(columns=["path", "source", "notes"])
+    meta = pd.read_csv(ws.meta_csv, dtype=str, keep_default_na=False)
+    if "path" not in meta.columns:
+        raise ZoolibError(f"{ws.meta_csv} has no 'path' column")
+    for col in ("source", "notes"):
+        if col not in meta.columns:
+            meta[col] = ""
+    meta["source"] = meta["source"].str.strip().str.lower().replace("", "real")
+    bad = meta[~meta["source"].isin(SOURCES)]
+    if len(bad):
+        row = bad.iloc[0]
+        raise ZoolibError(f"{ws.meta_csv}: source {row['source']!r} for {row['path']!r} "
+                          f"is not one of {', '.join(SOURCES)}")
+    return meta[["path", "source", "notes"]].drop_duplicates("path", keep="last")
+
+
+def scan(workspace, progress: bool = True) -> pd.DataFrame:
+    """Scan the library into a manifest, opening only new or changed files.
+
+    Args:
+        workspace: a workspace path or Workspace.
+        progress: show a progress bar while files are decoded.
+
+    Returns:
+        One row per file under a class folder, with columns MANIFEST_COLUMNS;
+        unreadable files are kept with `readable=False` and the error.
+    """
+    ws = open_workspace(workspace)
+    cached = _load_cache(ws)
+    rows, todo = [], []
+    for path in _list_files(ws):
+        rel = path.relative_to(ws.library).as_posix()
+        stat = path.stat()
+        hit = cached.get(rel)
+        if hit and hit["bytes"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns:
+            rows.append(hit)
+        else:
+            todo.append((path, stat))
+    for path, stat in tqdm(todo, desc="scanning new or changed files", disable=not progress
+                           or not todo, unit="img"):
+        rows.append(_describe(ws, path, stat))
+    files = pd.DataFrame(rows, columns=_FILE_COLUMNS)
+    _save_cache(ws, files)
+    manifest = files.merge(read_meta(ws), on="path", how="left")
+    manifest["source"] = manifest["source"].fillna("real")
+    manifest["notes"] = manifest["notes"].fillna("")
+    return manifest[MANIFEST_COLUMNS].sort_values("path", ignore_index=True)
+
+
+def _load_cache(ws: Workspace) -> dict[str, dict]:
+    path = _cache_path(ws)
+    if not path.exists():
+        return {}
+    try:
+        frame = pd.read_parquet(path)
+    except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
+        return {}
+    if list(frame.columns) != _FILE_COLUMNS:
+        return {}
+    return {r["path"]: r for r in frame.to_dict("records")}
+
+
+def _save_cache(ws: Workspace, files: pd.DataFrame) -> None:
+    path = _cache_path(ws)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    files.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images per class: all files, readable ones, and unique readable contents.
+
+    Returns:
+        Columns label, files, readable, unique, staged, synthetic; sorted by
+        readable images, largest first.
+    """
+    ok = manifest[manifest["readable"]]
+    counts = pd.DataFrame({
+        "files": manifest.groupby("label").size(),
+        "readable": ok.groupby("label").size(),
+        "unique": ok.groupby("label")["hash"].nunique(),
+        "staged": ok[ok["source"] == "staged"].groupby("label").size(),
+        "synthetic": ok[ok["source"] == "synthetic"].groupby("label").size(),
+    }).fillna(0).astype(int)
+    counts.index.name = "label"
+    return counts.reset_index().sort_values(["readable", "label"], ascending=[False, True],
+                                            ignore_index=True)
+
+
+def cutoff_table(manifest: pd.DataFrame, min_images: int = 40) -> pd.DataFrame:
+    """Which classes take part in training under a `min_images` cutoff.
+
+    Args:
+        manifest: from `scan`.
+        min_images: the least number of readable images a class needs.
+
+    Returns:
+        class_counts plus columns included (bool), short_by (images missing)
+        and reason.
+    """
+    if min_images < 1:
+        raise ZoolibError(f"MIN_IMAGES must be at least 1, got {min_images}")
+    table = class_counts(manifest)
+    table["short_by"] = (min_images - table["readable"]).clip(lower=0)
+    reason = pd.Series("", index=table.index)
+    reason[table["short_by"] > 0] = "below cutoff"
+    reason[table["readable"] == 0] = "no readable image"
+    reason[table["label"] == UNKNOWN] = "reserved: Unknown is never a training class"
+    table["reason"] = reason
+    table["included"] = reason == ""
+    return table[["label", "files", "readable", "unique", "staged", "synthetic",
+                  "included", "short_by", "reason"]]
+
+
+def training_classes(manifest: pd.DataFrame, min_images: int = 40) -> list[str]:
+    """The sorted class list a generation trains on.
+
+    Raises:
+        ZoolibError: a class folder has no readable image (named), or no class
+            reaches the cutoff.
+    """
+    table = cutoff_table(manifest, min_images)
+    empty = table[(table["readable"] == 0) & (table["label"] != UNKNOWN)]
+    if len(empty):
+        names = ", ".join(f"{r.label!r} ({r.files} files)" for r in empty.itertuples())
+        raise ZoolibError(f"class folder(s) with no readable image: {names}; "
+                          "fix or remove them (see the curation notebook)")
+    classes = sorted(table.loc[table["included"], "label"])
+    if not classes:
+        raise ZoolibError(f"no class has at least {min_images} readable images "
+                          f"(largest: {table['readable'].max() if len(table) else 0})")
+    return classes

@@ -1,0 +1,161 @@
+"""Architectures by timm name; saving and loading a generation.
+
+A generation is a folder `models/gen-NNNN/` with `weights.safetensors` (the timm
+model's state_dict), `model.json` (everything needed to rebuild and use it) and
+`history.csv`. It is written to a temporary folder and renamed into place, so a
+crash mid-save never leaves a half-written generation.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .workspace import Workspace, ZoolibError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GEN = re.compile(r"^gen-(\d{4,})$")
+
+
+def create_model(arch: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
+    """Build a timm model by name.
+
+    Args:
+        arch: a timm architecture name, e.g. "resnet18" or "inception_v4".
+        num_classes: size of the output layer.
+        pretrained: download ImageNet weights (needs internet); off by default
+            because generation 1 trains from random weights.
+
+    Raises:
+        ZoolibError: unknown architecture, with the closest names.
+    """
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ZoolibError(f"unknown architecture {arch!r}{hint}")
+    if num_classes < 2:
+        raise ZoolibError(f"a classifier needs at least 2 classes, got {num_classes}")
+    return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+
+
+def classifier_keys(model: torch.nn.Module) -> list[str]:
+    """state_dict keys of the model's output layer (as timm names it)."""
+    head = model.get_classifier()
+    prefixes = [name for name, mod in model.named_modules() if mod is head]
+    if not prefixes:
+        raise ZoolibError(f"cannot find the output layer of {type(model).__name__}")
+    return [k for k in model.state_dict() if k.startswith(prefixes[0] + ".")]
+
+
+def generation_names(ws: Workspace) -> list[str]:
+    """Saved generations, oldest first."""
+    if not ws.models.is_dir():
+        return []
+    return sorted((p.name for p in ws.models.iterdir() if p.is_dir() and _GEN.match(p.name)),
+                  key=lambda n: int(_GEN.match(n).group(1)))
+
+
+def next_generation_name(ws: Workspace) -> str:
+    """The name the next saved generation gets (gen-0001, gen-0002, ...)."""
+    names = generation_names(ws)
+    last = int(_GEN.match(names[-1]).group(1)) if names else 0
+    return f"gen-{last + 1:04d}"
+
+
+def read_info(ws: Workspace, name: str) -> dict:
+    """The model.json of a generation.
+
+    Raises:
+        ZoolibError: the generation does not exist (the saved ones are listed).
+    """
+    path = ws.models / name / "model.json"
+    if not path.exists():
+        have = ", ".join(generation_names(ws)) or "none"
+        raise ZoolibError(f"generation {name!r} does not exist in {ws.models} (saved: {have})")
+    return json.loads(path.read_text())
+
+
+def resolve_generation(ws: Workspace, name: str, include_throwaway: bool = False) -> str:
+    """Turn "last" or a generation name into an existing generation name.
+
+    "last" is the newest generation that is not a throw-away run (unless
+    `include_throwaway`): throw-away generations are side branches.
+
+    Raises:
+        ZoolibError: no such generation.
+    """
+    if name != "last":
+        read_info(ws, name)
+        return name
+    for gen in reversed(generation_names(ws)):
+        if include_throwaway or not read_info(ws, gen).get("throwaway", False):
+            return gen
+    raise ZoolibError(f"INIT_FROM='last' but {ws.models} holds no generation yet: "
+                      "train generation 1 with INIT_FROM='scratch'")
+
+
+def load_generation(ws: Workspace, name: str) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a saved generation's model (eval mode) and return it with its info."""
+    info = read_info(ws, name)
+    model = create_model(info["arch"], len(info["classes"]))
+    model.load_state_dict(load_file(ws.models / name / "weights.safetensors"))
+    return model.eval(), info
+
+
+def save_generation(ws: Workspace, model: torch.nn.Module, info: dict,
+                    history: pd.DataFrame | None = None, name: str | None = None) -> str:
+    """Write a generation atomically and return its name.
+
+    Args:
+        ws: the workspace.
+        model: the trained timm model.
+        info: model.json content (arch, img_size, mean, std, classes, ...);
+            `name` and `saved_at` are added.
+        history: per-epoch metrics for history.csv.
+        name: generation name; the next free one when None.
+
+    Raises:
+        ZoolibError: the generation already exists or `info` lacks required keys.
+    """
+    missing = {"arch", "img_size", "mean", "std", "classes"} - set(info)
+    if missing:
+        raise ZoolibError(f"model info lacks {sorted(missing)}")
+    name = name or next_generation_name(ws)
+    final = ws.models / name
+    if final.exists():
+        raise ZoolibError(f"generation {name} already exists in {ws.models}")
+    ws.models.mkdir(parents=True, exist_ok=True)
+    info = {**info, "name": name, "saved_at": datetime.now(timezone.utc).isoformat()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ws.models))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "weights.safetensors")
+        (tmp / "model.json").write_text(json.dumps(info, indent=2, default=str))
+        (history if history is not None else pd.DataFrame()).to_csv(tmp / "history.csv",
+                                                                     index=False)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return name
+
+
+def update_info(ws: Workspace, name: str, **fields) -> dict:
+    """Merge fields into a generation's model.json (written atomically)."""
+    info = {**read_info(ws, name), **fields}
+    path = ws.models / name / "model.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    tmp.replace(path)
+    return info

@@ -1,0 +1,99 @@
+"""Train / valid / test / benchmark splits keyed on image content.
+
+A file's split is a function of its content hash alone, so adding images never
+moves an existing one and exact duplicates always land together. The benchmark
+set is frozen in `splits/benchmark.csv` the first time it is drawn: rows are
+only ever added (for classes it did not cover yet), never changed.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from .workspace import Workspace, ZoolibError
+
+SPLITS = ("train", "valid", "test", "benchmark")
+DEFAULT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.1, "benchmark": 0.1}
+_BUCKETS = 10_000
+
+
+def _check_fractions(fractions: dict[str, float]) -> list[tuple[str, int]]:
+    if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()):
+        raise ZoolibError(f"split fractions need non-negative values for {SPLITS}, "
+                          f"got {fractions}")
+    if abs(sum(fractions.values()) - 1) > 1e-6:
+        raise ZoolibError(f"split fractions must add up to 1, got {sum(fractions.values())}")
+    bounds, edge = [], 0.0
+    for name in SPLITS:
+        edge += fractions[name]
+        bounds.append((name, round(edge * _BUCKETS)))
+    return bounds
+
+
+def bucket(hashes: pd.Series) -> pd.Series:
+    """A number in [0, 10000) from each hex content hash."""
+    return hashes.str[:8].map(lambda h: int(h, 16) % _BUCKETS)
+
+
+def assign(hashes: pd.Series, fractions: dict[str, float] | None = None) -> pd.Series:
+    """The split of each content hash (a pure function of the hash).
+
+    Args:
+        hashes: hex content hashes.
+        fractions: share of each split; DEFAULT_FRACTIONS when None.
+
+    Returns:
+        A Series of split names aligned with `hashes`.
+    """
+    bounds = _check_fractions(fractions or DEFAULT_FRACTIONS)
+    b = bucket(hashes)
+    out = pd.Series("benchmark", index=hashes.index, dtype=object)
+    lower = 0
+    for name, upper in bounds:
+        out[(b >= lower) & (b < upper)] = name
+        lower = upper
+    return out
+
+
+def benchmark_set(ws: Workspace, manifest: pd.DataFrame,
+                  fractions: dict[str, float] | None = None) -> pd.DataFrame:
+    """The fixed benchmark set: loaded from disk, extended only for new classes.
+
+    Images of a class already covered that later fall in the benchmark bucket
+    are not added (they are treated as test images), so the set that compares
+    generations stays the same.
+
+    Returns:
+        Columns hash, path, label, added (UTC timestamp of the draw).
+    """
+    cols = ["hash", "path", "label", "added"]
+    frozen = (pd.read_csv(ws.benchmark_csv, dtype=str) if ws.benchmark_csv.exists()
+              else pd.DataFrame(columns=cols))
+    ok = manifest[manifest["readable"]].drop_duplicates("hash")
+    drawn = ok[assign(ok["hash"], fractions) == "benchmark"]
+    new = drawn[~drawn["label"].isin(set(frozen["label"]))]
+    if len(new):
+        new = new.assign(added=pd.Timestamp.now(tz="UTC").isoformat())[cols]
+        frozen = pd.concat([frozen, new], ignore_index=True)
+        ws.splits.mkdir(parents=True, exist_ok=True)
+        tmp = ws.benchmark_csv.with_suffix(".tmp")
+        frozen.to_csv(tmp, index=False)
+        tmp.replace(ws.benchmark_csv)
+    return frozen
+
+
+def split_manifest(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
+                   fractions: dict[str, float] | None = None) -> pd.DataFrame:
+    """Readable images of `classes` with their split.
+
+    Images in the frozen benchmark keep the split "benchmark"; other images that
+    fall in the benchmark bucket are test images.
+
+    Returns:
+        The manifest rows of `classes` plus a `split` column.
+    """
+    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)].copy()
+    rows["split"] = assign(rows["hash"], fractions)
+    bench = set(benchmark_set(ws, manifest, fractions)["hash"])
+    late = (rows["split"] == "benchmark") & ~rows["hash"].isin(bench)
+    rows.loc[late, "split"] = "test"
+    return rows.reset_index(drop=True)

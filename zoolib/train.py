@@ -1,0 +1,297 @@
+"""Training a generation with fastai: DataLoaders, Learner, plateau stop, resume.
+
+One call, `train(workspace, TrainConfig(...))`, scans the library, selects the
+classes above the cutoff, splits them by content hash, builds the model (from
+scratch or warm-started from a parent generation), trains with a one-cycle
+schedule until the validation loss plateaus and saves the best epoch as a new
+generation. Each epoch is checkpointed under `models/_inprogress/`, so an
+interrupted run resumes where it stopped when started again with the same
+settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+from fastai.vision.all import (Callback, CategoryBlock, ColReader, CrossEntropyLossFlat,
+                               DataBlock, ImageBlock, Learner, Normalize, Resize,
+                               ResizeMethod, accuracy, aug_transforms, set_seed)
+
+from . import library, models, splits, warmstart
+from .images import load_rgb
+from .workspace import Workspace, ZoolibError, class_folders, open_workspace
+
+INPROGRESS = "_inprogress"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (the 02_train notebook's parameters).
+
+    Attributes:
+        arch: timm architecture name.
+        img_size: square input size in pixels.
+        epochs: one-cycle length (the most epochs the run may take).
+        lr: peak learning rate of the one-cycle schedule.
+        batch_size: images per batch.
+        min_images: readable images a class needs to take part.
+        init_from: "scratch", "last" or a generation name to warm-start from.
+        patience: epochs without a better validation loss before stopping.
+        throwaway: mark the generation as a throw-away run (never promoted).
+        seed: random seed for the model, the order of batches and augmentation.
+        flip: random left-right flips.
+        max_rotate: largest rotation in degrees.
+        max_zoom: largest zoom factor (1.0 = none).
+        max_warp: perspective warp (0 = off).
+        max_lighting: brightness/contrast change (0 = off).
+        carry_rows: on a warm start, keep output rows of shared classes.
+        pretrained: start a scratch run from ImageNet weights (needs internet).
+        num_workers: DataLoader workers; None = fastai's default.
+        resume: continue an interrupted run with the same settings.
+    """
+
+    arch: str = "resnet18"
+    img_size: int = 64
+    epochs: int = 10
+    lr: float = 3e-3
+    batch_size: int = 64
+    min_images: int = 40
+    init_from: str = "scratch"
+    patience: int = 3
+    throwaway: bool = False
+    seed: int = 42
+    flip: bool = True
+    max_rotate: float = 10.0
+    max_zoom: float = 1.1
+    max_warp: float = 0.0
+    max_lighting: float = 0.0
+    carry_rows: bool = False
+    pretrained: bool = False
+    num_workers: int | None = None
+    resume: bool = True
+
+    def check(self) -> None:
+        """Raise ZoolibError naming the first parameter that makes no sense."""
+        for name in ("img_size", "epochs", "batch_size", "min_images", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ZoolibError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ZoolibError(f"LR must be positive, got {self.lr}")
+        if self.max_zoom < 1:
+            raise ZoolibError(f"max_zoom must be at least 1.0, got {self.max_zoom}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    name: str
+    info: dict
+    history: pd.DataFrame
+    splits: pd.DataFrame = field(repr=False)
+
+
+def prepare_data(ws: Workspace, cfg: TrainConfig, progress: bool = True
+                 ) -> tuple[pd.DataFrame, list[str]]:
+    """Scan, select the classes above the cutoff and split them.
+
+    Returns:
+        The split manifest (train, valid, test and benchmark rows) and the class list.
+
+    Raises:
+        ZoolibError: a class folder without readable images, or too few classes.
+    """
+    manifest = library.scan(ws, progress=progress)
+    empty = sorted(set(p.name for p in class_folders(ws)) - set(manifest["label"]))
+    if empty:
+        raise ZoolibError(f"class folder(s) with no readable image: {', '.join(map(repr, empty))}"
+                          " (no files at all); add images or remove the folder")
+    classes = library.training_classes(manifest, cfg.min_images)
+    if len(classes) < 2:
+        raise ZoolibError(f"only {classes} reach MIN_IMAGES={cfg.min_images}: "
+                          "a classifier needs at least 2 classes")
+    data = splits.split_manifest(ws, manifest, classes)
+    for part in ("train", "valid"):
+        if not (data["split"] == part).any():
+            raise ZoolibError(f"the {part} split is empty: add images")
+    return data, classes
+
+
+def data_hash(data: pd.DataFrame) -> str:
+    """A hash of the training data (content hash, label, split), for model.json."""
+    rows = data.sort_values("hash")[["hash", "label", "split"]].to_csv(index=False)
+    return hashlib.blake2b(rows.encode(), digest_size=16).hexdigest()
+
+
+def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
+                     cfg: TrainConfig, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD):
+    """fastai DataLoaders over the train and valid rows of a split manifest.
+
+    Images are loaded upright (EXIF applied) and squished to `img_size`, as the
+    plain-torch inference path does, so training and serving see the same pixels.
+    """
+    rows = data[data["split"].isin(["train", "valid"])].reset_index(drop=True)
+    rows = rows.assign(is_valid=rows["split"] == "valid", file=[str(ws.library / p)
+                                                                  for p in rows["path"]])
+    augment = aug_transforms(do_flip=cfg.flip, flip_vert=False, max_rotate=cfg.max_rotate,
+                             min_zoom=1.0, max_zoom=cfg.max_zoom, max_warp=cfg.max_warp,
+                             max_lighting=cfg.max_lighting,
+                             p_lighting=0.75 if cfg.max_lighting else 0.0)
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock(vocab=classes)),
+        get_x=lambda r: load_rgb(r["file"]),
+        get_y=ColReader("label"),
+        splitter=lambda df: (list(df.index[~df["is_valid"]]), list(df.index[df["is_valid"]])),
+        item_tfms=Resize(cfg.img_size, method=ResizeMethod.Squish),
+        batch_tfms=[*augment, Normalize.from_stats(list(mean), list(std))],
+    )
+    kwargs = {} if cfg.num_workers is None else {"num_workers": cfg.num_workers}
+    return block.dataloaders(rows, bs=cfg.batch_size, seed=cfg.seed, **kwargs)
+
+
+class _Checkpoint(Callback):
+    """Save model, optimizer and progress after every epoch so a run can resume."""
+
+    order = 70  # after the trackers have updated their best values
+
+    def __init__(self, run_dir: Path, history: list[dict]):
+        self.run_dir, self.history = run_dir, history
+
+    def after_epoch(self):
+        names = self.recorder.metric_names[1:-1]
+        row = {"epoch": self.epoch + 1, **dict(zip(names, map(float, self.recorder.values[-1])))}
+        self.history.append(row)
+        self.learn.save("last", with_opt=True)
+        state = {"epochs_done": self.epoch + 1, "best": float(self.learn.save_model.best),
+                 "history": self.history}
+        _write_json(self.run_dir / "state.json", state)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
+    if cfg.init_from == "scratch":
+        model = models.create_model(cfg.arch, len(classes), pretrained=cfg.pretrained)
+        return model, {"parent": None, "init": "pretrained" if cfg.pretrained else "scratch",
+                       "head_init": "random"}
+    parent = models.resolve_generation(ws, cfg.init_from)
+    return warmstart.warm_start(ws, parent, cfg.arch, classes, carry_rows=cfg.carry_rows)
+
+
+def _run_dir(ws: Workspace, run_key: dict, resume: bool) -> tuple[Path, dict | None]:
+    """The in-progress folder, and the saved state if it holds a matching run."""
+    run_dir = ws.models / INPROGRESS
+    saved = run_dir / "run.json"
+    if resume and saved.exists() and (run_dir / "state.json").exists():
+        if json.loads(saved.read_text()) == json.loads(json.dumps(run_key, default=str)):
+            return run_dir, json.loads((run_dir / "state.json").read_text())
+        print(f"an unfinished run with other settings in {run_dir} is discarded")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (run_dir / "checkpoint").mkdir(parents=True)
+    _write_json(saved, run_key)
+    return run_dir, None
+
+
+def build_learner(ws: Workspace, cfg: TrainConfig, data: pd.DataFrame, classes: list[str],
+                  model: torch.nn.Module, run_dir: Path, extra_cbs=()) -> Learner:
+    """The fastai Learner of a run: one-cycle ready, with plateau stop and checkpoints."""
+    dls = make_dataloaders(ws, data, classes, cfg)
+    cbs = [SaveModelCallback(monitor="valid_loss", fname="best", reset_on_fit=False),
+           EarlyStoppingCallback(monitor="valid_loss", patience=cfg.patience,
+                                 reset_on_fit=False), *extra_cbs]
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                   path=run_dir, model_dir="checkpoint", cbs=cbs)
+
+
+def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> TrainResult:
+    """Train and save one generation.
+
+    Args:
+        workspace: a workspace path or Workspace.
+        cfg: the run's settings.
+        progress: show fastai's progress bars and epoch table.
+        extra_cbs: additional fastai callbacks (tests use one to interrupt a run).
+
+    Returns:
+        The saved generation's name, model.json content, history and splits.
+
+    Raises:
+        ZoolibError: bad settings, data or INIT_FROM (message names the problem).
+    """
+    cfg.check()
+    ws = open_workspace(workspace)
+    data, classes = prepare_data(ws, cfg, progress=progress)
+    set_seed(cfg.seed, reproducible=True)
+    model, init = _initial_model(ws, cfg, classes)
+    run_key = {"config": asdict(cfg), "classes": classes, "data": data_hash(data),
+               "init": init}
+    run_dir, state = _run_dir(ws, run_key, cfg.resume)
+    history = list(state["history"]) if state else []
+    learn = build_learner(ws, cfg, data, classes, model, run_dir,
+                          extra_cbs=[_Checkpoint(run_dir, history), *extra_cbs])
+    start = 0
+    if state:
+        learn.load("last", with_opt=True, weights_only=False)
+        start = state["epochs_done"]
+        learn.save_model.best = learn.early_stopping.best = state["best"]
+        print(f"resuming an interrupted run after epoch {start}")
+    started = time.perf_counter()
+    with _quiet(learn, progress):
+        if start < cfg.epochs:
+            learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, start_epoch=start)
+    seconds = time.perf_counter() - started
+    return _finish(ws, cfg, learn, data, classes, init, history, seconds, start, run_dir)
+
+
+class _quiet:
+    """Context that hides fastai's bars and tables when progress is off."""
+
+    def __init__(self, learn: Learner, progress: bool):
+        self.ctx = None if progress else (learn.no_bar(), learn.no_logging())
+
+    def __enter__(self):
+        for c in self.ctx or ():
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.ctx or ()):
+            c.__exit__(*exc)
+
+
+def _finish(ws, cfg, learn, data, classes, init, history, seconds, start, run_dir):
+    hist = pd.DataFrame(history)
+    best_epoch = int(hist["valid_loss"].idxmin()) + 1
+    epochs_run = len(hist)
+    n_train = int((data["split"] == "train").sum())
+    counts = data.groupby("split").size().to_dict()
+    info = {
+        "arch": cfg.arch, "img_size": cfg.img_size,
+        "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD),
+        "resize": "squish", "interpolation": "bilinear", "classes": classes, **init,
+        "min_images": cfg.min_images, "throwaway": cfg.throwaway,
+        "data_hash": data_hash(data), "split_counts": counts, "config": asdict(cfg),
+        "metrics": {
+            "best_valid_loss": float(hist["valid_loss"].min()),
+            "valid_accuracy": float(hist["accuracy"].iloc[best_epoch - 1]),
+            "plateau_epoch": best_epoch, "epochs_run": epochs_run,
+            "stopped_early": epochs_run < cfg.epochs,
+            "train_seconds": round(seconds, 2),
+            "train_images_per_s": round(n_train * (epochs_run - start) / max(seconds, 1e-9), 1),
+        },
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+    name = models.save_generation(ws, learn.model, info, hist)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return TrainResult(name=name, info=models.read_info(ws, name), history=hist, splits=data)

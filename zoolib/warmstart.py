@@ -1,0 +1,104 @@
+"""Warm start: a new generation's model from its parent.
+
+Every tensor of the parent except the output layer is copied, with its shape
+checked. The output layer is replaced by a randomly initialised one sized for the
+new class list. Optionally the output rows of classes that exist in both
+generations are carried over, matched by class name (never by index).
+"""
+from __future__ import annotations
+
+import torch
+
+from .models import classifier_keys, create_model, load_generation
+from .workspace import Workspace, ZoolibError
+
+
+def _mismatch(what: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+    return f"{len(keys)} {what}: {shown}"
+
+
+def transfer_body(parent: torch.nn.Module, child: torch.nn.Module) -> list[str]:
+    """Copy every non-classifier tensor of `parent` into `child`.
+
+    Returns:
+        The state_dict keys copied.
+
+    Raises:
+        ZoolibError: the body keys or shapes differ (e.g. another architecture);
+            the message names the offending keys.
+    """
+    p_state, c_state = parent.state_dict(), child.state_dict()
+    p_body = {k: v for k, v in p_state.items() if k not in set(classifier_keys(parent))}
+    c_body = {k for k in c_state if k not in set(classifier_keys(child))}
+    problems = []
+    if missing := sorted(c_body - set(p_body)):
+        problems.append(_mismatch("keys missing from the parent", missing))
+    if extra := sorted(set(p_body) - c_body):
+        problems.append(_mismatch("parent keys the new model lacks", extra))
+    shapes = [f"{k} {tuple(p_body[k].shape)}->{tuple(c_state[k].shape)}"
+              for k in sorted(c_body & set(p_body)) if p_body[k].shape != c_state[k].shape]
+    if shapes:
+        problems.append(_mismatch("tensors with another shape", shapes))
+    if problems:
+        raise ZoolibError("cannot warm-start: the parent's body does not fit the new model; "
+                          + "; ".join(problems))
+    with torch.no_grad():
+        for k in p_body:
+            c_state[k].copy_(p_body[k])
+    return sorted(p_body)
+
+
+def carry_head_rows(parent: torch.nn.Module, parent_classes: list[str],
+                    child: torch.nn.Module, child_classes: list[str]) -> list[str]:
+    """Copy output-layer rows of classes present in both lists, matched by name.
+
+    Returns:
+        The class names whose rows were carried.
+    """
+    p_state, c_state = parent.state_dict(), child.state_dict()
+    shared = [c for c in child_classes if c in parent_classes]
+    with torch.no_grad():
+        for key in classifier_keys(child):
+            for cls in shared:
+                c_state[key][child_classes.index(cls)] = p_state[key][parent_classes.index(cls)]
+    return shared
+
+
+def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
+               carry_rows: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Build a model for `classes` from a saved parent generation.
+
+    Args:
+        ws: the workspace.
+        parent_name: an existing generation name.
+        arch: the architecture of the new model; must be the parent's.
+        classes: the new ordered class list.
+        carry_rows: also copy the output rows of shared classes (off by default:
+            the practitioner's recipe re-initialises the whole output layer).
+
+    Returns:
+        The model and a record for model.json (parent, transferred, head_init).
+
+    Raises:
+        ZoolibError: missing parent, another architecture, or body mismatch.
+    """
+    parent, p_info = load_generation(ws, parent_name)
+    if p_info["arch"] != arch:
+        raise ZoolibError(f"cannot warm-start a {arch} from {parent_name}, which is a "
+                          f"{p_info['arch']}: set ARCH={p_info['arch']!r} or INIT_FROM='scratch'")
+    child = create_model(arch, len(classes))
+    copied = transfer_body(parent, child)
+    carried = carry_head_rows(parent, p_info["classes"], child, classes) if carry_rows else []
+    record = {
+        "parent": parent_name,
+        "init": "warm",
+        "head_init": "random" + (f", rows carried for {len(carried)} classes" if carried else ""),
+        "transferred_tensors": len(copied),
+        "transferred_params": int(sum(parent.state_dict()[k].numel() for k in copied)),
+        "head_keys": classifier_keys(child),
+        "carried_classes": carried,
+        "classes_added": [c for c in classes if c not in p_info["classes"]],
+        "classes_removed": [c for c in p_info["classes"] if c not in classes],
+    }
+    return child, record

@@ -1,0 +1,163 @@
+"""Paths of a zoo workspace: creating, opening and validating one.
+
+A workspace is one folder per zoo project (see ARCHITECTURE.md). Everything the
+workbench writes for a project lives inside it, never inside the repository.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+UNKNOWN = "Unknown"
+# Names that would collide with the workspace's own folders or with OS devices.
+_RESERVED = {"_trash", "_meta.csv", ".", "..", "con", "prn", "aux", "nul"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ZoolibError(ValueError):
+    """A problem with the user's input or data, with a message that names it."""
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The folders and files of one zoo project.
+
+    Attributes:
+        root: the workspace folder.
+    """
+
+    root: Path
+
+    @property
+    def library(self) -> Path:
+        return self.root / "library"
+
+    @property
+    def meta_csv(self) -> Path:
+        return self.library / "_meta.csv"
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def deployed_json(self) -> Path:
+        return self.models / "deployed.json"
+
+    @property
+    def bulkid(self) -> Path:
+        return self.root / "bulkid"
+
+    @property
+    def trash(self) -> Path:
+        return self.root / "_trash"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    @property
+    def benchmark_csv(self) -> Path:
+        return self.splits / "benchmark.csv"
+
+    @property
+    def cache(self) -> Path:
+        """Derived data the workbench can always rebuild (scan cache)."""
+        return self.root / ".zoolib"
+
+    @property
+    def journal_db(self) -> Path:
+        return self.root / "zoo.sqlite"
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+def create(path: str | Path) -> Workspace:
+    """Create an empty workspace (library, inbox, models folders).
+
+    Args:
+        path: folder to create; may already exist.
+
+    Returns:
+        The workspace.
+    """
+    ws = Workspace(Path(path).expanduser().resolve())
+    for folder in (ws.library, ws.inbox, ws.models):
+        folder.mkdir(parents=True, exist_ok=True)
+    return ws
+
+
+def open_workspace(path: str | Path | Workspace) -> Workspace:
+    """Open an existing workspace, checking that it has a non-empty library.
+
+    Args:
+        path: the workspace folder (or an already opened workspace).
+
+    Returns:
+        The workspace.
+
+    Raises:
+        ZoolibError: the folder is missing, is not a workspace, or its library
+            holds no class folder.
+    """
+    if isinstance(path, Workspace):
+        return path
+    if not str(path).strip():
+        raise ZoolibError("WORKSPACE is empty: pass the path of a workspace folder")
+    ws = Workspace(Path(path).expanduser().resolve())
+    if not ws.root.is_dir():
+        raise ZoolibError(f"workspace {ws.root} does not exist")
+    if not ws.library.is_dir():
+        raise ZoolibError(
+            f"workspace {ws.root} has no library/ folder: expected library/<class>/<image>"
+        )
+    if not class_folders(ws):
+        raise ZoolibError(f"workspace {ws.root} is empty: library/ holds no class folder")
+    return ws
+
+
+def class_folders(ws: Workspace) -> list[Path]:
+    """The class folders of the library, sorted by name (hidden ones skipped)."""
+    return sorted(
+        p for p in ws.library.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+    )
+
+
+def check_class_name(name: str) -> str:
+    """Check that a class name is a plain folder name and return it.
+
+    Args:
+        name: a class name typed by a user.
+
+    Returns:
+        The name, unchanged.
+
+    Raises:
+        ZoolibError: the name is empty, has a path separator, control characters,
+            surrounding spaces, or is reserved.
+    """
+    if not isinstance(name, str) or not name:
+        raise ZoolibError(f"class name {name!r} is empty")
+    problems = []
+    if "/" in name or "\\" in name:
+        problems.append("contains a path separator")
+    if _CONTROL.search(name) or any(unicodedata.category(c) == "Cc" for c in name):
+        problems.append("contains control characters")
+    if name != name.strip():
+        problems.append("has leading or trailing spaces")
+    if name.startswith("."):
+        problems.append("starts with a dot")
+    if name.lower() in _RESERVED or name.startswith("_"):
+        problems.append("is reserved")
+    if len(name.encode()) > 200:
+        problems.append("is longer than 200 bytes")
+    if problems:
+        raise ZoolibError(f"class name {name!r} is not a plain folder name: {', '.join(problems)}")
+    return name

@@ -1,0 +1,57 @@
+"""Plain-torch inference with a generation's own preprocessing (no fastai).
+
+Bulk identification and serving use this module: it starts fast, and it applies
+exactly what `model.json` records (input size, squish resize, bilinear
+interpolation, normalisation) to upright RGB images, as training did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models import load_generation, resolve_generation
+from .workspace import Workspace
+
+
+@dataclass
+class Loaded:
+    """A generation ready for inference."""
+
+    name: str
+    model: torch.nn.Module
+    info: dict
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info["classes"]
+
+
+def load(ws: Workspace, name: str = "last", device: str | None = None) -> Loaded:
+    """Load a generation (a name, or "last") in eval mode on `device` (auto by default)."""
+    name = resolve_generation(ws, name, include_throwaway=True)
+    model, info = load_generation(ws, name)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Loaded(name, model.to(dev).eval(), info, dev)
+
+
+def to_tensor(img: Image.Image, info: dict) -> torch.Tensor:
+    """An upright RGB PIL image -> normalised CHW float tensor, as in training."""
+    size = int(info["img_size"])
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+    t = torch.from_numpy(arr).permute(2, 0, 1).div_(255.0)
+    mean = torch.tensor(info["mean"]).view(3, 1, 1)
+    std = torch.tensor(info["std"]).view(3, 1, 1)
+    return (t - mean) / std
+
+
+@torch.inference_mode()
+def forward(loaded: Loaded, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and pre-logit embeddings of a batch (both on CPU)."""
+    x = batch.to(loaded.device, non_blocking=True)
+    feats = loaded.model.forward_head(loaded.model.forward_features(x), pre_logits=True)
+    logits = loaded.model.get_classifier()(feats)
+    return logits.softmax(dim=1).float().cpu(), feats.float().cpu()

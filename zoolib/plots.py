@@ -1,0 +1,51 @@
+"""Matplotlib figures shared by the notebooks; each can be saved as a PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+
+def _finish(fig, path: str | Path | None):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def class_counts(table: pd.DataFrame, min_images: int, path: str | Path | None = None):
+    """Horizontal bars of readable images per class, coloured by the cutoff.
+
+    Args:
+        table: from `library.cutoff_table`.
+        min_images: the cutoff, drawn as a line.
+        path: where to save the PNG (optional).
+    """
+    t = table.sort_values("readable")
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(t) + 1.2))
+    colours = ["tab:green" if inc else "tab:gray" for inc in t["included"]]
+    ax.barh(t["label"], t["readable"], color=colours)
+    staged = t["staged"] + t["synthetic"]
+    ax.barh(t["label"], staged, color="tab:orange", alpha=0.7, label="staged or synthetic")
+    ax.axvline(min_images, color="tab:red", ls="--", label=f"MIN_IMAGES = {min_images}")
+    ax.set_xlabel("readable images")
+    ax.legend(loc="lower right")
+    ax.set_title("Images per class (grey: not trained)")
+    return _finish(fig, path)
+
+
+def history(hist: pd.DataFrame, title: str = "", path: str | Path | None = None,
+            plateau_epoch: int | None = None):
+    """Loss and accuracy per epoch of a training run."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(hist["epoch"], hist["train_loss"], "o-", label="train")
+    ax1.plot(hist["epoch"], hist["valid_loss"], "o-", label="valid")
+    ax1.set_xlabel("epoch"); ax1.set_ylabel("loss"); ax1.legend()
+    ax2.plot(hist["epoch"], hist["accuracy"], "o-", color="tab:green")
+    ax2.set_xlabel("epoch"); ax2.set_ylabel("valid accuracy"); ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        if plateau_epoch:
+            ax.axvline(plateau_epoch, color="gray", ls=":", label="plateau")
+    fig.suptitle(title)
+    return _finish(fig, path)

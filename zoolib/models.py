@@ -159,3 +159,27 @@ def update_info(ws: Workspace, name: str, **fields) -> dict:
     tmp.write_text(json.dumps(info, indent=2, default=str))
     tmp.replace(path)
     return info
+
+
+def read_deployed(ws: Workspace) -> dict | None:
+    """The content of `models/deployed.json` ({"generation": ..., ...}), or None."""
+    if not ws.deployed_json.exists():
+        return None
+    return json.loads(ws.deployed_json.read_text())
+
+
+def write_deployed(ws: Workspace, name: str, **details) -> dict:
+    """Make `name` the deployed generation (atomic write of deployed.json).
+
+    Raises:
+        ZoolibError: the generation does not exist or is a throw-away run.
+    """
+    info = read_info(ws, name)
+    if info.get("throwaway"):
+        raise ZoolibError(f"{name} is a throw-away generation and can never be deployed")
+    record = {"generation": name, "deployed_at": datetime.now(timezone.utc).isoformat(),
+              **details}
+    tmp = ws.deployed_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(ws.deployed_json)
+    return record

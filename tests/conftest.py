@@ -6,6 +6,7 @@ import pytest
 
 from zoolib import demo
 from zoolib.train import TrainConfig, train
+from zoolib.workspace import open_workspace
 
 # Tiny and fast: enough to exercise every code path, not to learn much.
 TINY = dict(arch="resnet18", img_size=32, epochs=2, batch_size=32, patience=2,
@@ -18,10 +19,11 @@ def demo_ws(tmp_path):
     return demo.build(tmp_path / "ws", seed=0)
 
 
-@pytest.fixture
-def truth(demo_ws):
-    """The demo workspace's answer key."""
-    return json.loads((demo_ws.root / "demo_truth.json").read_text())
+@pytest.fixture(scope="session")
+def truth(tmp_path_factory):
+    """The demo workspace's answer key (the same for every seed-0 demo workspace)."""
+    ws = demo.build(tmp_path_factory.mktemp("truth") / "ws", seed=0)
+    return json.loads((ws.root / "demo_truth.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +36,5 @@ def _trained_template(tmp_path_factory):
 @pytest.fixture
 def trained_ws(_trained_template, tmp_path):
     """A demo workspace (copy) holding generation gen-0001 trained tiny."""
-    shutil.copytree(_trained_template.root, tmp_path / "ws")
-    from zoolib.workspace import open_workspace
-
-    return open_workspace(tmp_path / "ws")
+    shutil.copytree(_trained_template.root, tmp_path / "trained")
+    return open_workspace(tmp_path / "trained")

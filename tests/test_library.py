@@ -1,0 +1,102 @@
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from zoolib import library
+from zoolib.workspace import ZoolibError
+
+
+def test_scan_columns_and_counts(demo_ws, truth):
+    m = library.scan(demo_ws, progress=False)
+    assert set(library.MANIFEST_COLUMNS) <= set(m.columns)
+    n_files = sum(1 for p in demo_ws.library.rglob("*") if p.is_file()) - 1  # minus _meta.csv
+    assert len(m) == n_files
+    bad = set(m.loc[~m["readable"], "path"])
+    assert bad == set(truth["unreadable"])
+    assert m.loc[m["path"] == "penguin/penguin_empty.jpg", "error"].item().startswith("empty")
+    ok = m[m["readable"]]
+    assert (ok["width"] > 0).all() and (ok["format"] == "JPEG").all()
+    assert m["hash"].str.len().eq(32).all()
+
+
+def test_meta_sources_joined(demo_ws, truth):
+    m = library.scan(demo_ws, progress=False)
+    assert (m["source"] == "staged").sum() == truth["meta"]["staged"]
+    assert (m["source"] == "synthetic").sum() == truth["meta"]["synthetic"]
+    assert set(m["source"]) == {"real", "staged", "synthetic"}
+
+
+def test_bad_meta_source_names_row(demo_ws):
+    demo_ws.meta_csv.write_text("path,source,notes\nlion/lion_0000.jpg,fake,\n")
+    with pytest.raises(ZoolibError, match="'fake'.*lion_0000"):
+        library.scan(demo_ws, progress=False)
+
+
+def test_incremental_scan_opens_only_new_files(demo_ws, monkeypatch):
+    first = library.scan(demo_ws, progress=False)
+    opened = []
+    real = library._read_file
+    monkeypatch.setattr(library, "_read_file", lambda p: opened.append(p) or real(p))
+    again = library.scan(demo_ws, progress=False)
+    assert opened == []
+    pd.testing.assert_frame_equal(first, again)
+    new = demo_ws.library / "lion" / "new_one.png"
+    Image.new("RGB", (20, 10), "red").save(new)
+    changed = demo_ws.library / "zebra" / "zebra_0001.jpg"
+    Image.new("RGB", (30, 30), "blue").save(changed, "JPEG")
+    third = library.scan(demo_ws, progress=False)
+    assert sorted(p.name for p in opened) == ["new_one.png", "zebra_0001.jpg"]
+    row = third.set_index("path").loc["lion/new_one.png"]
+    assert (row["width"], row["height"], row["format"], row["label"]) == (20, 10, "PNG", "lion")
+    assert third.set_index("path").loc["zebra/zebra_0001.jpg", "width"] == 30
+    assert len(third) == len(first) + 1
+
+
+def test_removed_file_leaves_manifest(demo_ws):
+    library.scan(demo_ws, progress=False)
+    (demo_ws.library / "lion" / "lion_0000.jpg").unlink()
+    m = library.scan(demo_ws, progress=False)
+    assert "lion/lion_0000.jpg" not in set(m["path"])
+
+
+def test_cutoff_table(demo_ws, truth):
+    m = library.scan(demo_ws, progress=False)
+    t = library.cutoff_table(m, 40).set_index("label")
+    assert t.loc["okapi", "readable"] == truth["counts"]["okapi"] == 37
+    assert not t.loc["okapi", "included"] and t.loc["okapi", "short_by"] == 3
+    assert t.loc["okapi", "reason"] == "below cutoff"
+    assert not t.loc["Unknown", "included"] and "reserved" in t.loc["Unknown", "reason"]
+    # the zebra folder holds one broken file that must not count
+    assert t.loc["zebra", "files"] == t.loc["zebra", "readable"] + 1
+    assert t.loc["zebra", "included"] and t.loc["zebra", "short_by"] == 0
+    t35 = library.cutoff_table(m, 35).set_index("label")
+    assert t35.loc["okapi", "included"]
+    assert library.training_classes(m, 40) == sorted(
+        c for c, n in truth["counts"].items() if n >= 40)
+    assert "okapi" in library.training_classes(m, 35)
+
+
+def test_cutoff_rejects_nonsense(demo_ws):
+    m = library.scan(demo_ws, progress=False)
+    with pytest.raises(ZoolibError, match="MIN_IMAGES"):
+        library.cutoff_table(m, 0)
+    with pytest.raises(ZoolibError, match="no class has at least 1000"):
+        library.training_classes(m, 1000)
+
+
+def test_class_with_no_readable_image_is_named(demo_ws):
+    folder = demo_ws.library / "ghost"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"garbage")
+    (folder / "b.jpg").write_bytes(b"")
+    m = library.scan(demo_ws, progress=False)
+    with pytest.raises(ZoolibError, match="'ghost' \\(2 files\\)"):
+        library.training_classes(m, 40)
+
+
+def test_duplicate_counts(demo_ws):
+    m = library.scan(demo_ws, progress=False)
+    t = library.class_counts(m).set_index("label")
+    assert t.loc["lion", "readable"] == t.loc["lion", "unique"] + 1

@@ -1,0 +1,79 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from zoolib import models
+from zoolib.workspace import ZoolibError
+
+INFO = {"arch": "resnet18", "img_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
+        "classes": ["a", "b", "c"]}
+
+
+def test_unknown_architecture_suggests_close_names():
+    with pytest.raises(ZoolibError, match="unknown architecture 'resnt18'.*resnet18"):
+        models.create_model("resnt18", 3)
+
+
+def test_inception_v4_builds_with_its_head_named():
+    m = models.create_model("inception_v4", 5)
+    assert models.classifier_keys(m) == ["last_linear.weight", "last_linear.bias"]
+    assert m.get_classifier().out_features == 5
+
+
+def test_save_load_round_trip(demo_ws):
+    m = models.create_model("resnet18", 3)
+    hist = pd.DataFrame({"epoch": [1, 2], "valid_loss": [1.0, 0.5]})
+    name = models.save_generation(demo_ws, m, INFO, hist)
+    assert name == "gen-0001"
+    folder = demo_ws.models / name
+    assert sorted(p.name for p in folder.iterdir()) == ["history.csv", "model.json",
+                                                         "weights.safetensors"]
+    loaded, info = models.load_generation(demo_ws, name)
+    assert info["classes"] == ["a", "b", "c"] and info["name"] == name
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    assert pd.read_csv(folder / "history.csv")["valid_loss"].tolist() == [1.0, 0.5]
+    assert models.next_generation_name(demo_ws) == "gen-0002"
+
+
+def test_save_is_atomic_under_a_crash(demo_ws, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)  # the last file written
+    with pytest.raises(RuntimeError, match="disk full"):
+        models.save_generation(demo_ws, models.create_model("resnet18", 3), INFO, pd.DataFrame())
+    assert list(demo_ws.models.iterdir()) == []
+    assert models.generation_names(demo_ws) == []
+
+
+def test_save_refuses_incomplete_info(demo_ws):
+    with pytest.raises(ZoolibError, match="lacks.*classes"):
+        models.save_generation(demo_ws, models.create_model("resnet18", 3),
+                               {k: v for k, v in INFO.items() if k != "classes"})
+
+
+def test_resolve_last_skips_throwaway_and_missing(demo_ws):
+    with pytest.raises(ZoolibError, match="no generation yet"):
+        models.resolve_generation(demo_ws, "last")
+    m = models.create_model("resnet18", 3)
+    models.save_generation(demo_ws, m, INFO)
+    models.save_generation(demo_ws, m, {**INFO, "throwaway": True})
+    assert models.resolve_generation(demo_ws, "last") == "gen-0001"
+    assert models.resolve_generation(demo_ws, "last", include_throwaway=True) == "gen-0002"
+    with pytest.raises(ZoolibError, match="'gen-0009' does not exist.*gen-0001, gen-0002"):
+        models.resolve_generation(demo_ws, "gen-0009")
+
+
+def test_deployed_refuses_throwaway(demo_ws):
+    m = models.create_model("resnet18", 3)
+    models.save_generation(demo_ws, m, INFO)
+    models.save_generation(demo_ws, m, {**INFO, "throwaway": True})
+    assert models.read_deployed(demo_ws) is None
+    models.write_deployed(demo_ws, "gen-0001")
+    assert json.loads(demo_ws.deployed_json.read_text())["generation"] == "gen-0001"
+    with pytest.raises(ZoolibError, match="throw-away"):
+        models.write_deployed(demo_ws, "gen-0002")
+    assert models.read_deployed(demo_ws)["generation"] == "gen-0001"

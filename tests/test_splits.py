@@ -1,0 +1,81 @@
+import random
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from zoolib import library, splits
+from zoolib.workspace import ZoolibError
+
+
+def _hashes(n, seed=0):
+    rng = random.Random(seed)
+    return pd.Series([f"{rng.getrandbits(128):032x}" for _ in range(n)])
+
+
+def test_assign_fractions_roughly_right():
+    s = splits.assign(_hashes(20000))
+    share = s.value_counts(normalize=True)
+    for name, frac in splits.DEFAULT_FRACTIONS.items():
+        assert abs(share[name] - frac) < 0.015
+
+
+def test_assign_is_pure_function_of_hash():
+    h = _hashes(500)
+    a = splits.assign(h)
+    b = splits.assign(h.sample(frac=1, random_state=1)).sort_index()
+    assert a.equals(b)
+
+
+def test_bad_fractions():
+    with pytest.raises(ZoolibError, match="add up to 1"):
+        splits.assign(_hashes(3), {"train": .5, "valid": .1, "test": .1, "benchmark": .1})
+    with pytest.raises(ZoolibError, match="non-negative"):
+        splits.assign(_hashes(3), {"train": 1.0})
+
+
+def _add_images(folder, n, seed):
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        Image.new("RGB", (16, 16), colour).save(folder / f"added_{seed}_{i}.png")
+
+
+def test_adding_100_images_moves_no_old_image(demo_ws):
+    classes = ["lion", "zebra", "elephant"]
+    before = splits.split_manifest(demo_ws, library.scan(demo_ws, progress=False), classes)
+    for k, cls in enumerate(classes):
+        _add_images(demo_ws.library / cls, 34 if k else 32, seed=k)
+    after = splits.split_manifest(demo_ws, library.scan(demo_ws, progress=False), classes)
+    assert len(after) == len(before) + 100
+    merged = before.merge(after, on="path", suffixes=("_old", "_new"))
+    assert len(merged) == len(before)
+    assert (merged["split_old"] == merged["split_new"]).all()
+    assert set(after["split"]) == {"train", "valid", "test", "benchmark"}
+
+
+def test_duplicates_share_a_split(demo_ws):
+    m = library.scan(demo_ws, progress=False)
+    data = splits.split_manifest(demo_ws, m, sorted(set(m["label"])))
+    per_hash = data.groupby("hash")["split"].nunique()
+    assert per_hash.max() == 1
+    assert (data.groupby("hash").size() > 1).sum() >= 2  # the demo's planted duplicates
+
+
+def test_benchmark_frozen_and_extended_only_for_new_classes(demo_ws):
+    m = library.scan(demo_ws, progress=False)
+    first = splits.benchmark_set(demo_ws, m)
+    assert demo_ws.benchmark_csv.exists() and len(first) > 0
+    # new lion images that fall in the benchmark bucket do not join the frozen set
+    _add_images(demo_ws.library / "lion", 60, seed=9)
+    _add_images(demo_ws.library / "newcls", 50, seed=10)
+    m2 = library.scan(demo_ws, progress=False)
+    second = splits.benchmark_set(demo_ws, m2)
+    old = second[second["label"] != "newcls"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, first.astype(old.dtypes.to_dict()))
+    assert (second["label"] == "newcls").sum() > 0
+    data = splits.split_manifest(demo_ws, m2, ["lion", "newcls"])
+    late = data[(data["label"] == "lion") & data["path"].str.contains("added_9")]
+    assert "benchmark" not in set(late["split"])
+    assert set(data.loc[data["split"] == "benchmark", "hash"]) <= set(second["hash"])

@@ -21,9 +21,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
-from fastai.vision.all import (Callback, CategoryBlock, ColReader, CrossEntropyLossFlat,
+from fastai.vision.all import (Callback, CancelEpochException, CategoryBlock, ColReader, CrossEntropyLossFlat,
                                DataBlock, ImageBlock, Learner, Normalize, Resize,
-                               ResizeMethod, accuracy, aug_transforms, set_seed)
+                               ResizeMethod, TrainEvalCallback, accuracy, aug_transforms,
+                               set_seed)
 
 from . import library, models, splits, warmstart
 from .images import load_rgb
@@ -56,6 +57,8 @@ class TrainConfig:
         pretrained: start a scratch run from ImageNet weights (needs internet).
         num_workers: DataLoader workers; None = fastai's default.
         resume: continue an interrupted run with the same settings.
+        folds: cross-validation: k folds of train+valid by content hash (0 = off).
+        fold: which fold (0..folds-1) is the valid split; test/benchmark untouched.
     """
 
     arch: str = "resnet18"
@@ -77,6 +80,8 @@ class TrainConfig:
     pretrained: bool = False
     num_workers: int | None = None
     resume: bool = True
+    folds: int = 0
+    fold: int = 0
 
     def check(self) -> None:
         """Raise ZoolibError naming the first parameter that makes no sense."""
@@ -87,6 +92,9 @@ class TrainConfig:
             raise ZoolibError(f"LR must be positive, got {self.lr}")
         if self.max_zoom < 1:
             raise ZoolibError(f"max_zoom must be at least 1.0, got {self.max_zoom}")
+        if self.folds and not (self.folds >= 2 and 0 <= self.fold < self.folds):
+            raise ZoolibError(f"FOLDS={self.folds}, FOLD={self.fold}: need FOLDS >= 2 "
+                              "and 0 <= FOLD < FOLDS (FOLDS=0 turns folds off)")
 
 
 @dataclass
@@ -119,6 +127,8 @@ def prepare_data(ws: Workspace, cfg: TrainConfig, progress: bool = True
         raise ZoolibError(f"only {classes} reach MIN_IMAGES={cfg.min_images}: "
                           "a classifier needs at least 2 classes")
     data = splits.split_manifest(ws, manifest, classes)
+    if cfg.folds:
+        data = splits.apply_fold(data, cfg.folds, cfg.fold)
     for part in ("train", "valid"):
         if not (data["split"] == part).any():
             raise ZoolibError(f"the {part} split is empty: add images")
@@ -160,7 +170,7 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
 class _Checkpoint(Callback):
     """Save model, optimizer and progress after every epoch so a run can resume."""
 
-    order = 70  # after the trackers have updated their best values
+    order = 62  # after SaveModelCallback (61) updates the best, before EarlyStopping (63) may stop
 
     def __init__(self, run_dir: Path, history: list[dict]):
         self.run_dir, self.history = run_dir, history
@@ -173,6 +183,31 @@ class _Checkpoint(Callback):
         state = {"epochs_done": self.epoch + 1, "best": float(self.learn.save_model.best),
                  "history": self.history}
         _write_json(self.run_dir / "state.json", state)
+
+
+class _SkipDone(Callback):
+    """On resume, skip the epochs already done.
+
+    fastai's own `start_epoch` lets the recorder and trackers see the skipped
+    epochs as empty rows (and fail); here they are switched off while skipping.
+    The one-cycle schedule stays right: fastai derives its position from the epoch.
+    """
+
+    order = -10
+
+    def __init__(self, done: int):
+        self.done = done
+
+    def before_fit(self):
+        self.others = [cb for cb in self.learn.cbs
+                       if cb is not self and not isinstance(cb, TrainEvalCallback) and cb.run]
+
+    def before_epoch(self):
+        skip = self.epoch < self.done
+        for cb in self.others:
+            cb.run = not skip
+        if skip:
+            raise CancelEpochException()
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -239,18 +274,17 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
                "init": init}
     run_dir, state = _run_dir(ws, run_key, cfg.resume)
     history = list(state["history"]) if state else []
+    start = state["epochs_done"] if state else 0
     learn = build_learner(ws, cfg, data, classes, model, run_dir,
-                          extra_cbs=[_Checkpoint(run_dir, history), *extra_cbs])
-    start = 0
+                          extra_cbs=[_Checkpoint(run_dir, history), _SkipDone(start), *extra_cbs])
     if state:
         learn.load("last", with_opt=True, weights_only=False)
-        start = state["epochs_done"]
         learn.save_model.best = learn.early_stopping.best = state["best"]
         print(f"resuming an interrupted run after epoch {start}")
     started = time.perf_counter()
     with _quiet(learn, progress):
         if start < cfg.epochs:
-            learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, start_epoch=start)
+            learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr)
     seconds = time.perf_counter() - started
     return _finish(ws, cfg, learn, data, classes, init, history, seconds, start, run_dir)
 

@@ -1,7 +1,47 @@
-"""Curation: find problems in the library (unreadable files, exact duplicates)."""
+"""Curation: find problems in the library and fix them without losing anything.
+
+Finding: unreadable files, exact duplicates (same bytes), near duplicates
+(perceptual hashes compared by Hamming distance with multi-index hashing, never
+an N x N matrix; optionally embedding similarity from a generation), leakage of
+duplicates across splits, EXIF orientation tags that disagree with the pixels,
+and how much of each class is staged or synthetic.
+
+Fixing, and where each fact lives (every action is one journal row; `undo`
+reverses any of them):
+
+- Rotation: the original is moved to `_trash/` (a journal "trash" row) and the
+  rotated pixels are written as a new file at its path (a "rotate" row naming
+  that trash row). Undo trashes the rotated file and moves the original back.
+- Provenance (real, staged, synthetic): the `source` column of
+  `library/_meta.csv`, rewritten atomically ("source" rows).
+- Discard flags and split pins: `library/_flags.csv` (path, discard, reason,
+  pin), rewritten atomically ("discard", "undiscard", "pin", "unpin" rows);
+  `library.read_flags` reads it and `splits.split_manifest` drops discarded
+  images and puts pinned ones in their pinned split.
+
+Table edits record the old and new values of every changed row, so an undo
+restores exactly what was there. Flags and provenance are keyed by the path in
+the library, like `_meta.csv`.
+"""
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
+from PIL import Image, ImageOps
+
+from . import journal, library, splits
+from .workspace import UNKNOWN, Workspace, ZoolibError
+
+_BANDS = 4  # multi-index hashing: a 64-bit hash is looked up by four 16-bit bands
+_CHUNK = 2_000_000  # candidate pairs verified at once (bounds memory)
+_HELD_OUT = ["train", "valid", "test", "benchmark"]  # later = further from training
+ROTATIONS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180,
+             270: Image.Transpose.ROTATE_90}  # clockwise degrees -> PIL transpose
+PAIR_COLUMNS = ["path_a", "path_b", "label_a", "label_b", "kind", "distance", "similarity"]
 
 
 def unreadable(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -29,3 +69,520 @@ def exact_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     groups["conflict"] = groups["labels"].map(len) > 1
     return groups.reset_index().sort_values(["count", "hash"], ascending=[False, True],
                                             ignore_index=True)
+
+
+# ---------------------------------------------------------------- near duplicates
+
+def hash_codes(phashes) -> np.ndarray:
+    """16-hex-digit perceptual hashes -> uint64 array (one vectorised parse)."""
+    text = "".join(phashes)
+    if len(text) != 16 * len(phashes):
+        raise ZoolibError("perceptual hashes must be 16 hex digits each (rescan the library)")
+    return np.frombuffer(bytes.fromhex(text), dtype=">u8").astype(np.uint64)
+
+
+def _band_masks(radius: int) -> np.ndarray:
+    """All 16-bit masks with at most `radius` bits set."""
+    values = np.arange(1 << 16, dtype=np.uint32)
+    return values[np.bitwise_count(values) <= radius].astype(np.int64)
+
+
+def hamming_pairs(codes: np.ndarray, max_distance: int) -> tuple[np.ndarray, ...]:
+    """All pairs of 64-bit codes within `max_distance` bits, without an N x N matrix.
+
+    Multi-index hashing: if two codes differ in at most d bits, one of their four
+    16-bit bands differs in at most d // 4 bits. Each band is sorted once; every
+    code looks up the band values within that radius (binary search), and the
+    candidates are verified with a popcount. Exact for any d <= 15.
+
+    Args:
+        codes: uint64 hashes.
+        max_distance: the largest Hamming distance reported (0..15).
+
+    Returns:
+        Arrays i, j (i < j, indices into `codes`) and distance, sorted by (i, j).
+    """
+    if not 0 <= max_distance < 4 * _BANDS:
+        raise ZoolibError(f"max_distance must be in 0..{4 * _BANDS - 1}, got {max_distance}")
+    n = len(codes)
+    found = [np.empty(0, np.int64)]
+    masks = _band_masks(max_distance // _BANDS)
+    for band in range(_BANDS):
+        keys = ((codes >> np.uint64(16 * band)) & np.uint64(0xFFFF)).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        # where each of the 65536 band values starts in sorted order: lookups are gathers
+        starts = np.searchsorted(keys[order], np.arange((1 << 16) + 1))
+        for mask in masks:
+            query = keys ^ mask
+            lo = starts[query]
+            found.extend(_verify(codes, order, lo, starts[query + 1] - lo, max_distance))
+    pairs = np.unique(np.concatenate(found))
+    i, j = pairs // max(n, 1), pairs % max(n, 1)
+    return i, j, np.bitwise_count(codes[i] ^ codes[j]).astype(np.int64)
+
+
+def _verify(codes, order, lo, count, max_distance):
+    """Expand candidate ranges to pairs in chunks; keep those within the distance."""
+    n, out = len(codes), []
+    ends = np.cumsum(count)
+    start = 0
+    while start < n:
+        stop = int(np.searchsorted(ends, (ends[start - 1] if start else 0) + _CHUNK, "right"))
+        stop = min(max(stop, start + 1), n)
+        cnt = count[start:stop]
+        q = np.repeat(np.arange(start, stop), cnt)
+        offset = np.arange(len(q)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        c = order[lo[q] + offset]
+        keep = q < c
+        q, c = q[keep], c[keep]
+        close = np.bitwise_count(codes[q] ^ codes[c]) <= max_distance
+        out.append(q[close] * n + c[close])
+        start = stop
+    return out
+
+
+def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int = 10) -> pd.DataFrame:
+    """Pairs of readable files that are exact or near duplicates.
+
+    Args:
+        manifest: from `library.scan` (needs its phash column).
+        max_distance: the largest Hamming distance between 64-bit perceptual
+            hashes that counts as a near duplicate (0..15).
+
+    Returns:
+        PAIR_COLUMNS: kind "exact" (same bytes, distance 0) or "near";
+        similarity is empty (it is filled by `embedding_pairs`).
+    """
+    ok = manifest[manifest["readable"] & (manifest["phash"] != "")]
+    files = ok[["path", "label", "hash"]]
+    reps = ok.drop_duplicates("hash").reset_index(drop=True)
+    i, j, dist = hamming_pairs(hash_codes(reps["phash"].tolist()), max_distance)
+    near = pd.DataFrame({"hash_a": reps["hash"].to_numpy()[i],
+                         "hash_b": reps["hash"].to_numpy()[j], "distance": dist})
+    near = (near.merge(files.add_suffix("_a"), on="hash_a")
+            .merge(files.add_suffix("_b"), on="hash_b").assign(kind="near"))
+    same = files.merge(files, on="hash", suffixes=("_a", "_b"))
+    exact = same[same["path_a"] < same["path_b"]].assign(kind="exact", distance=0)
+    pairs = pd.concat([exact, near], ignore_index=True).assign(similarity=np.nan)
+    return pairs[PAIR_COLUMNS].sort_values(["distance", "path_a", "path_b"],
+                                           ignore_index=True)
+
+
+def embedding_pairs(ws: Workspace, manifest: pd.DataFrame, generation: str = "last",
+                    min_similarity: float = 0.97, batch_size: int = 64,
+                    block: int = 2048) -> pd.DataFrame:
+    """Pairs of readable images whose embeddings from a generation are close.
+
+    The embedding is the model's pre-logit feature vector (plain torch, the
+    generation's own preprocessing). Similarities are computed block by block,
+    so memory stays at `block` x N.
+
+    Args:
+        ws: the workspace.
+        manifest: from `library.scan`.
+        generation: a generation name or "last".
+        min_similarity: the least cosine similarity that counts as a near duplicate.
+        batch_size: images per forward pass.
+        block: rows of the similarity matrix held at once.
+
+    Returns:
+        PAIR_COLUMNS with kind "embedding" and the cosine similarity.
+    """
+    import torch  # lazy: torch is only needed when this option is used
+
+    from . import inference
+    from .images import load_rgb
+
+    ok = manifest[manifest["readable"]].drop_duplicates("hash").reset_index(drop=True)
+    loaded = inference.load(ws, generation)
+    feats = []
+    for start in range(0, len(ok), batch_size):
+        paths = ok["path"].iloc[start:start + batch_size]
+        batch = [inference.to_tensor(load_rgb(ws.library / p), loaded.info) for p in paths]
+        feats.append(inference.forward(loaded, torch.stack(batch))[1].numpy())
+    emb = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
+    rows = []
+    for start in range(0, len(emb), block):
+        sims = emb[start:start + block] @ emb.T
+        a, b = np.nonzero(sims >= min_similarity)
+        a += start
+        keep = a < b
+        rows.append((a[keep], b[keep], sims[a[keep] - start, b[keep]]))
+    a, b, s = (np.concatenate(x) for x in zip(*rows)) if rows else ([], [], [])
+    pairs = pd.DataFrame({"path_a": ok["path"].to_numpy()[a], "path_b": ok["path"].to_numpy()[b],
+                          "label_a": ok["label"].to_numpy()[a],
+                          "label_b": ok["label"].to_numpy()[b], "kind": "embedding",
+                          "distance": np.nan, "similarity": np.round(s, 4)})
+    return pairs[PAIR_COLUMNS]
+
+
+def _components(paths: list[str], pairs: pd.DataFrame) -> pd.Series:
+    """Connected-component id of each path in `pairs` (index: path)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    index = {p: k for k, p in enumerate(paths)}
+    a = pairs["path_a"].map(index).to_numpy()
+    b = pairs["path_b"].map(index).to_numpy()
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(paths), len(paths)))
+    _, comp = connected_components(graph, directed=False)
+    return pd.Series(comp, index=paths)
+
+
+def suggest_keeper(rows: pd.DataFrame) -> str:
+    """The member of a duplicate group to keep: most pixels, then a real photo over
+    staged or synthetic, then the larger file (less compressed), then the shorter
+    path (copies get suffixes), then the path."""
+    rank = rows.assign(pixels=rows["width"] * rows["height"],
+                       synthetic=rows["source"].map({"real": 0, "staged": 1}).fillna(2),
+                       name_len=rows["path"].str.len())
+    rank = rank.sort_values(["pixels", "synthetic", "bytes", "name_len", "path"],
+                            ascending=[False, True, False, True, True])
+    return str(rank["path"].iloc[0])
+
+
+def near_duplicates(manifest: pd.DataFrame, pairs: pd.DataFrame | None = None,
+                    max_distance: int = 10) -> pd.DataFrame:
+    """Groups of exact and near duplicates, each with a suggested keeper.
+
+    Args:
+        manifest: from `library.scan`.
+        pairs: from `near_duplicate_pairs` (computed with `max_distance` when
+            None), optionally concatenated with `embedding_pairs`.
+        max_distance: used only when `pairs` is None.
+
+    Returns:
+        One row per group: group (id), count, keeper, paths (keeper first),
+        labels (sorted), conflict (several classes), kind ("exact" when all
+        members share one content, else "near"), max_distance (largest Hamming
+        distance of a linking pair); largest groups first.
+    """
+    cols = ["group", "count", "keeper", "paths", "labels", "conflict", "kind", "max_distance"]
+    if pairs is None:
+        pairs = near_duplicate_pairs(manifest, max_distance)
+    if pairs.empty:
+        return pd.DataFrame(columns=cols)
+    paths = sorted(set(pairs["path_a"]) | set(pairs["path_b"]))
+    comp = _components(paths, pairs)
+    members = manifest.set_index("path").loc[paths].reset_index().assign(
+        group=comp.loc[paths].to_numpy())
+    link = pairs.assign(group=pairs["path_a"].map(comp)).groupby("group")["distance"].max()
+    rows = []
+    for gid, g in members.groupby("group"):
+        keeper = suggest_keeper(g)
+        rows.append({"group": int(gid), "count": len(g), "keeper": keeper,
+                     "paths": [keeper] + sorted(set(g["path"]) - {keeper}),
+                     "labels": sorted(set(g["label"])), "conflict": g["label"].nunique() > 1,
+                     "kind": "exact" if g["hash"].nunique() == 1 else "near",
+                     "max_distance": link.get(gid)})
+    out = pd.DataFrame(rows, columns=cols).sort_values(["count", "keeper"],
+                                                       ascending=[False, True])
+    return out.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- leakage
+
+def current_splits(ws: Workspace, manifest: pd.DataFrame) -> pd.Series:
+    """The split of every readable, non-discarded library image (index: path).
+
+    Uses `splits.split_manifest` over all classes but Unknown, so it honours
+    discard flags, pins and the frozen benchmark exactly as training does.
+    """
+    classes = sorted(set(manifest["label"]) - {UNKNOWN})
+    data = splits.split_manifest(ws, manifest, classes)
+    return data.set_index("path")["split"]
+
+
+def leakage(ws: Workspace, manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Duplicate and near-duplicate pairs that sit in different splits.
+
+    Args:
+        ws: the workspace.
+        manifest: from `library.scan`.
+        pairs: from `near_duplicate_pairs` and/or `embedding_pairs`.
+
+    Returns:
+        PAIR_COLUMNS plus split_a, split_b, train_leak (one side is trained on,
+        the other evaluated) and suggested_pin (the more held-out split, test
+        instead of the frozen benchmark); train leaks first.
+    """
+    split = current_splits(ws, manifest)
+    out = pairs.assign(split_a=pairs["path_a"].map(split), split_b=pairs["path_b"].map(split))
+    out = out.dropna(subset=["split_a", "split_b"])
+    out = out[out["split_a"] != out["split_b"]].copy()
+    out["train_leak"] = (out["split_a"] == "train") ^ (out["split_b"] == "train")
+    rank = {s: k for k, s in enumerate(_HELD_OUT)}
+    far = np.maximum(out["split_a"].map(rank), out["split_b"].map(rank))
+    out["suggested_pin"] = [_pinnable(_HELD_OUT[int(k)]) for k in far]
+    return out.sort_values(["train_leak", "path_a", "path_b"], ascending=[False, True, True],
+                           ignore_index=True)
+
+
+def _pinnable(split: str) -> str:
+    return "test" if split == "benchmark" else split
+
+
+def pin_leaking_groups(ws: Workspace, manifest: pd.DataFrame, pairs: pd.DataFrame) -> int | None:
+    """Pin every duplicate group that spans splits to its most held-out split.
+
+    The whole group (all images linked by `pairs`) is pinned, so no member is
+    left behind in training; frozen benchmark members stay in the benchmark.
+
+    Returns:
+        The journal event id of the pin, or None when nothing leaks.
+    """
+    leaks = leakage(ws, manifest, pairs)
+    if leaks.empty:
+        return None
+    split = current_splits(ws, manifest)
+    pairs = pairs[pairs["path_a"].isin(split.index) & pairs["path_b"].isin(split.index)]
+    paths = sorted(set(pairs["path_a"]) | set(pairs["path_b"]))
+    comp = _components(paths, pairs)
+    rank = {s: k for k, s in enumerate(_HELD_OUT)}
+    pins: dict[str, str] = {}
+    for gid in set(comp.loc[list(leaks["path_a"])]):
+        group = list(comp.index[comp == gid])
+        target = _pinnable(max(split.loc[group], key=rank.get))
+        pins.update({p: target for p in group if split.loc[p] != "benchmark"})
+    return _edit_table(ws, library.flags_csv(ws), library.FLAG_COLUMNS, "pin",
+                       {p: {"pin": s} for p, s in pins.items()})
+
+
+# ---------------------------------------------------------------- table edits
+
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    table = (pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists()
+             else pd.DataFrame(columns=["path"] + columns))
+    for col in columns:
+        if col not in table.columns:
+            table[col] = ""
+    return table.drop_duplicates("path", keep="last").set_index("path")
+
+
+def _write_table(path: Path, table: pd.DataFrame) -> None:
+    tmp = path.with_suffix(".tmp")
+    table.reset_index().to_csv(tmp, index=False)
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def _check_paths(ws: Workspace, paths) -> list[str]:
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    for p in paths:
+        if not (ws.library / p).is_file():
+            raise ZoolibError(f"{p!r} is not an image in library {ws.library}")
+    return paths
+
+
+def _edit_table(ws: Workspace, path: Path, columns: list[str], action: str,
+                updates: dict[str, dict[str, str]]) -> int:
+    """Set columns of rows keyed by image path, rewrite the table, journal old and new."""
+    table = _read_table(path, columns)
+    changes = []
+    for img, values in updates.items():
+        old = table.loc[img].to_dict() if img in table.index else None
+        row = dict(old or {c: "" for c in table.columns})
+        row.update(values)
+        table.loc[img] = pd.Series(row)
+        changes.append({"path": img, "old": old, "new": row})
+    _write_table(path, table)
+    return journal.record(ws, action, path=path.relative_to(ws.root).as_posix(),
+                          table=path.relative_to(ws.root).as_posix(), changes=changes)
+
+
+def _undo_table(ws: Workspace, row: pd.Series, details: dict) -> int:
+    path = ws.root / details["table"]
+    table = _read_table(path, [])
+    for change in reversed(details["changes"]):
+        if change["old"] is None:
+            table = table.drop(index=change["path"], errors="ignore")
+        else:
+            table.loc[change["path"]] = pd.Series(change["old"])
+    _write_table(path, table.fillna(""))
+    return journal.record(ws, "undo", path=row["path"], undoes=int(row["id"]))
+
+
+# ---------------------------------------------------------------- flags and provenance
+
+def discard(ws: Workspace, paths, reason: str) -> int:
+    """Flag images as unsuitable for training: they stay in the library but are left
+    out of every split. Returns the journal event id."""
+    if not reason.strip():
+        raise ZoolibError("discard needs a reason (e.g. 'subject too small to zoom')")
+    return _edit_table(ws, library.flags_csv(ws), library.FLAG_COLUMNS, "discard",
+                       {p: {"discard": "1", "reason": reason} for p in _check_paths(ws, paths)})
+
+
+def undiscard(ws: Workspace, paths) -> int:
+    """Clear the discard flag of images (they rejoin their splits)."""
+    return _edit_table(ws, library.flags_csv(ws), library.FLAG_COLUMNS, "undiscard",
+                       {p: {"discard": "", "reason": ""} for p in _check_paths(ws, paths)})
+
+
+def pin(ws: Workspace, paths, split: str) -> int:
+    """Pin images (a duplicate group) to one split: train, valid or test.
+
+    Raises:
+        ZoolibError: unknown split, or "benchmark" (the benchmark set is frozen).
+    """
+    if split not in ("train", "valid", "test"):
+        raise ZoolibError(f"cannot pin to split {split!r}: use train, valid or test "
+                          "(the benchmark set is frozen)")
+    return _edit_table(ws, library.flags_csv(ws), library.FLAG_COLUMNS, "pin",
+                       {p: {"pin": split} for p in _check_paths(ws, paths)})
+
+
+def unpin(ws: Workspace, paths) -> int:
+    """Remove split pins (images return to their content-hash split)."""
+    return _edit_table(ws, library.flags_csv(ws), library.FLAG_COLUMNS, "unpin",
+                       {p: {"pin": ""} for p in _check_paths(ws, paths)})
+
+
+def set_source(ws: Workspace, paths, source: str) -> int:
+    """Mark images as real, staged or synthetic in `library/_meta.csv`."""
+    if source not in library.SOURCES:
+        raise ZoolibError(f"source {source!r} is not one of {', '.join(library.SOURCES)}")
+    return _edit_table(ws, ws.meta_csv, ["source", "notes"], "source",
+                       {p: {"source": source} for p in _check_paths(ws, paths)})
+
+
+def provenance(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per class: readable images by source and the share that is staged or synthetic.
+
+    Returns:
+        Columns label, real, staged, synthetic, total, staged_share,
+        synthetic_share, reliance (staged + synthetic share); most reliant first.
+    """
+    ok = manifest[manifest["readable"]]
+    table = pd.crosstab(ok["label"], ok["source"]).reindex(columns=list(library.SOURCES),
+                                                           fill_value=0)
+    table["total"] = table.sum(axis=1)
+    table["staged_share"] = (table["staged"] / table["total"]).round(3)
+    table["synthetic_share"] = (table["synthetic"] / table["total"]).round(3)
+    table["reliance"] = (table["staged_share"] + table["synthetic_share"]).round(3)
+    table.columns.name = None
+    return table.reset_index().sort_values(["reliance", "label"], ascending=[False, True],
+                                           ignore_index=True)
+
+
+# ---------------------------------------------------------------- orientation
+
+def rotate(ws: Workspace, path: str, degrees: int) -> int:
+    """Rotate a library image clockwise by 90, 180 or 270 degrees, keeping the original.
+
+    The upright pixels (EXIF applied) are turned and written at the same path
+    (no orientation tag; JPEG quality 95); the original goes to `_trash/`.
+
+    Returns:
+        The journal id of the "rotate" event (undo it with `undo`).
+    """
+    if degrees not in ROTATIONS:
+        raise ZoolibError(f"rotation must be 90, 180 or 270 degrees, got {degrees}")
+    rel = _check_paths(ws, path)[0]
+    src = ws.library / rel
+    with Image.open(src) as img:
+        fmt = img.format or "PNG"
+        turned = ImageOps.exif_transpose(img).transpose(ROTATIONS[degrees])
+    buf = io.BytesIO()  # encode before moving anything, so a failure changes nothing
+    turned.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    trashed = journal.trash(ws, src.relative_to(ws.root), reason=f"rotate {degrees}")
+    src.write_bytes(buf.getvalue())
+    dest = journal.read(ws).set_index("id").loc[trashed, "dest"]
+    return journal.record(ws, "rotate", path=src.relative_to(ws.root).as_posix(), dest=dest,
+                          degrees=degrees, trash_event=trashed)
+
+
+def _undo_rotate(ws: Workspace, row: pd.Series, details: dict) -> int:
+    rotated = ws.root / row["path"]
+    if not (ws.root / row["dest"]).exists():
+        raise ZoolibError(f"cannot undo rotation {row['id']}: original {row['dest']} is missing")
+    if rotated.exists():
+        journal.trash(ws, row["path"], reason=f"undo rotate {row['id']}")
+    journal.undo(ws, int(details["trash_event"]))
+    return journal.record(ws, "undo", path=row["path"], undoes=int(row["id"]))
+
+
+def exif_disagreements(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images whose EXIF orientation tag disagrees with their pixels.
+
+    Two cases are detectable from the file alone: a tag outside 1..8, and a
+    quarter-turn tag (5..8) on pixels that were already turned (the stored size
+    is the camera's recorded PixelXDimension x PixelYDimension swapped), which
+    viewers and training would turn a second time.
+
+    Returns:
+        Columns path, label, orientation, width, height, problem, suggested
+        (the fix: "strip tag" means rewrite upright without the tag).
+    """
+    rows = []
+    tagged = manifest[manifest["readable"] & (manifest["orientation"] != 1)]
+    for r in tagged.itertuples():
+        problem = ""
+        if not 1 <= r.orientation <= 8:
+            problem = f"orientation tag {r.orientation} is not a valid value (1..8)"
+        elif r.orientation >= 5:
+            with Image.open(ws.library / r.path) as img:
+                exif = img.getexif().get_ifd(0x8769)
+            shot = (exif.get(0xA002), exif.get(0xA003))
+            if None not in shot and shot[0] != shot[1] and (r.width, r.height) == shot[::-1]:
+                problem = (f"pixels are already turned ({r.width}x{r.height}, camera recorded "
+                           f"{shot[0]}x{shot[1]}) but tag {r.orientation} turns them again")
+        if problem:
+            rows.append({"path": r.path, "label": r.label, "orientation": r.orientation,
+                         "width": r.width, "height": r.height, "problem": problem})
+    return pd.DataFrame(rows, columns=["path", "label", "orientation", "width", "height",
+                                       "problem"])
+
+
+def strip_orientation(ws: Workspace, path: str) -> int:
+    """Rewrite an image's stored pixels without its EXIF orientation tag (the fix
+    for pixels that were already turned); the original goes to `_trash/`, undoable
+    like a rotation. Returns the journal event id."""
+    rel = _check_paths(ws, path)[0]
+    src = ws.library / rel
+    with Image.open(src) as img:
+        fmt = img.format or "PNG"
+        img.load()
+        buf = io.BytesIO()
+        img.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    trashed = journal.trash(ws, src.relative_to(ws.root), reason="strip orientation tag")
+    src.write_bytes(buf.getvalue())
+    dest = journal.read(ws).set_index("id").loc[trashed, "dest"]
+    return journal.record(ws, "rotate", path=src.relative_to(ws.root).as_posix(), dest=dest,
+                          degrees=0, trash_event=trashed)
+
+
+# ---------------------------------------------------------------- undo and history
+
+def undo(ws: Workspace, event_id: int) -> int:
+    """Reverse any curation event (rotation, table edit, trash, copy, move).
+
+    Returns:
+        The id of the journal row recording the undo.
+
+    Raises:
+        ZoolibError: no such event, or it was already undone.
+    """
+    rows = journal.read(ws)
+    match = rows[rows["id"] == event_id]
+    if match.empty:
+        raise ZoolibError(f"journal has no event {event_id}")
+    row = match.iloc[0]
+    if row["undone"]:
+        raise ZoolibError(f"event {event_id} was already undone")
+    details = json.loads(row["details"] or "{}")
+    if row["action"] == "rotate":
+        return _undo_rotate(ws, row, details)
+    if "changes" in details:
+        return _undo_table(ws, row, details)
+    return journal.undo(ws, event_id)
+
+
+CURATION_ACTIONS = ("rotate", "discard", "undiscard", "pin", "unpin", "source", "trash")
+
+
+def history(ws: Workspace) -> pd.DataFrame:
+    """Curation events of the journal, newest first, with whether each was undone."""
+    rows = journal.read(ws)
+    rows = rows[rows["action"].isin(CURATION_ACTIONS)]
+    return rows.sort_values("id", ascending=False, ignore_index=True)

@@ -16,8 +16,8 @@ from .workspace import UNKNOWN, Workspace, ZoolibError, class_folders, open_work
 
 SOURCES = ("real", "staged", "synthetic")
 MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "mode", "format", "bytes",
-                    "mtime_ns", "orientation", "source", "notes", "readable", "error"]
-_FILE_COLUMNS = MANIFEST_COLUMNS[:10] + ["readable", "error"]
+                    "mtime_ns", "orientation", "phash", "source", "notes", "readable", "error"]
+_FILE_COLUMNS = MANIFEST_COLUMNS[:11] + ["readable", "error"]
 
 
 def _cache_path(ws: Workspace) -> Path:
@@ -66,6 +66,35 @@ def read_meta(ws: Workspace) -> pd.DataFrame:
         raise ZoolibError(f"{ws.meta_csv}: source {row['source']!r} for {row['path']!r} "
                           f"is not one of {', '.join(SOURCES)}")
     return meta[["path", "source", "notes"]].drop_duplicates("path", keep="last")
+
+
+FLAG_COLUMNS = ["discard", "reason", "pin"]
+
+
+def flags_csv(ws: Workspace) -> Path:
+    """`library/_flags.csv`: per-image discard flags and split pins (see curate)."""
+    return ws.library / "_flags.csv"
+
+
+def read_flags(ws: Workspace) -> pd.DataFrame:
+    """Read `library/_flags.csv` (written by curate.discard / curate.pin).
+
+    Returns:
+        Columns path, discard (bool), reason, pin ("" or a split name); empty
+        when the file does not exist.
+    """
+    path = flags_csv(ws)
+    if not path.exists():
+        return pd.DataFrame({"path": pd.Series(dtype=str), "discard": pd.Series(dtype=bool),
+                             "reason": pd.Series(dtype=str), "pin": pd.Series(dtype=str)})
+    flags = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "path" not in flags.columns:
+        raise ZoolibError(f"{path} has no 'path' column")
+    for col in FLAG_COLUMNS:
+        if col not in flags.columns:
+            flags[col] = ""
+    flags["discard"] = flags["discard"].str.strip().isin(["1", "true", "True", "yes"])
+    return flags[["path"] + FLAG_COLUMNS].drop_duplicates("path", keep="last")
 
 
 def scan(workspace, progress: bool = True) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .library import read_flags
 from .workspace import Workspace, ZoolibError
 
 SPLITS = ("train", "valid", "test", "benchmark")
@@ -86,14 +87,50 @@ def split_manifest(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
     """Readable images of `classes` with their split.
 
     Images in the frozen benchmark keep the split "benchmark"; other images that
-    fall in the benchmark bucket are test images.
+    fall in the benchmark bucket are test images. Images flagged as discarded in
+    `library/_flags.csv` are left out; pinned ones take their pinned split
+    (except frozen benchmark images, which stay in the benchmark).
 
     Returns:
         The manifest rows of `classes` plus a `split` column.
     """
-    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)].copy()
+    flags = read_flags(ws)
+    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)
+                    & ~manifest["path"].isin(flags.loc[flags["discard"], "path"])].copy()
     rows["split"] = assign(rows["hash"], fractions)
     bench = set(benchmark_set(ws, manifest, fractions)["hash"])
     late = (rows["split"] == "benchmark") & ~rows["hash"].isin(bench)
     rows.loc[late, "split"] = "test"
+    pins = rows["path"].map(flags.set_index("path")["pin"]).fillna("")
+    pinned = (pins != "") & (rows["split"] != "benchmark")
+    rows.loc[pinned, "split"] = pins[pinned]
     return rows.reset_index(drop=True)
+
+
+def fold_of(hashes: pd.Series, k: int) -> pd.Series:
+    """The cross-validation fold (0..k-1) of each hex content hash.
+
+    Uses other hash digits than `bucket`, so folds are independent of the
+    train/valid/test split and stay fixed as images are added.
+    """
+    if int(k) < 2:
+        raise ZoolibError(f"FOLDS must be at least 2 for cross-validation, got {k}")
+    return hashes.str[8:16].map(lambda h: int(h, 16) % int(k)).astype(int)
+
+
+def apply_fold(data: pd.DataFrame, k: int, fold: int) -> pd.DataFrame:
+    """Re-split the train and valid rows of a split manifest for fold `fold` of `k`.
+
+    Fold `fold` of the train+valid pool becomes the valid split and the other
+    folds the train split; test and benchmark rows are untouched.
+
+    Raises:
+        ZoolibError: `fold` is not in 0..k-1.
+    """
+    if not 0 <= int(fold) < int(k):
+        raise ZoolibError(f"FOLD must be in 0..{int(k) - 1} for FOLDS={k}, got {fold}")
+    out = data.copy()
+    pool = out["split"].isin(["train", "valid"])
+    folds = fold_of(out.loc[pool, "hash"], k)
+    out.loc[pool, "split"] = (folds == int(fold)).map({True: "valid", False: "train"})
+    return out

@@ -246,3 +246,15 @@ def test_lineage_plot(trained_ws, tmp_path):
     assert len(table) == 1 and not table.loc[0, "deployed"] and table.loc[0, "init"] == "scratch"
     evaluate.plot_lineage(table, tmp_path / "lineage.png")
     assert (tmp_path / "lineage.png").stat().st_size > 1000
+
+
+def test_rule_min_class_images_leaves_small_classes_out():
+    labels, paths = ["a"] * 4 + ["b"] * 20, [f"{i}.jpg" for i in range(24)]
+    base = evaluate.frame_from_probs(labels, np.eye(2)[[0] * 4 + [1] * 20], ["a", "b"], path=paths)
+    cand = evaluate.frame_from_probs(labels, np.eye(2)[[0, 0, 1, 1] + [1] * 20], ["a", "b"],
+                                     path=paths)
+    comp = evaluate.compare_frames(cand, ["a", "b"], "new", base, ["a", "b"], "old")
+    assert not evaluate.decide(comp, min_gain=-1.0, max_class_drop=0.05).promote
+    d = evaluate.decide(comp, min_gain=-1.0, max_class_drop=0.05, min_class_images=5)
+    assert d.promote and any("left out of the drop check: a" in r for r in d.reasons)
+    assert not evaluate.decide(comp, min_gain=-1.0, max_class_drop=0.05, min_class_images=4).promote

@@ -482,13 +482,16 @@ def deployed_name(ws: Workspace) -> str | None:
     return record["generation"] if record else None
 
 
-def decide(comp: Comparison, min_gain: float = 0.0, max_class_drop: float = 0.05) -> Decision:
+def decide(comp: Comparison, min_gain: float = 0.0, max_class_drop: float = 0.05,
+           min_class_images: int = 1) -> Decision:
     """The promotion rule on a comparison with the deployed generation.
 
     Promote when the benchmark accuracy on the shared classes gains at least
     `min_gain` and no shared class loses more than `max_class_drop` (both
-    inclusive). New classes do not enter the rule: the deployed model cannot
-    predict them.
+    inclusive). A class with fewer than `min_class_images` benchmark images is
+    left out of the drop check (one image of five is a 0.2 swing, noise rather
+    than a regression) and named in the reasons. New classes do not enter the
+    rule: the deployed model cannot predict them.
     """
     reasons, ok = [], True
     if comp.images == 0:
@@ -498,7 +501,12 @@ def decide(comp: Comparison, min_gain: float = 0.0, max_class_drop: float = 0.05
     else:
         ok = False
         reasons.append(f"gain {comp.gain:+.3f} on shared classes is below MIN_GAIN {min_gain:+.3f}")
-    drops = comp.per_class.assign(drop=-comp.per_class["change"]).sort_values("drop")
+    small = comp.per_class[comp.per_class["images"] < min_class_images]
+    if len(small):
+        reasons.append(f"{len(small)} class(es) with fewer than {min_class_images} benchmark "
+                       f"images left out of the drop check: {', '.join(small['class'])}")
+    judged = comp.per_class[comp.per_class["images"] >= min_class_images]
+    drops = judged.assign(drop=-judged["change"]).sort_values("drop")
     worst = drops.iloc[-1] if len(drops) else None
     if worst is not None and worst["drop"] > max_class_drop + _EPS:
         ok = False
@@ -514,7 +522,8 @@ def decide(comp: Comparison, min_gain: float = 0.0, max_class_drop: float = 0.05
 
 
 def judge(workspace, candidate: str = "last", comparison: Comparison | None = None,
-          min_gain: float = 0.0, max_class_drop: float = 0.05) -> tuple[Decision, Comparison | None]:
+          min_gain: float = 0.0, max_class_drop: float = 0.05, min_class_images: int = 1
+          ) -> tuple[Decision, Comparison | None]:
     """What the promotion rule says about a candidate, without deploying anything.
 
     A throw-away candidate is never promoted; the first promotion (nothing deployed
@@ -535,11 +544,12 @@ def judge(workspace, candidate: str = "last", comparison: Comparison | None = No
         return Decision(True, ["nothing is deployed yet: the first generation is promoted"]), None
     if comparison is None or (comparison.candidate, comparison.baseline) != (name, current):
         comparison = compare(ws, name, current)
-    return decide(comparison, min_gain, max_class_drop), comparison
+    return decide(comparison, min_gain, max_class_drop, min_class_images), comparison
 
 
 def promote(workspace, candidate: str = "last", comparison: Comparison | None = None,
-            min_gain: float = 0.0, max_class_drop: float = 0.05, force: bool = False) -> Decision:
+            min_gain: float = 0.0, max_class_drop: float = 0.05, force: bool = False,
+            min_class_images: int = 1) -> Decision:
     """Apply the promotion rule and, if it says so (or `force`), deploy the candidate.
 
     Deploying writes `models/deployed.json` and a "promote" journal row.
@@ -551,6 +561,7 @@ def promote(workspace, candidate: str = "last", comparison: Comparison | None = 
             (computed when None or made against another generation).
         min_gain, max_class_drop: the rule's thresholds (see `decide`).
         force: deploy even if the rule says no (never a throw-away run).
+        min_class_images: smallest benchmark class the drop check judges.
 
     Returns:
         The decision; `promoted` tells whether deployed.json was written.
@@ -564,14 +575,16 @@ def promote(workspace, candidate: str = "last", comparison: Comparison | None = 
         raise ZoolibError(f"{name} is a throw-away generation: it can never be promoted "
                           "(it exists only for bulk identification of rare classes)")
     current = deployed_name(ws)
-    decision, comparison = judge(ws, name, comparison, min_gain, max_class_drop)
+    decision, comparison = judge(ws, name, comparison, min_gain, max_class_drop,
+                                 min_class_images)
     if current == name or not (decision.promote or force):
         return decision
     forced = force and not decision.promote
     if forced:
         decision.reasons.append("promoted anyway: force=True")
     details = {"previous": current, "gain": comparison.gain if comparison else None,
-               "forced": forced, "rule": {"min_gain": min_gain, "max_class_drop": max_class_drop},
+               "forced": forced, "rule": {"min_gain": min_gain, "max_class_drop": max_class_drop,
+                        "min_class_images": min_class_images},
                "reasons": decision.reasons}
     models.write_deployed(ws, name, **details)
     journal.record(ws, "promote", generation=name, **details)

@@ -59,6 +59,20 @@ def run_notebook(notebook: str, out_dir: str | Path, parameters: dict | None = N
     return read_metrics(out)
 
 
+# The demo's story: generation 1 from scratch, evaluated and deployed; a class is
+# labelled into the library; generation 2 warm-started from 1, compared with it;
+# real traffic through the Predictor; the usage and accuracy report.
+DEMO_STEPS = [
+    ("01_curate-gen1", "01_curate", {}),
+    ("02_train-gen1", "02_train", {"INIT_FROM": "scratch"}),
+    ("03_evaluate-gen1", "03_evaluate", {}),
+    ("01_curate-gen2", "01_curate", {}),
+    ("02_train-gen2", "02_train", {"INIT_FROM": "last"}),
+    ("03_evaluate-gen2", "03_evaluate", {}),
+    ("05_report", "05_report", {}),
+]
+
+
 def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     """The main job on the demo workspace: curate, train from scratch, add a class,
     curate again, warm-start generation 2. Returns a summary (also written to
@@ -68,15 +82,17 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     started = time.perf_counter()
     ws = demo.build(workspace)
     reports = report_dir(reports)
-    steps = [("01_curate-gen1", "01_curate", {}),
-             ("02_train-gen1", "02_train", {"INIT_FROM": "scratch"}),
-             ("01_curate-gen2", "01_curate", {}),
-             ("02_train-gen2", "02_train", {"INIT_FROM": "last"})]
     summary = {}
-    for step, notebook, params in steps:
+    for step, notebook, params in DEMO_STEPS:
         if step == "01_curate-gen2":
             demo.add_class(ws)
             print(f"added class {demo.ADDED_CLASS!r} to the library")
+        if step == "05_report":
+            from .serving import simulate_traffic
+
+            labels = json.loads((ws.root / "demo_truth.json").read_text())["inbox"]
+            summary["traffic"] = simulate_traffic(ws, labels)
+            print(f"served demo traffic through the Predictor: {summary['traffic']}")
         t0 = time.perf_counter()
         print(f"running {notebook} -> {reports / step}")
         summary[step] = run_notebook(notebook, reports / step,
@@ -90,11 +106,22 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
 
 
 def _demo_markdown(summary: dict) -> str:
-    g1, g2 = summary["02_train-gen1"], summary["02_train-gen2"]
-    rows = "\n".join(
-        f"| {g['generation']} | {g['init']} | {g['parent'] or '-'} | {g['n_classes']} | "
-        f"{g['plateau_epoch']} | {g['epochs_run']} | {g['valid_accuracy']:.3f} |"
-        for g in (g1, g2))
-    return ("# Demo run\n\n| generation | init | parent | classes | plateau epoch | epochs |"
-            " valid accuracy |\n|---|---|---|---|---|---|---|\n" + rows +
-            f"\n\nWhole run: {summary['seconds']} s.\n")
+    lines = ["# Demo run", "",
+             "| generation | init | parent | classes | plateau epoch | epochs | valid acc "
+             "| test acc | benchmark acc | promoted |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k in ("1", "2"):
+        g, e = summary[f"02_train-gen{k}"], summary.get(f"03_evaluate-gen{k}", {})
+        promoted = e.get("decision", {}).get("promoted")
+        lines.append(
+            f"| {g['generation']} | {g['init']} | {g['parent'] or '-'} | {g['n_classes']} | "
+            f"{g['plateau_epoch']} | {g['epochs_run']} | {g['valid_accuracy']:.3f} | "
+            f"{e.get('test_accuracy', float('nan')):.3f} | "
+            f"{e.get('benchmark_accuracy', float('nan')):.3f} | {promoted} |")
+    for k in ("1", "2"):
+        reasons = summary.get(f"03_evaluate-gen{k}", {}).get("decision", {}).get("reasons", [])
+        if reasons:
+            lines.append(f"\nGeneration {k} promotion decision: " + "; ".join(map(str, reasons)))
+    if "traffic" in summary:
+        lines.append(f"\nServed traffic: {summary['traffic']}")
+    lines.append(f"\nWhole run: {summary['seconds']} s.")
+    return "\n".join(lines) + "\n"

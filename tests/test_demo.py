@@ -1,0 +1,45 @@
+import hashlib
+
+from PIL import Image
+
+from zoolib import demo
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_is_deterministic_by_seed(tmp_path):
+    a, b, c = (demo.build(tmp_path / n, seed=s) for n, s in (("a", 1), ("b", 1), ("c", 2)))
+    assert _digest(a.root) == _digest(b.root)
+    assert _digest(a.root) != _digest(c.root)
+
+
+def test_demo_holds_every_situation(demo_ws, truth):
+    counts = {p.name: sum(1 for _ in p.glob("*.jpg")) for p in demo_ws.library.iterdir()
+              if p.is_dir()}
+    assert len([c for c in counts if c != "Unknown"]) >= 6
+    assert 36 <= truth["counts"]["okapi"] <= 39 and counts["Unknown"] > 0
+    assert set(truth["lookalikes"]) <= set(counts)
+    assert truth["meta"]["staged"] > 0 and truth["meta"]["synthetic"] > 0
+    lib = demo_ws.library
+    for a, b in truth["exact_duplicates"]:
+        assert (lib / a).read_bytes() == (lib / b).read_bytes()
+    (a, b), = truth["near_duplicates"]
+    assert (lib / a).read_bytes() != (lib / b).read_bytes()
+    assert Image.open(lib / b).size == (48, 48)
+    assert (lib / "penguin" / "penguin_empty.jpg").stat().st_size == 0
+    assert Image.open(lib / truth["rotated"][0]).size == (64, 64)
+    inbox_classes = set(truth["inbox"].values())
+    assert truth["inbox_only"] in inbox_classes and truth["inbox_only"] not in counts
+    assert {"junk", "unreadable"} <= inbox_classes
+    assert any(len(p.relative_to(demo_ws.inbox).parts) > 2 for p in demo_ws.inbox.rglob("*.jpg"))
+
+
+def test_add_class(demo_ws):
+    paths = demo.add_class(demo_ws)
+    assert len(paths) == 50 and all(p.parent.name == demo.ADDED_CLASS for p in paths)

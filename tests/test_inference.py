@@ -1,0 +1,36 @@
+import numpy as np
+import torch
+from PIL import Image
+
+from zoolib import images, inference
+
+
+def test_forward_matches_the_model_and_sums_to_one(trained_ws):
+    loaded = inference.load(trained_ws, "last")
+    files = sorted((trained_ws.library / "zebra").glob("zebra_00*.jpg"))[:4]
+    batch = torch.stack([inference.to_tensor(images.load_rgb(f), loaded.info) for f in files])
+    assert batch.shape == (4, 3, 32, 32)
+    probs, emb = inference.forward(loaded, batch)
+    assert probs.shape == (4, len(loaded.classes)) and emb.shape == (4, 512)
+    assert torch.allclose(probs.sum(1), torch.ones(4), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(batch).softmax(1), probs, atol=1e-5)
+
+
+def test_to_tensor_normalises_with_model_json():
+    info = {"img_size": 4, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    t = inference.to_tensor(Image.new("RGB", (10, 6), (255, 0, 127)), info)
+    assert t.shape == (3, 4, 4)
+    assert np.allclose(t[0].numpy(), 1.0) and np.allclose(t[1].numpy(), -1.0)
+
+
+def test_load_rgb_applies_exif_orientation(tmp_path):
+    img = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "o.jpg", exif=exif.tobytes())
+    assert images.load_rgb(tmp_path / "o.jpg").size == (20, 40)
+    grey16 = Image.new("I;16", (8, 8), 65535)
+    grey16.save(tmp_path / "g.png")
+    rgb = images.load_rgb(tmp_path / "g.png")
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0))[0] >= 254

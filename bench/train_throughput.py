@@ -113,7 +113,7 @@ def zoolib_loop(ws, data, classes, cfg) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--per-class", type=int, default=400)
+    ap.add_argument("--per-class", type=int, default=1000)  # epochs of realistic length
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--arch", default="resnet18")

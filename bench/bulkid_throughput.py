@@ -1,0 +1,167 @@
+"""Bulk identification throughput: zoolib vs fastai get_preds vs the bare model.
+
+One run, the same model (a timm resnet18 with random weights saved as a zoolib
+generation) and the same files, measured side by side in images/s:
+
+- ceiling: the bare model forward (`inference.forward`) on pre-decoded,
+  pre-normalised tensors, batch by batch: no file reading, no decoding;
+- zoolib: `bulkid.run` end to end (list of files -> results.parquet with
+  hashes, scores and embeddings), timed around the call;
+- fastai: `learn.get_preds(dl=learn.dls.test_dl(rows))` on a Learner over the
+  same model, built with zoolib's training DataLoaders (same decoding, squish
+  resize and normalisation as training).
+
+Datasets: ../shared/datasets/cifar10/train (32 px JPEGs, model at 32 px) and
+../shared/datasets/animals10-mini (photos, model at 224 px). Each path gets a
+warm-up run first; with --repeats > 1 the paths are interleaved and the best
+run of each is kept. Run it with `nice`:
+
+    nice .venv/bin/python bench/bulkid_throughput.py [--cifar 4000] [--animals 320]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from itertools import zip_longest
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from zoolib import bulkid, inference, models, workspace
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def pick_files(root: Path, n: int) -> tuple[list[Path], list[str]]:
+    """Up to n files taken round-robin over the class folders, and the class names."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    per_class = [sorted((root / c).iterdir()) for c in classes]
+    files = [f for group in zip_longest(*per_class) for f in group if f is not None]
+    return files[:n], classes
+
+
+def make_generation(root: Path, classes: list[str], size: int) -> workspace.Workspace:
+    """A temporary workspace holding a random-weight resnet18 generation."""
+    ws = workspace.create(root)
+    (ws.library / classes[0]).mkdir(exist_ok=True)  # open_workspace wants one class folder
+    info = {"arch": "resnet18", "img_size": size, "mean": list(models.IMAGENET_MEAN),
+            "std": list(models.IMAGENET_STD), "classes": classes, "resize": "squish",
+            "interpolation": "bilinear"}
+    torch.manual_seed(0)
+    models.save_generation(ws, models.create_model("resnet18", len(classes)), info)
+    return ws
+
+
+def time_ceiling(loaded: inference.Loaded, files: list[Path], batch_size: int) -> float:
+    """images/s of the bare forward on tensors decoded beforehand (not timed)."""
+    ds = bulkid.ImageFiles(files, loaded.info["img_size"])
+    pixels = torch.stack([ds[i][0] for i in range(len(ds))])
+    batches = [bulkid.normalise(pixels[i:i + batch_size], loaded.info, loaded.device)
+               for i in range(0, len(pixels), batch_size)]
+    inference.forward(loaded, batches[0])  # warm-up
+    start = time.perf_counter()
+    for b in batches:
+        inference.forward(loaded, b)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(files) / (time.perf_counter() - start)
+
+
+def time_zoolib(ws, files: list[Path], batch_size: int, workers: int | None, tag: str,
+                device: str | None) -> float:
+    """images/s of bulkid.run end to end (model load, decode, forward, parquet)."""
+    start = time.perf_counter()
+    out = bulkid.run(ws, files=files, name=f"bench-{tag}", batch_size=batch_size,
+                     num_workers=workers, progress=False, device=device)
+    seconds = time.perf_counter() - start
+    assert len(out) == len(files) and (out["error"] == "").all()
+    return len(files) / seconds
+
+
+def fastai_learner(ws, loaded: inference.Loaded, files: list[Path], batch_size: int,
+                   workers: int | None):
+    """A fastai Learner over the same model, with zoolib's training DataLoaders."""
+    from fastai.vision.all import Learner  # imported here: --no-fastai runs without fastai
+
+    from zoolib.train import TrainConfig, make_dataloaders
+
+    classes = loaded.classes
+    rows = pd.DataFrame({"path": [str(f) for f in files[:2 * len(classes)]],
+                         "label": [classes[i % len(classes)] for i in range(2 * len(classes))],
+                         "split": ["train", "valid"] * len(classes)})
+    cfg = TrainConfig(img_size=loaded.info["img_size"], batch_size=batch_size,
+                      num_workers=workers)
+    dls = make_dataloaders(ws, rows, classes, cfg).to(loaded.device)
+    return Learner(dls, loaded.model)
+
+
+def time_fastai(learn, files: list[Path]) -> float:
+    """images/s of learn.get_preds over a test DataLoader of the files."""
+    start = time.perf_counter()
+    dl = learn.dls.test_dl(pd.DataFrame({"file": [str(f) for f in files]}))
+    with learn.no_bar():
+        probs, _ = learn.get_preds(dl=dl)
+    seconds = time.perf_counter() - start
+    assert probs.shape[0] == len(files)
+    return len(files) / seconds
+
+
+def bench(name: str, root: Path, n: int, size: int, args) -> dict:
+    files, classes = pick_files(root, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = make_generation(Path(tmp) / "ws", classes, size)
+        loaded = inference.load(ws, "last", device=args.device)
+        learn = fastai_learner(ws, loaded, files, args.batch_size, args.workers) \
+            if not args.no_fastai else None
+        warm = files[: 2 * args.batch_size]
+        time_zoolib(ws, warm, args.batch_size, args.workers, "warm", args.device)
+        if learn is not None:
+            time_fastai(learn, warm)
+        best = {"ceiling": 0.0, "zoolib": 0.0, "fastai": 0.0}
+        for r in range(args.repeats):
+            best["ceiling"] = max(best["ceiling"], time_ceiling(loaded, files, args.batch_size))
+            best["zoolib"] = max(best["zoolib"], time_zoolib(ws, files, args.batch_size,
+                                                             args.workers, str(r), args.device))
+            if learn is not None:
+                best["fastai"] = max(best["fastai"], time_fastai(learn, files))
+    row = {"dataset": name, "images": len(files), "px": size, **best,
+           "zoolib/ceiling": best["zoolib"] / best["ceiling"]}
+    if learn is not None:
+        row.update({"fastai/ceiling": best["fastai"] / best["ceiling"],
+                    "zoolib/fastai": best["zoolib"] / best["fastai"]})
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", type=int, default=4000, help="CIFAR-10 files (0 = skip)")
+    parser.add_argument("--animals", type=int, default=320, help="animals10 photos (0 = skip)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers for zoolib and fastai (default: zoolib's)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
+    parser.add_argument("--no-fastai", action="store_true", help="skip the fastai path")
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args(argv)
+    if args.workers is None:  # zoolib's default, given to fastai too
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+        args.workers = bulkid._default_workers(cuda)
+    print(f"torch threads {torch.get_num_threads()}, workers {args.workers}, "
+          f"batch {args.batch_size}, device {args.device or 'auto'}")
+    rows = []
+    if args.cifar:
+        rows.append(bench("cifar10", args.data / "cifar10" / "train", args.cifar, 32, args))
+    if args.animals:
+        rows.append(bench("animals10-mini", args.data / "animals10-mini", args.animals, 224,
+                          args))
+    table = pd.DataFrame(rows).set_index("dataset")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
+        print("images/s (higher is better) and ratios, measured in this run:")
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Bulk identification: the streaming engine, resuming, odd files, and the filters."""
+import io
+import math
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from zoolib import bulkid, inference, library, models
+from zoolib.images import content_hash, load_rgb
+from zoolib.workspace import ZoolibError
+
+CLASSES = ["cheetah", "elephant", "flamingo", "leopard", "lion", "okapi", "penguin", "zebra"]
+
+
+def _generation(ws, size=40, classes=CLASSES, seed=0):
+    """Save a random-weight resnet18 generation (the engine does not care how it was trained)."""
+    torch.manual_seed(seed)
+    info = {"arch": "resnet18", "img_size": size, "mean": list(models.IMAGENET_MEAN),
+            "std": list(models.IMAGENET_STD), "classes": classes, "resize": "squish",
+            "interpolation": "bilinear"}
+    return models.save_generation(ws, models.create_model("resnet18", len(classes)), info)
+
+
+def _inbox_files(ws):
+    return bulkid.list_files(ws.inbox)
+
+
+@pytest.fixture
+def ws(demo_ws):
+    _generation(demo_ws)
+    return demo_ws
+
+
+# ----------------------------------------------------------------------------- the engine
+
+def test_run_writes_one_row_per_inbox_file(ws, truth):
+    out = bulkid.run(ws, num_workers=0, progress=False)
+    files = _inbox_files(ws)
+    assert list(out.columns) == bulkid.RESULT_COLUMNS
+    assert len(out) == len(files) == len(truth["inbox"]) and out["path"].is_unique
+    assert set(out["path"]) == {str(f) for f in files}
+    assert (ws.bulkid / "gen-0001-inbox" / "results.parquet").exists()
+    assert not list((ws.bulkid / "gen-0001-inbox" / "parts").iterdir())
+    assert out.attrs["generation"] == "gen-0001" and out.attrs["classes"] == CLASSES
+
+    bad = out[out["error"] != ""]
+    assert sorted(bad["rel"]) == ["inbox/camera1/truncated.jpg", "inbox/camera2/notes.txt"]
+    assert bad["pred"].isna().all() and bad["confidence"].isna().all()
+    assert all(len(e) == 0 for e in bad["top5"]) and bad["embedding"].isna().all()
+
+    ok = out[out["error"] == ""]
+    assert ok["pred"].isin(CLASSES).all() and (ok["generation"] == "gen-0001").all()
+    for row in ok.itertuples():
+        assert len(row.top5) == 5 and row.top5[0] == row.pred and len(set(row.top5)) == 5
+        assert list(row.top5_prob) == sorted(row.top5_prob, reverse=True)
+        assert row.confidence == pytest.approx(row.top5_prob[0], abs=1e-6)
+        assert row.margin == pytest.approx(row.top5_prob[0] - row.top5_prob[1], abs=1e-6)
+        assert 0 <= row.entropy <= math.log(len(CLASSES)) + 1e-6
+        assert row.embedding.dtype == np.float16 and row.embedding.shape == (512,)
+    first = ok.iloc[0]
+    assert first["hash"] == content_hash((ws.root / first["rel"]).read_bytes())
+    assert first["rel"] == (ws.root / first["rel"]).relative_to(ws.root).as_posix()
+
+
+def test_scores_equal_the_inference_module(ws):
+    """Same pixels as inference.to_tensor (bit for bit) and the same probabilities."""
+    loaded = inference.load(ws, "gen-0001", device="cpu")
+    files = _inbox_files(ws)[:6]
+    ds = bulkid.ImageFiles(files, loaded.info["img_size"])
+    ours = bulkid.normalise(torch.stack([ds[i][0] for i in range(len(ds))]), loaded.info)
+    ref = torch.stack([inference.to_tensor(load_rgb(f), loaded.info) for f in files])
+    assert ours.shape == (6, 3, 40, 40) and torch.equal(ours, ref)
+
+    out = bulkid.run(ws, files=files, num_workers=0, progress=False).set_index("path")
+    probs, feats = inference.forward(loaded, ref)
+    for i, f in enumerate(files):
+        row = out.loc[str(f)]
+        assert row["confidence"] == pytest.approx(float(probs[i].max()), abs=1e-5)
+        assert row["pred"] == CLASSES[int(probs[i].argmax())]
+        assert np.allclose(row["embedding"].astype(np.float32), feats[i].numpy(), atol=1e-2)
+        with torch.inference_mode():
+            logits = loaded.model.get_classifier()(feats[i:i + 1])
+        assert row["ood"] == pytest.approx(float(-torch.logsumexp(logits, 1)), abs=1e-4)
+
+
+def _bomb_png() -> bytes:
+    """A 100-byte PNG claiming 30000 x 30000 pixels (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+            + chunk(b"IEND", b""))
+
+
+def test_odd_files_modes_orientation_and_bombs(ws):
+    folder = ws.root / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    upright.save(folder / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": stored turned the other way
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "turned.png", exif=exif)
+    upright.convert("L").save(folder / "gray.png")
+    upright.convert("CMYK").save(folder / "cmyk.jpg")
+    upright.convert("P").save(folder / "palette.png")
+    upright.convert("RGBA").save(folder / "alpha.png")
+    Image.fromarray((rng.integers(0, 65535, (30, 50))).astype(np.uint16)).save(folder / "deep.png")
+    (folder / "bomb.png").write_bytes(_bomb_png())
+    (folder / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    upright.save(buf, "JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[:200])
+    (folder / "readme.txt").write_text("not an image")
+
+    out = bulkid.run(ws, inbox=folder, name="odd", num_workers=0, progress=False)
+    by = out.set_index(out["rel"].str.removeprefix("odd/"))
+    assert len(out) == 11
+    errors = by.loc[by["error"] != "", "error"]
+    assert sorted(errors.index) == ["bomb.png", "cut.jpg", "empty.jpg", "readme.txt"]
+    assert "DecompressionBomb" in errors["bomb.png"] and "empty" in errors["empty.jpg"]
+    for name in ("gray.png", "cmyk.jpg", "palette.png", "alpha.png", "deep.png"):
+        assert by.loc[name, "pred"] in CLASSES and by.loc[name, "error"] == ""
+    # EXIF orientation honoured: the turned file gives exactly the upright file's embedding.
+    assert np.array_equal(by.loc["turned.png", "embedding"], by.loc["upright.png", "embedding"])
+    assert by.loc["turned.png", "hash"] != by.loc["upright.png", "hash"]
+
+
+def test_workers_give_the_same_rows(ws):
+    files = _inbox_files(ws)[:40]
+    a = bulkid.run(ws, files=files, name="w0", num_workers=0, batch_size=16, progress=False)
+    b = bulkid.run(ws, files=files, name="w2", num_workers=2, batch_size=16, progress=False)
+    assert a["path"].tolist() == b["path"].tolist() and a["hash"].tolist() == b["hash"].tolist()
+    assert np.allclose(a["confidence"], b["confidence"], equal_nan=True, atol=1e-5)
+
+
+def test_parts_are_flushed_while_running(ws, monkeypatch):
+    """Rows reach disk every few batches, not only at the end (memory stays flat)."""
+    monkeypatch.setattr(bulkid, "FLUSH_ROWS", 16)
+    parts_seen = []
+    parts = ws.bulkid / "gen-0001-inbox" / "parts"
+    out = bulkid.run(ws, batch_size=8, num_workers=0, progress=False,
+                     on_batch=lambda done, total: parts_seen.append(len(list(parts.iterdir()))))
+    assert max(parts_seen) >= len(out) // 16 - 1 >= 5
+    assert not list(parts.iterdir()) and out["path"].is_unique
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(batches):
+    def hook(done, total):
+        if done >= batches * 16:
+            raise Stop
+    return hook
+
+
+def test_interrupted_run_leaves_a_table_and_resumes(ws):
+    n = len(_inbox_files(ws))
+    with pytest.raises(Stop):
+        bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(2))
+    run_dir = ws.bulkid / "gen-0001-inbox"
+    table = pd.read_parquet(run_dir / "results.parquet")  # a valid table on its own
+    assert len(table) == 32 and table["path"].is_unique
+    assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 32
+
+    calls = []
+    out = bulkid.run(ws, batch_size=16, num_workers=0, progress=False,
+                     on_batch=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (n - 32, n - 32)  # only the missing files were processed
+    assert len(out) == n and out["path"].is_unique
+    assert set(table["path"]) <= set(out["path"])
+
+
+def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
+    """A killed process never merges: its parts are read as they are, and a crash
+    between merging and removing parts leaves no duplicate row."""
+    monkeypatch.setattr(bulkid, "FLUSH_ROWS", 16)
+    monkeypatch.setattr(bulkid, "_consolidate", lambda run_dir: None)  # as if killed
+    with pytest.raises(Stop):
+        bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(3))
+    monkeypatch.undo()
+    run_dir = ws.bulkid / "gen-0001-inbox"
+    assert not (run_dir / "results.parquet").exists()
+    assert len(list((run_dir / "parts").glob("part-*.parquet"))) == 3
+    assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48
+
+    bulkid._consolidate(run_dir)
+    shutil.copy(run_dir / "results.parquet", run_dir / "parts" / "part-00009.parquet")
+    assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48  # stale part: deduplicated
+    out = bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
+    assert len(out) == len(_inbox_files(ws)) and out["path"].is_unique
+    assert len(pd.read_parquet(run_dir / "results.parquet")) == len(out)
+
+
+def test_identify_unknown(ws, truth):
+    out = bulkid.identify_unknown(ws, num_workers=0, progress=False)
+    assert sorted(out["rel"]) == sorted(f"library/{p}" for p in truth["unknown"])
+    assert out.attrs["name"] == "gen-0001-unknown" and (out["error"] == "").all()
+    shutil.rmtree(ws.library / "Unknown")
+    with pytest.raises(ZoolibError, match="Unknown"):
+        bulkid.identify_unknown(ws, progress=False)
+
+
+def test_bad_input(ws, tmp_path):
+    with pytest.raises(ZoolibError, match="does not exist"):
+        bulkid.run(ws, inbox=tmp_path / "nowhere", progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").write_text("x")
+    with pytest.raises(ZoolibError, match="empty"):
+        bulkid.run(ws, inbox=tmp_path / "empty", progress=False)
+    with pytest.raises(ZoolibError, match="gen-0007.*gen-0001"):
+        bulkid.run(ws, generation="gen-0007", progress=False)
+    with pytest.raises(ZoolibError, match="run name"):
+        bulkid.run(ws, name="../escape", progress=False)
+    with pytest.raises(ZoolibError, match="batch_size"):
+        bulkid.run(ws, batch_size=0, progress=False)
+    with pytest.raises(ZoolibError, match="empty list"):
+        bulkid.run(ws, files=[], progress=False)
+    with pytest.raises(ZoolibError, match="no bulk identification run 'nope'"):
+        bulkid.load_results(ws, "nope")
+    bulkid.run(ws, files=_inbox_files(ws)[:2], name="mine", num_workers=0, progress=False)
+    _generation(ws, seed=1)
+    with pytest.raises(ZoolibError, match="made with gen-0001, not gen-0002"):
+        bulkid.run(ws, files=_inbox_files(ws)[:2], name="mine", progress=False)
+    models.update_info(ws, "gen-0002", resize="crop")
+    with pytest.raises(ZoolibError, match="resize='crop'"):
+        bulkid.run(ws, generation="gen-0002", progress=False)
+
+
+# ----------------------------------------------------------------------------- the filters
+
+def _table(rows, generation="gen-0001", classes=CLASSES):
+    """A hand-made results table: rows of (rel, pred, confidence, embedding or None)."""
+    recs = []
+    for rel, pred, conf, emb in rows:
+        err = "" if pred else "OSError: broken"
+        recs.append({
+            "path": f"/ws/{rel}", "rel": rel, "hash": rel, "pred": pred or None,
+            "confidence": conf if pred else np.nan,
+            "top5": [pred] if pred else [], "top5_prob": [conf] if pred else [],
+            "margin": conf / 2 if pred else np.nan, "entropy": 1 - conf if pred else np.nan,
+            "ood": -5 * conf if pred else np.nan,
+            "embedding": np.asarray(emb, dtype=np.float16) if pred else None,
+            "generation": generation, "error": err})
+    frame = pd.DataFrame(recs, columns=bulkid.RESULT_COLUMNS)
+    frame.attrs.update(generation=generation, classes=classes)
+    return frame
+
+
+@pytest.fixture
+def results():
+    return _table([
+        ("a.jpg", "okapi", 0.9, [1, 0, 0]),
+        ("b.jpg", "okapi", 0.4, [0.9, 0.1, 0]),
+        ("c.jpg", "leopard", 0.3, [0, 1, 0]),
+        ("d.jpg", "leopard", 0.95, [0, 0.9, 0.2]),
+        ("e.jpg", "flamingo", 0.6, [0, 0, 1]),
+        ("f.jpg", "penguin", 0.2, [0.7, 0.7, 0]),
+        ("g.jpg", "lion", 0.8, [-1, 0, 0]),
+        ("h.jpg", None, None, None),
+    ])
+
+
+@pytest.fixture
+def manifest(demo_ws):
+    return library.scan(demo_ws, progress=False)
+
+
+def test_low_count_classes(results, manifest):
+    # Demo library: okapi 37, penguin 48, flamingo 50 readable.
+    out = bulkid.low_count_classes(results, manifest, max_count=40)
+    assert out["rel"].tolist() == ["a.jpg", "b.jpg"]  # okapi only, most confident first
+    out = bulkid.low_count_classes(results, manifest, max_count=50)
+    assert out["rel"].tolist() == ["a.jpg", "e.jpg", "b.jpg", "f.jpg"]
+    assert list(out.columns) == bulkid.RESULT_COLUMNS
+    assert bulkid.low_count_classes(results, manifest, max_count=0).empty
+
+
+def test_synthetic_reliant(results, manifest):
+    # Demo meta: flamingo about 80 % staged, penguin about 50 % synthetic, others ~5 %.
+    out = bulkid.synthetic_reliant(results, manifest, min_share=0.6)
+    assert out["rel"].tolist() == ["e.jpg"]
+    out = bulkid.synthetic_reliant(results, manifest, min_share=0.3)
+    assert out["rel"].tolist() == ["e.jpg", "f.jpg"]
+    with pytest.raises(ZoolibError, match="min_share"):
+        bulkid.synthetic_reliant(results, manifest, min_share=1.5)
+
+
+def test_lookalikes(results):
+    assert bulkid.lookalikes(results, "leopard", 0.5)["rel"].tolist() == ["c.jpg"]
+    assert bulkid.lookalikes(results, "leopard", 0.99)["rel"].tolist() == ["c.jpg", "d.jpg"]
+    assert bulkid.lookalikes(results, "zebra", 0.99).empty  # a class, none predicted
+    with pytest.raises(ZoolibError, match="'jaguar' is not a class of gen-0001"):
+        bulkid.lookalikes(results, "jaguar", 0.5)
+
+
+def test_lowest_scores(results):
+    assert bulkid.lowest_scores(results, n=3)["rel"].tolist() == ["f.jpg", "c.jpg", "b.jpg"]
+    assert bulkid.lowest_scores(results, threshold=0.35)["rel"].tolist() == ["f.jpg", "c.jpg"]
+    assert bulkid.lowest_scores(results, n=1, threshold=0.35)["rel"].tolist() == ["f.jpg"]
+    assert bulkid.lowest_scores(results, n=2, by="ood")["rel"].tolist() == ["f.jpg", "c.jpg"]
+    assert bulkid.errors(results)["rel"].tolist() == ["h.jpg"]
+    with pytest.raises(ZoolibError, match="needs n"):
+        bulkid.lowest_scores(results)
+    with pytest.raises(ZoolibError, match="by must be"):
+        bulkid.lowest_scores(results, n=2, by="pred")
+
+
+def test_more_like_this(results):
+    out = bulkid.more_like_this(results, "a.jpg", k=3)
+    assert out["rel"].tolist() == ["b.jpg", "f.jpg", "c.jpg"]
+    assert out["similarity"].iloc[0] == pytest.approx(0.9 / math.hypot(0.9, 0.1), abs=1e-3)
+    assert bulkid.more_like_this(results, "/ws/a.jpg", k=12)["rel"].tolist()[-1] == "g.jpg"
+    with pytest.raises(ZoolibError, match="not in this results table"):
+        bulkid.more_like_this(results, "zzz.jpg")
+    with pytest.raises(ZoolibError, match="could not be read"):
+        bulkid.more_like_this(results, "h.jpg")
+
+
+def test_filters_combine(results, manifest):
+    rare = bulkid.low_count_classes(results, manifest, max_count=50)
+    out = bulkid.lookalikes(rare, "okapi", 0.5)
+    assert out["rel"].tolist() == ["b.jpg"]
+    assert bulkid.lowest_scores(rare, n=1)["rel"].tolist() == ["f.jpg"]
+
+
+def test_filters_refuse_another_generation(results, manifest):
+    assert bulkid.check_generation(results, "gen-0001") is results
+    with pytest.raises(ZoolibError, match="comes from gen-0001, not gen-0002"):
+        bulkid.check_generation(results, "gen-0002")
+    with pytest.raises(ZoolibError, match="not gen-0002"):
+        bulkid.low_count_classes(results, manifest, 40, generation="gen-0002")
+    with pytest.raises(ZoolibError, match="not gen-0002"):
+        bulkid.synthetic_reliant(results, manifest, 0.5, generation="gen-0002")
+    with pytest.raises(ZoolibError, match="not gen-0002"):
+        bulkid.lookalikes(results, "okapi", 0.5, generation="gen-0002")
+    mixed = pd.concat([results, _table([("z.jpg", "lion", 0.5, [1, 1, 1])], "gen-0002")])
+    with pytest.raises(ZoolibError, match="mixes generations gen-0001, gen-0002"):
+        bulkid.lookalikes(mixed, "lion", 0.9)
+    with pytest.raises(ZoolibError, match="mixes generations"):
+        bulkid.more_like_this(mixed, "a.jpg")
+
+
+def test_filters_on_a_real_run(ws, manifest):
+    out = bulkid.run(ws, num_workers=0, progress=False)
+    top = out.loc[out["error"] == "", "pred"].value_counts().index[0]
+    lows = bulkid.lookalikes(out, top, 1.01, generation="gen-0001")
+    assert len(lows) == (out["pred"] == top).sum() and lows["confidence"].is_monotonic_increasing
+    near = bulkid.more_like_this(out, lows["rel"].iloc[0], k=5)
+    assert len(near) == 5 and near["similarity"].is_monotonic_decreasing
+    assert near["similarity"].between(-1.001, 1.001).all()

@@ -563,13 +563,7 @@ def undo(ws: Workspace, event_id: int) -> int:
     Raises:
         ZoolibError: no such event, or it was already undone.
     """
-    rows = journal.read(ws)
-    match = rows[rows["id"] == event_id]
-    if match.empty:
-        raise ZoolibError(f"journal has no event {event_id}")
-    row = match.iloc[0]
-    if row["undone"]:
-        raise ZoolibError(f"event {event_id} was already undone")
+    row = journal.undoable_event(ws, event_id)
     details = json.loads(row["details"] or "{}")
     if row["action"] == "rotate":
         return _undo_rotate(ws, row, details)

@@ -116,11 +116,11 @@ def copy_into(ws: Workspace, path: str | Path, folder: Path, action: str = "copy
     return record(ws, action, origin, _rel(ws, dest), label=label, moved=move)
 
 
-def undo(ws: Workspace, event_id: int) -> int:
-    """Reverse a trash, copy or move event and journal the undo.
+def undoable_event(ws: Workspace, event_id: int) -> pd.Series:
+    """The journal row of an event that can still be undone.
 
     Raises:
-        ZoolibError: no such event, already undone, or its files are gone.
+        ZoolibError: no such event, or it was already undone.
     """
     rows = read(ws)
     match = rows[rows["id"] == event_id]
@@ -129,6 +129,16 @@ def undo(ws: Workspace, event_id: int) -> int:
     row = match.iloc[0]
     if row["undone"]:
         raise ZoolibError(f"event {event_id} was already undone")
+    return row
+
+
+def undo(ws: Workspace, event_id: int) -> int:
+    """Reverse a trash, copy or move event and journal the undo.
+
+    Raises:
+        ZoolibError: no such event, already undone, or its files are gone.
+    """
+    row = undoable_event(ws, event_id)
     dest = ws.root / row["dest"] if row["dest"] else None
     if dest is None or not dest.exists():
         raise ZoolibError(f"cannot undo event {event_id} ({row['action']}): {dest} is missing")

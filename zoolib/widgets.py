@@ -1,0 +1,447 @@
+"""An ipywidgets view over a bulk-identification results table.
+
+The view is a thin layer. What it shows comes from pure functions tested
+without a browser: `filter_sets` (the bulkid filters as boolean masks),
+`select_rows` (filter, class, confidence band, mark, sort) and `page_of`. What
+its buttons do is `zoolib.actions` (journaled add, discard, undo, export); the
+marks it draws are read back from the journal after every action, so they
+survive re-filtering and restarting the kernel.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import ipywidgets as w
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from . import actions, bulkid, library
+from .workspace import Workspace, ZoolibError
+
+ANY_CLASS = "(any class)"
+STATUSES = ("open", "all", "added", "discarded")  # "open": not yet added or discarded
+# Sort label -> (column, ascending). Low confidence first is the useful default:
+# those are the images a person should look at.
+SORTS = {"confidence, low first": ("confidence", True),
+         "confidence, high first": ("confidence", False),
+         "margin, low first": ("margin", True), "entropy, high first": ("entropy", False),
+         "out-of-distribution, high first": ("ood", False),
+         "predicted class": ("pred", True), "path": ("rel", True)}
+FILTER_TITLES = {"all": "all readable", "low_count": "low-count classes",
+                 "synthetic_reliant": "synthetic-reliant classes", "lookalikes": "look-alikes",
+                 "lowest": "lowest scores", "unreadable": "unreadable files"}
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """What the filter controls say.
+
+    Attributes:
+        filter: a key of the filter masks ("all", "low_count", ...).
+        pred: predicted class to keep, or ANY_CLASS.
+        conf: inclusive confidence band (low, high).
+        status: one of STATUSES.
+        sort: a key of SORTS.
+        page: page number, from 0.
+        page_size: tiles per page.
+    """
+
+    filter: str = "all"
+    pred: str = ANY_CLASS
+    conf: tuple[float, float] = (0.0, 1.0)
+    status: str = "open"
+    sort: str = "confidence, low first"
+    page: int = 0
+    page_size: int = 24
+
+
+def _mask(results: pd.DataFrame, subset: pd.DataFrame | pd.Series) -> pd.Series:
+    """Rows of `results` that a bulkid filter returned, as a boolean mask."""
+    paths = subset["path"] if isinstance(subset, pd.DataFrame) else subset
+    return results["path"].isin(set(paths))
+
+
+def filter_sets(results: pd.DataFrame, manifest: pd.DataFrame, max_count: int = 49,
+                min_share: float = 0.4, lookalike_class: str = "",
+                max_confidence: float = 0.8, lowest_n: int = 24) -> dict[str, pd.Series]:
+    """The named filters of the widget (and of the batch CSVs), as boolean masks.
+
+    Args:
+        results: bulk-identification results.
+        manifest: the library manifest (library.scan), for class counts and sources.
+        max_count: "low_count": predicted classes with at most this many library images.
+        min_share: "synthetic_reliant": predicted classes whose library images are at
+            least this share staged or synthetic.
+        lookalike_class: "lookalikes": images predicted as this class with a
+            confidence below `max_confidence` (left out when empty).
+        max_confidence: see `lookalike_class`.
+        lowest_n: "lowest": the n images the model is least sure of.
+
+    Returns:
+        Filter name -> mask aligned with `results`; "all" holds the readable
+        rows and "unreadable" the files that could not be decoded.
+    """
+    ok = results["error"].fillna("") == ""
+    sets = {"all": ok,
+            "low_count": _mask(results, bulkid.low_count_classes(results, manifest, max_count)),
+            "synthetic_reliant": _mask(results, bulkid.synthetic_reliant(results, manifest,
+                                                                         min_share))}
+    if lookalike_class:
+        sets["lookalikes"] = _mask(results, bulkid.lookalikes(results, lookalike_class,
+                                                              max_confidence))
+    sets["lowest"] = _mask(results, bulkid.lowest_scores(results, n=lowest_n))
+    sets["unreadable"] = ~ok
+    return {name: mask & ok if name != "unreadable" else mask for name, mask in sets.items()}
+
+
+def rare_classes(results: pd.DataFrame, manifest: pd.DataFrame, min_images: int = 40
+                 ) -> pd.DataFrame:
+    """The generation's classes below the `min_images` cutoff and how many inbox images
+    it predicts as each: what a throw-away generation is run for.
+
+    Returns:
+        Columns label, readable (library images), short_by, predicted (inbox rows),
+        mean_confidence; one row per class of the generation below the cutoff.
+    """
+    table = library.cutoff_table(manifest, min_images)
+    classes = results.attrs.get("classes") or sorted(results["pred"].dropna().unique())
+    rare = table[(table["short_by"] > 0) & table["label"].isin(classes)]
+    ok = results[results["error"].fillna("") == ""]
+    stats = ok.groupby("pred")["confidence"].agg(["size", "mean"])
+    out = rare[["label", "readable", "short_by"]].assign(
+        predicted=rare["label"].map(stats["size"]).fillna(0).astype(int),
+        mean_confidence=rare["label"].map(stats["mean"]).round(3))
+    return out.reset_index(drop=True)
+
+
+def sort_keys(results: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Numeric sort keys per sortable column, computed once (text becomes rank codes,
+    missing numbers sort last), so a re-sort of 100,000 rows is one argsort."""
+    keys = {}
+    for column, _ in SORTS.values():
+        values = results[column]
+        if pd.api.types.is_numeric_dtype(values):
+            keys[column] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        else:
+            keys[column] = pd.factorize(values.fillna(""), sort=True)[0].astype(np.float64)
+    return keys
+
+
+def select_rows(results: pd.DataFrame, state: ViewState, masks: dict[str, pd.Series],
+                status: pd.Series, keys: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Row positions of `results` that the view shows, in display order.
+
+    Args:
+        results: bulk-identification results.
+        state: the filter controls.
+        masks: from `filter_sets` (plus any "more like this" mask).
+        status: mark per row ("", "added", "discarded"), from `actions.status_of`.
+        keys: from `sort_keys` (computed here when None).
+
+    Raises:
+        ZoolibError: unknown filter, status or sort.
+    """
+    for value, known, what in ((state.filter, masks, "filter"), (state.status, STATUSES,
+                               "status"), (state.sort, SORTS, "sort")):
+        if value not in known:
+            raise ZoolibError(f"unknown {what} {value!r}: choose from {', '.join(known)}")
+    keep = masks[state.filter].to_numpy(dtype=bool, copy=True)
+    if state.pred != ANY_CLASS:
+        keep &= results["pred"].to_numpy() == state.pred
+    low, high = state.conf
+    if (low, high) != (0.0, 1.0):
+        conf = results["confidence"].to_numpy(dtype=np.float64, na_value=np.nan)
+        keep &= (conf >= low) & (conf <= high)
+    if state.status != "all":
+        keep &= status.to_numpy() == ("" if state.status == "open" else state.status)
+    rows = np.flatnonzero(keep)
+    column, ascending = SORTS[state.sort]
+    key = (keys or sort_keys(results))[column][rows]
+    order = np.argsort(key if ascending else -key, kind="stable")  # NaN last either way
+    return rows[order]
+
+
+def n_pages(n_rows: int, page_size: int) -> int:
+    """Pages needed for `n_rows` (at least one, so an empty view shows page 1 of 1)."""
+    return max(1, -(-n_rows // page_size))
+
+
+def page_of(rows: np.ndarray, page: int, page_size: int) -> np.ndarray:
+    """The row positions on one page; the page number is clamped to the last page."""
+    page = min(max(page, 0), n_pages(len(rows), page_size) - 1)
+    return rows[page * page_size:(page + 1) * page_size]
+
+
+@lru_cache(maxsize=1)
+def _placeholder(size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 200, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=8192)
+def thumbnail(path: str, size: int = 96) -> bytes:
+    """Small JPEG bytes of an image (upright), cached; a grey square if unreadable.
+
+    JPEG draft mode decodes at a reduced scale, so a large photo costs little more
+    than a small one.
+    """
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=80)
+            return buf.getvalue()
+    except Exception:  # noqa: BLE001 - a broken file gets the placeholder, never an error
+        return _placeholder(size)
+
+
+def caption(row, status: str) -> str:
+    """The text under a thumbnail: predicted class and confidence, and the mark."""
+    if row["error"]:
+        text = "unreadable"
+    else:
+        text = f"{row['pred']} {row['confidence']:.2f}"
+    return {"added": "✓ ", "discarded": "✗ "}.get(status, "") + text
+
+
+class _Tile:
+    """One grid cell: a thumbnail and a toggle that selects it."""
+
+    def __init__(self, size: int, on_toggle):
+        self.path = ""
+        self.image = w.Image(format="jpeg", width=size, height=size)
+        self.toggle = w.ToggleButton(layout=w.Layout(width=f"{size + 24}px"))
+        self.toggle.observe(lambda change: on_toggle(self, change["new"]), "value")
+        self.box = w.VBox([self.image, self.toggle], layout=w.Layout(align_items="center"))
+        self.box.add_class("zoolib-tile")
+
+    def show(self, path: str, image: bytes, text: str, tip: str, style: str, selected: bool):
+        self.path = path
+        self.image.value = image
+        self.toggle.description, self.toggle.tooltip = text, tip
+        self.toggle.button_style, self.toggle.value = style, selected
+        self.box.layout.display = None
+
+    def hide(self):
+        self.path = ""
+        self.box.layout.display = "none"
+
+
+class BulkView:
+    """The widget: filter controls, a paged thumbnail grid, selection and actions.
+
+    Args:
+        ws: the workspace (journal, library, trash).
+        results: bulk-identification results (bulkid.run / load_results).
+        masks: filter name -> mask, from `filter_sets`.
+        run: the run name (journal details, default export file).
+        classes: class names offered for "add to library" (any plain name may be typed).
+        page_size: thumbnails per page.
+        thumb_size: thumbnail edge in pixels.
+        columns: tiles per grid row.
+    """
+
+    def __init__(self, ws: Workspace, results: pd.DataFrame, masks: dict[str, pd.Series],
+                 run: str = "", classes: list[str] | None = None, page_size: int = 24,
+                 thumb_size: int = 96, columns: int = 6):
+        self.ws, self.run, self.thumb_size = ws, run, thumb_size
+        self.results = results.reset_index(drop=True)
+        self.masks = {k: v.reset_index(drop=True) for k, v in masks.items()}
+        self.keys = sort_keys(self.results)
+        self.selected: set[str] = set()
+        self.state = ViewState(page_size=page_size)
+        self._busy = False
+        self._build_controls(classes or sorted(self.results["pred"].dropna().unique()))
+        self.tiles = [_Tile(thumb_size, self._toggled) for _ in range(page_size)]
+        self.grid = w.GridBox([t.box for t in self.tiles], layout=w.Layout(
+            grid_template_columns=f"repeat({columns}, {thumb_size + 32}px)"))
+        self.grid.add_class("zoolib-grid")
+        self.widget = w.VBox([self.filters, self.paging, self.grid, self.action_bar,
+                              self.message])
+        self.reload_marks()
+
+    # ---- building -------------------------------------------------------------------
+    def _build_controls(self, classes: list[str]) -> None:
+        self.filter = w.Dropdown(options=self._filter_options(), description="filter")
+        self.pred = w.Dropdown(options=[ANY_CLASS, *sorted(self.results["pred"].dropna()
+                                                           .unique())], description="class")
+        self.conf = w.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.01,
+                                       description="confidence", continuous_update=False)
+        self.status = w.Dropdown(options=STATUSES, value="open", description="marks")
+        self.sort = w.Dropdown(options=list(SORTS), description="sort")
+        for control, cls in ((self.filter, "zoolib-filter"), (self.pred, "zoolib-class"),
+                             (self.conf, "zoolib-conf"), (self.status, "zoolib-status"),
+                             (self.sort, "zoolib-sort")):
+            control.add_class(cls)
+            control.observe(self._controls_changed, "value")
+        self.filters = w.HBox([self.filter, self.pred, self.conf, self.status, self.sort],
+                              layout=w.Layout(flex_flow="row wrap"))
+        self.prev, self.next = w.Button(description="◀", layout=w.Layout(width="40px")), \
+            w.Button(description="▶", layout=w.Layout(width="40px"))
+        self.prev.on_click(lambda _: self.go(self.state.page - 1))
+        self.next.on_click(lambda _: self.go(self.state.page + 1))
+        self.page_label = w.Label()
+        self.page_label.add_class("zoolib-page")
+        select_page, clear = w.Button(description="select page"), w.Button(description="clear")
+        select_page.on_click(lambda _: self.select_page())
+        clear.on_click(lambda _: self.clear_selection())
+        self.paging = w.HBox([self.prev, self.page_label, self.next, select_page, clear])
+        self.label = w.Combobox(options=classes, placeholder="class name",
+                                description="add as", ensure_option=False)
+        self.move = w.Checkbox(value=False, description="move (default: copy)", indent=False)
+        buttons = {"add to library": self.add, "discard": self.discard, "undo last": self.undo,
+                   "more like this": self.more_like_this, "export selection": self.export}
+        self.buttons = {}
+        for text, handler in buttons.items():
+            button = w.Button(description=text, button_style="danger" if text == "discard"
+                              else "")
+            button.on_click(lambda _, h=handler: self._act(h))
+            self.buttons[text] = button
+        self.export_path = w.Text(value=f"bulkid/{self.run or 'selection'}/selection.csv",
+                                  description="CSV")
+        self.action_bar = w.HBox([self.label, self.move, *self.buttons.values(),
+                                  self.export_path], layout=w.Layout(flex_flow="row wrap"))
+        self.message = w.HTML()
+
+    def _filter_options(self) -> list[tuple[str, str]]:
+        return [(f"{FILTER_TITLES.get(k, k)} ({int(m.sum())})", k) for k, m in self.masks.items()]
+
+    # ---- state -----------------------------------------------------------------------
+    def reload_marks(self) -> None:
+        """Re-read the marks from the journal and redraw (after any action)."""
+        self.marks = actions.marks(self.ws)
+        self.status_col = actions.status_of(self.results["path"], self.marks)
+        self.dest = dict(zip(self.marks["path"], self.marks["dest"]))
+        self.refresh()
+
+    def _controls_changed(self, _change=None) -> None:
+        if not self._busy:
+            self.state = replace(self.state, filter=self.filter.value, pred=self.pred.value,
+                                 conf=tuple(self.conf.value), status=self.status.value,
+                                 sort=self.sort.value, page=0)
+            self.refresh()
+
+    def go(self, page: int) -> None:
+        """Show page `page` (clamped)."""
+        last = n_pages(len(self.rows), self.state.page_size) - 1
+        self.state = replace(self.state, page=min(max(page, 0), last))
+        self._draw()
+
+    def refresh(self) -> None:
+        """Recompute the rows the controls select and draw the current page."""
+        self.rows = select_rows(self.results, self.state, self.masks, self.status_col,
+                                self.keys)
+        self.go(self.state.page)
+
+    def page_rows(self) -> pd.DataFrame:
+        """The result rows on the current page."""
+        return self.results.iloc[page_of(self.rows, self.state.page, self.state.page_size)]
+
+    def _draw(self) -> None:
+        page = self.page_rows()
+        styles = {"added": "success", "discarded": "danger"}
+        self._busy = True
+        try:
+            for tile, (pos, row) in zip(self.tiles, page.iterrows()):
+                status = self.status_col.iat[pos]
+                tile.show(row["path"], self._thumb(row["path"]), caption(row, status),
+                          row["rel"], styles.get(status, ""), row["path"] in self.selected)
+            for tile in self.tiles[len(page):]:
+                tile.hide()
+        finally:
+            self._busy = False
+        self._update_label()
+
+    def _update_label(self) -> None:
+        self.page_label.value = (f"page {self.state.page + 1} / "
+                                 f"{n_pages(len(self.rows), self.state.page_size)} · "
+                                 f"{len(self.rows)} images · {len(self.selected)} selected")
+
+    def _thumb(self, path: str) -> bytes:
+        """Thumbnail of a file where it is now (a discarded file is in the trash)."""
+        if not Path(path).exists() and path in self.dest:
+            return thumbnail(str(self.ws.root / self.dest[path]), self.thumb_size)
+        return thumbnail(path, self.thumb_size)
+
+    # ---- selection ---------------------------------------------------------------------
+    def _toggled(self, tile: _Tile, on: bool) -> None:
+        if self._busy or not tile.path:
+            return
+        (self.selected.add if on else self.selected.discard)(tile.path)
+        self._update_label()
+
+    def select(self, paths) -> None:
+        """Add files (absolute paths) to the selection."""
+        self.selected.update(map(str, paths))
+        self._draw()
+
+    def select_page(self) -> None:
+        """Select every image on the current page."""
+        self.select(self.page_rows()["path"])
+
+    def clear_selection(self) -> None:
+        self.selected.clear()
+        self._draw()
+
+    # ---- actions (each one journaled by zoolib.actions) ---------------------------------
+    def _act(self, handler) -> None:
+        """Run a button's handler; a ZoolibError becomes a message, not a traceback."""
+        try:
+            self.message.value = handler()
+        except ZoolibError as exc:
+            self.message.value = f"<span style='color:#b00'>{exc}</span>"
+
+    def add(self) -> str:
+        """Add the selection to the library under the typed class name."""
+        events = actions.add_to_library(self.ws, sorted(self.selected), self.label.value,
+                                        move=self.move.value, run=self.run)
+        self.selected.clear()
+        self.reload_marks()
+        return f"{len(events)} image(s) {'moved' if self.move.value else 'copied'} " \
+               f"to library/{self.label.value}"
+
+    def discard(self) -> str:
+        """Move the selection to the workspace's _trash/."""
+        events = actions.discard(self.ws, sorted(self.selected), run=self.run)
+        self.selected.clear()
+        self.reload_marks()
+        return f"{len(events)} image(s) moved to _trash/"
+
+    def undo(self) -> str:
+        """Undo the latest add or discard click."""
+        events = actions.undo_last(self.ws)
+        self.reload_marks()
+        return f"undid {len(events)} action(s)" if events else "nothing to undo"
+
+    def more_like_this(self) -> str:
+        """Show the images nearest to the (single) selected one by embedding."""
+        if len(self.selected) != 1:
+            raise ZoolibError("select exactly one image for 'more like this'")
+        (path,) = self.selected
+        self.masks["like"] = _mask(self.results, bulkid.more_like_this(self.results, path))
+        self._busy = True
+        try:
+            self.filter.options = self._filter_options()
+            self.filter.value = "like"
+        finally:
+            self._busy = False
+        self._controls_changed()
+        return f"images like {Path(path).name}"
+
+    def export(self) -> str:
+        """Write the selection (with marks) as CSV."""
+        out = actions.export_selection(self.ws, self.results, sorted(self.selected),
+                                       self.export_path.value, run=self.run)
+        return f"{len(self.selected)} row(s) written to {out}"
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)

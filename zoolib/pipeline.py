@@ -59,45 +59,49 @@ def run_notebook(notebook: str, out_dir: str | Path, parameters: dict | None = N
     return read_metrics(out)
 
 
-# The demo's story: generation 1 from scratch, evaluated and deployed; a class is
-# labelled into the library; generation 2 warm-started from 1, compared with it;
-# real traffic through the Predictor; the usage and accuracy report.
-DEMO_STEPS = [
-    ("01_curate-gen1", "01_curate", {}),
-    ("02_train-gen1", "02_train", {"INIT_FROM": "scratch"}),
-    ("03_evaluate-gen1", "03_evaluate", {}),
-    ("01_curate-gen2", "01_curate", {}),
-    ("02_train-gen2", "02_train", {"INIT_FROM": "last"}),
-    ("03_evaluate-gen2", "03_evaluate", {}),
-    ("05_report", "05_report", {}),
-]
-
-
 def run_demo(workspace: str | Path, reports: str | Path) -> dict:
-    """The main job on the demo workspace: curate, train from scratch, add a class,
-    curate again, warm-start generation 2. Returns a summary (also written to
-    `<reports>/summary.json` and `summary.md`)."""
+    """The main job on the demo workspace; returns a summary (also written to
+    `<reports>/metrics.json` and `summary.md`).
+
+    The story: generation 1 from scratch, evaluated and deployed; a throw-away
+    generation (cutoff 35) and its bulk identification, which surfaces inbox images
+    of the class just under 40; a class labelled into the library; generation 2
+    warm-started from 1 and compared with it; bulk identification of the inbox;
+    real traffic through the Predictor; the usage and accuracy report.
+    """
     from . import demo
 
     started = time.perf_counter()
     ws = demo.build(workspace)
     reports = report_dir(reports)
-    summary = {}
-    for step, notebook, params in DEMO_STEPS:
-        if step == "01_curate-gen2":
-            demo.add_class(ws)
-            print(f"added class {demo.ADDED_CLASS!r} to the library")
-        if step == "05_report":
-            from .serving import simulate_traffic
+    summary: dict = {}
 
-            labels = json.loads((ws.root / "demo_truth.json").read_text())["inbox"]
-            summary["traffic"] = simulate_traffic(ws, labels)
-            print(f"served demo traffic through the Predictor: {summary['traffic']}")
+    def step(name: str, notebook: str, **params) -> dict:
         t0 = time.perf_counter()
-        print(f"running {notebook} -> {reports / step}")
-        summary[step] = run_notebook(notebook, reports / step,
-                                     {"WORKSPACE": str(ws.root), **params})
+        print(f"running {notebook} -> {reports / name}")
+        summary[name] = run_notebook(notebook, reports / name, {"WORKSPACE": str(ws.root), **params})
         print(f"  done in {time.perf_counter() - t0:.0f} s")
+        return summary[name]
+
+    step("01_curate-gen1", "01_curate")
+    step("02_train-gen1", "02_train", INIT_FROM="scratch")
+    step("03_evaluate-gen1", "03_evaluate")
+    throwaway = step("02_train-throwaway", "02_train", INIT_FROM="last", MIN_IMAGES=35,
+                     THROWAWAY=True)
+    step("04_bulk_identify-throwaway", "04_bulk_identify", GENERATION=throwaway["generation"])
+    demo.add_class(ws)
+    print(f"added class {demo.ADDED_CLASS!r} to the library")
+    step("01_curate-gen2", "01_curate")
+    step("02_train-gen2", "02_train", INIT_FROM="last")
+    step("03_evaluate-gen2", "03_evaluate")
+    step("04_bulk_identify-gen2", "04_bulk_identify",
+         GENERATION=summary["02_train-gen2"]["generation"])
+    from .serving import simulate_traffic
+
+    labels = json.loads((ws.root / "demo_truth.json").read_text())["inbox"]
+    summary["traffic"] = simulate_traffic(ws, labels)
+    print(f"served demo traffic through the Predictor: {summary['traffic']}")
+    step("05_report", "05_report")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_metrics(reports, summary)
     (reports / "summary.md").write_text(_demo_markdown(summary))
@@ -121,6 +125,11 @@ def _demo_markdown(summary: dict) -> str:
         reasons = summary.get(f"03_evaluate-gen{k}", {}).get("decision", {}).get("reasons", [])
         if reasons:
             lines.append(f"\nGeneration {k} promotion decision: " + "; ".join(map(str, reasons)))
+    t, b = summary.get("02_train-throwaway"), summary.get("04_bulk_identify-throwaway")
+    if t and b:
+        lines.append(f"\nThrow-away {t['generation']} (MIN_IMAGES 35, never promoted) trains "
+                     f"{', '.join(t['classes_added'] or []) or 'the same classes'}; bulk "
+                     f"identification predicts rare classes: {b['rare_classes']}")
     if "traffic" in summary:
         lines.append(f"\nServed traffic: {summary['traffic']}")
     lines.append(f"\nWhole run: {summary['seconds']} s.")

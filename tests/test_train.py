@@ -143,3 +143,10 @@ def test_class_folder_without_readable_image(demo_ws):
 def test_missing_workspace(tmp_path):
     with pytest.raises(ZoolibError, match="does not exist"):
         train(tmp_path / "nowhere", TrainConfig(**TINY), progress=False)
+
+
+def test_class_folder_name_that_is_not_plain(demo_ws):
+    bad = demo_ws.library / "lion\x07bell"
+    (demo_ws.library / "lion").rename(bad)
+    with pytest.raises(ZoolibError, match="not a plain folder name: contains control"):
+        train(demo_ws, TrainConfig(**TINY), progress=False)

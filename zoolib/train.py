@@ -28,7 +28,8 @@ from fastai.vision.all import (Callback, CancelEpochException, CategoryBlock, Co
 
 from . import library, models, splits, warmstart
 from .images import load_rgb
-from .workspace import Workspace, ZoolibError, class_folders, open_workspace
+from .workspace import (Workspace, ZoolibError, check_class_name, class_folders,
+                        open_workspace)
 
 INPROGRESS = "_inprogress"
 
@@ -123,6 +124,8 @@ def prepare_data(ws: Workspace, cfg: TrainConfig, progress: bool = True
         raise ZoolibError(f"class folder(s) with no readable image: {', '.join(map(repr, empty))}"
                           " (no files at all); add images or remove the folder")
     classes = library.training_classes(manifest, cfg.min_images)
+    for name in classes:  # class names become folder names and labels everywhere
+        check_class_name(name)
     if len(classes) < 2:
         raise ZoolibError(f"only {classes} reach MIN_IMAGES={cfg.min_images}: "
                           "a classifier needs at least 2 classes")

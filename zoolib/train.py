@@ -174,15 +174,19 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
                              min_zoom=1.0, max_zoom=cfg.max_zoom, max_warp=cfg.max_warp,
                              max_lighting=cfg.max_lighting,
                              p_lighting=0.75 if cfg.max_lighting else 0.0)
+    valid = rows["is_valid"].to_numpy()
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=classes)),
         get_x=_SquishLoader(cfg.img_size),
         get_y=ColReader("label"),
-        splitter=lambda df: (list(df.index[~df["is_valid"]]), list(df.index[df["is_valid"]])),
+        splitter=lambda items: ([i for i in range(len(items)) if not valid[i]],
+                                [i for i in range(len(items)) if valid[i]]),
         batch_tfms=[*augment, Normalize.from_stats(list(mean), list(std))],
     )
     kwargs = {} if cfg.num_workers is None else {"num_workers": cfg.num_workers}
-    return block.dataloaders(rows, bs=cfg.batch_size, seed=cfg.seed, **kwargs)
+    # plain dicts as items: reading a DataFrame row per image costs more than decoding it
+    records = rows[["file", "label"]].to_dict("records")
+    return block.dataloaders(records, bs=cfg.batch_size, seed=cfg.seed, **kwargs)
 
 
 class _Checkpoint(Callback):

@@ -333,6 +333,27 @@ def test_filters_combine(results, manifest):
     assert bulkid.lowest_scores(rare, n=1)["rel"].tolist() == ["f.jpg"]
 
 
+def test_filed_unknown_and_combine(results):
+    unknown = _table([("library/Unknown/u1.jpg", "okapi", 0.5, [1, 0, 0]),
+                      ("library/Unknown/u2.jpg", "lion", 0.9, [0, 1, 0]),
+                      ("library/Unknown/u3.png", None, None, None)])
+    unknown.attrs["name"] = "gen-0001-unknown"
+    results.attrs["name"] = "gen-0001-inbox"
+    both = bulkid.combine(results, unknown, unknown.iloc[:1])  # a repeated path counts once
+    assert len(both) == len(results) + 3 and both["path"].is_unique
+    assert both.attrs == {"name": "gen-0001-inbox+gen-0001-unknown+gen-0001-unknown",
+                          "generation": "gen-0001", "classes": CLASSES}
+    # Readable Unknown rows only, the likeliest label first; the inbox rows are not.
+    assert bulkid.filed_unknown(both)["rel"].tolist() == ["library/Unknown/u2.jpg",
+                                                          "library/Unknown/u1.jpg"]
+    assert bulkid.filed_unknown(results).empty
+    other = _table([("library/Unknown/u9.jpg", "lion", 0.5, [1, 1, 1])], "gen-0002")
+    with pytest.raises(ZoolibError, match="different generations \\(gen-0001, gen-0002\\)"):
+        bulkid.combine(results, other)
+    with pytest.raises(ZoolibError, match="at least one"):
+        bulkid.combine()
+
+
 def test_filters_refuse_another_generation(results, manifest):
     assert bulkid.check_generation(results, "gen-0001") is results
     with pytest.raises(ZoolibError, match="comes from gen-0001, not gen-0002"):

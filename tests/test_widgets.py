@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from zoolib import actions, journal, library, widgets
+from zoolib import actions, bulkid, journal, library, widgets
 from zoolib.widgets import ANY_CLASS, BulkView, ViewState
 
 from .test_actions import fake_results
@@ -53,6 +53,18 @@ def test_filter_sets_are_aligned_masks(results, masks, manifest):
     assert masks["lowest"].sum() == 10
     assert results.loc[masks["lowest"], "confidence"].max() <= \
         results.loc[ok & ~masks["lowest"], "confidence"].min()
+
+
+def test_filter_sets_unknown_only_when_the_table_has_such_rows(results, manifest, masks):
+    assert "unknown" not in masks
+    filed = results[results["error"] == ""].head(3).copy()
+    filed["path"] = [f"/u/{i}.jpg" for i in range(3)]
+    filed["rel"] = [f"library/Unknown/{i}.jpg" for i in range(3)]
+    both = bulkid.combine(results, filed)
+    sets = widgets.filter_sets(both, manifest)
+    assert sets["unknown"].tolist() == [False] * len(results) + [True] * 3
+    assert list(sets) == ["all", "low_count", "synthetic_reliant", "unknown", "lowest",
+                          "unreadable"]
 
 
 def test_filter_sets_bad_lookalike_class(demo_ws, results):
@@ -205,8 +217,13 @@ def test_view_export_and_more_like_this(demo_ws, results, masks):
     view.clear_selection()
     view.buttons["more like this"].click()
     assert "select exactly one" in view.message.value
-    view.select([results.loc[0, "path"]])
+    query = results.loc[0, "path"]
+    view.select([query])
     view.buttons["more like this"].click()
     assert view.filter.value == "like" and view.masks["like"].sum() == 12
-    assert len(_visible(view)) == 12 and results.loc[0, "path"] not in \
-        {t.path for t in _visible(view)}
+    assert view.sort.value == "similarity, nearest first"
+    near = bulkid.more_like_this(results, query, k=11)
+    # The chosen image first, then its neighbours nearest first (not by confidence).
+    assert [t.path for t in _visible(view)] == [query, *near["path"]]
+    assert near["similarity"].is_monotonic_decreasing
+    assert not near["confidence"].is_monotonic_increasing  # the default sort would differ

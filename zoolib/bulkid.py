@@ -591,6 +591,40 @@ def lowest_scores(results: pd.DataFrame, n: int | None = None, threshold: float 
     return rows if n is None else rows.head(int(n))
 
 
+def filed_unknown(results: pd.DataFrame, generation: str | None = None) -> pd.DataFrame:
+    """Rows of files filed in the library as Unknown (see `identify_unknown`), most
+    confident first: a confident prediction is a candidate label for the file."""
+    rows = _ok(_class_table(results, generation))
+    under = rows["rel"].fillna("").str.startswith(f"library/{UNKNOWN}/")
+    return _by_confidence(rows[under], ascending=False)
+
+
+def combine(*tables: pd.DataFrame) -> pd.DataFrame:
+    """Several results tables of one generation as one, a row per path (first wins).
+
+    For one view over the inbox and the library's Unknown folder, say. `attrs` keeps
+    the generation and classes, and joins the run names with "+".
+
+    Raises:
+        ZoolibError: no table given, or the tables come from different generations.
+    """
+    if not tables:
+        raise ZoolibError("combine needs at least one results table")
+    gens = {t.attrs.get("generation") for t in tables} | {
+        g for t in tables for g in _generations(t)}
+    gens.discard(None)
+    if len(gens) > 1:
+        raise ZoolibError(f"these results tables come from different generations "
+                          f"({', '.join(sorted(gens))}): identify all with one generation")
+    frame = pd.concat(tables, ignore_index=True).drop_duplicates("path", keep="first")
+    frame = frame.reset_index(drop=True)
+    first = tables[0].attrs
+    frame.attrs.update(name="+".join(str(t.attrs.get("name", "")) for t in tables),
+                       generation=first.get("generation") or next(iter(gens), None),
+                       classes=list(first.get("classes") or []))
+    return frame
+
+
 def _embeddings(rows: pd.DataFrame) -> np.ndarray:
     """Unit-length float32 embedding matrix of rows (one per row)."""
     emb = np.stack([np.asarray(e, dtype=np.float32) for e in rows["embedding"]])

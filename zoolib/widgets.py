@@ -30,10 +30,13 @@ SORTS = {"confidence, low first": ("confidence", True),
          "confidence, high first": ("confidence", False),
          "margin, low first": ("margin", True), "entropy, high first": ("entropy", False),
          "out-of-distribution, high first": ("ood", False),
-         "predicted class": ("pred", True), "path": ("rel", True)}
+         "predicted class": ("pred", True), "path": ("rel", True),
+         # Filled by "more like this" (the chosen image first, at 1.0); empty otherwise.
+         "similarity, nearest first": ("similarity", False)}
 FILTER_TITLES = {"all": "all readable", "low_count": "low-count classes",
                  "synthetic_reliant": "synthetic-reliant classes", "lookalikes": "look-alikes",
-                 "lowest": "lowest scores", "unreadable": "unreadable files"}
+                 "unknown": "filed as Unknown", "lowest": "lowest scores",
+                 "unreadable": "unreadable files", "like": "more like this"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,9 @@ def filter_sets(results: pd.DataFrame, manifest: pd.DataFrame, max_count: int = 
 
     Returns:
         Filter name -> mask aligned with `results`; "all" holds the readable
-        rows and "unreadable" the files that could not be decoded.
+        rows and "unreadable" the files that could not be decoded; "unknown"
+        (only when the table holds such rows, see `bulkid.combine`) the files
+        filed in the library as Unknown.
     """
     ok = results["error"].fillna("") == ""
     sets = {"all": ok,
@@ -93,6 +98,9 @@ def filter_sets(results: pd.DataFrame, manifest: pd.DataFrame, max_count: int = 
     if lookalike_class:
         sets["lookalikes"] = _mask(results, bulkid.lookalikes(results, lookalike_class,
                                                               max_confidence))
+    unknown = _mask(results, bulkid.filed_unknown(results))
+    if unknown.any():
+        sets["unknown"] = unknown
     sets["lowest"] = _mask(results, bulkid.lowest_scores(results, n=lowest_n))
     sets["unreadable"] = ~ok
     return {name: mask & ok if name != "unreadable" else mask for name, mask in sets.items()}
@@ -123,6 +131,9 @@ def sort_keys(results: pd.DataFrame) -> dict[str, np.ndarray]:
     missing numbers sort last), so a re-sort of 100,000 rows is one argsort."""
     keys = {}
     for column, _ in SORTS.values():
+        if column not in results:  # "similarity": set by the view when asked
+            keys[column] = np.full(len(results), np.nan)
+            continue
         values = results[column]
         if pd.api.types.is_numeric_dtype(values):
             keys[column] = values.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -420,20 +431,27 @@ class BulkView:
         self.reload_marks()
         return f"undid {len(events)} action(s)" if events else "nothing to undo"
 
-    def more_like_this(self) -> str:
-        """Show the images nearest to the (single) selected one by embedding."""
+    def more_like_this(self, k: int | None = None) -> str:
+        """Show the selected image and its `k` nearest by embedding, nearest first
+        (default: as many as fill the first page)."""
         if len(self.selected) != 1:
             raise ZoolibError("select exactly one image for 'more like this'")
         (path,) = self.selected
-        self.masks["like"] = _mask(self.results, bulkid.more_like_this(self.results, path))
+        near = bulkid.more_like_this(self.results, path,
+                                     k=k or max(1, self.state.page_size - 1))
+        similarity = self.results["path"].map(dict(zip(near["path"], near["similarity"])))
+        similarity[self.results["path"] == path] = 1.0
+        self.masks["like"] = similarity.notna()
+        self.keys["similarity"] = similarity.to_numpy(dtype=np.float64)
         self._busy = True
         try:
             self.filter.options = self._filter_options()
-            self.filter.value = "like"
+            self.filter.value, self.sort.value = "like", "similarity, nearest first"
+            self.status.value = "all"  # the chosen image may already be marked
         finally:
             self._busy = False
         self._controls_changed()
-        return f"images like {Path(path).name}"
+        return f"{len(near)} images like {Path(path).name}, nearest first"
 
     def export(self) -> str:
         """Write the selection (with marks) as CSV."""

@@ -33,12 +33,10 @@ Scores:
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -47,11 +45,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import inference
-from .images import content_hash, load_rgb
+from .images import content_hash, squished_pixels
 from .library import class_counts
 from .models import resolve_generation
 from .workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
@@ -108,14 +105,9 @@ class ImageFiles(torch.utils.data.Dataset):
             return blank, digest, f"{type(exc).__name__}: {exc}"
 
     def pixels(self, data: bytes) -> np.ndarray:
-        """Decode like training (EXIF upright, RGB) and squish-resize, as uint8 HWC."""
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; treat it as the bomb it is.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = load_rgb(io.BytesIO(data))
-        # The same calls as inference.to_tensor, stopping before the float conversion.
-        return np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BILINEAR),
-                          dtype=np.uint8).copy()
+        """Decode like training (EXIF upright, RGB) and squish-resize, as uint8 HWC
+        (the pixels of inference.to_tensor before the float conversion)."""
+        return squished_pixels(data, self.size)
 
 
 def normalise(batch: torch.Tensor, info: dict, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -111,3 +112,43 @@ def load_rgb(path: str | Path) -> Image.Image:
             # 16-bit greyscale: scale to 8 bits instead of clipping.
             img = img.point(lambda v: v / 256).convert("L")
         return img.convert("RGB")
+
+
+def squished_pixels(data: bytes, size: int) -> np.ndarray:
+    """A file's bytes -> upright RGB pixels squish-resized to `size`, as uint8 HWC.
+
+    Exactly ``np.asarray(load_rgb(file).resize((size, size), BILINEAR))``, the
+    pixels training and inference see. A plain JPEG (complete, RGB or greyscale,
+    no EXIF block, so no orientation to apply) is decoded by torchvision's
+    libjpeg-turbo call instead of Pillow's, which gives the same pixels in about
+    half the time (tests check the equality); anything else goes through Pillow.
+    Pillow still reads the header first, so a decompression bomb is refused
+    before any decoding.
+
+    Raises:
+        Image.DecompressionBombError: more than twice Pillow's MAX_IMAGE_PIXELS;
+            between once and twice, the warning is raised as an error too.
+        Exception: whatever the decoder raises for a broken or non-image file.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        if not _plain_jpeg(img, data):
+            img = load_rgb(io.BytesIO(data))
+            return np.array(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    import torch  # here: scanning and curation never need torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    hwc = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                      mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    if hwc.shape[:2] == (size, size):
+        return np.ascontiguousarray(hwc)
+    return np.array(Image.fromarray(hwc).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _plain_jpeg(img: Image.Image, data: bytes) -> bool:
+    """Whether `img` is a JPEG that torchvision decodes exactly as Pillow does: RGB or
+    greyscale (not CMYK), no EXIF (so upright), ending in its end-of-image marker
+    (a truncated file goes to Pillow, which refuses it)."""
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and "exif" not in img.info
+            and data.rstrip(b"\0").endswith(b"\xff\xd9"))

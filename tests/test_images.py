@@ -1,0 +1,64 @@
+"""Decoding: the fast JPEG path gives exactly Pillow's pixels, and refuses what Pillow refuses."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zoolib.images import load_rgb, squished_pixels
+
+
+def _pillow(data: bytes, size: int) -> np.ndarray:
+    """The reference: what training and inference.to_tensor see."""
+    return np.asarray(load_rgb(io.BytesIO(data)).resize((size, size), Image.BILINEAR))
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def photo():
+    """A smooth image with texture, so chroma subsampling and the IDCT matter."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:96, 0:128]
+    base = np.stack([x * 2, y * 2, (x + y)], axis=-1) + rng.normal(0, 20, (96, 128, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("kw", [{}, {"quality": 95, "subsampling": 0}, {"subsampling": 1},
+                                {"progressive": True}, {"quality": 30}])
+@pytest.mark.parametrize("size", [32, 96, 128, 57])
+def test_jpeg_fast_path_equals_pillow(photo, kw, size):
+    data = _jpeg(photo, **kw)
+    out = squished_pixels(data, size)
+    assert out.dtype == np.uint8 and out.shape == (size, size, 3)
+    assert np.array_equal(out, _pillow(data, size))
+
+
+def test_greyscale_cmyk_exif_and_png_equal_pillow(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = photo.transpose(Image.Transpose.ROTATE_90)
+    for data in (_jpeg(photo.convert("L")), _jpeg(photo.convert("CMYK")),
+                 _jpeg(turned, exif=exif), _png(photo.convert("RGBA"))):
+        assert np.array_equal(squished_pixels(data, 40), _pillow(data, 40))
+    # The EXIF-rotated file is shown upright: its pixels are close to the upright file's.
+    upright = squished_pixels(_jpeg(photo), 40).astype(int)
+    assert np.abs(squished_pixels(_jpeg(turned, exif=exif), 40) - upright).mean() < 8
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_truncated_jpeg_and_junk_are_errors(photo):
+    data = _jpeg(photo)
+    with pytest.raises(OSError, match="truncated"):
+        squished_pixels(data[: len(data) * 2 // 3], 32)
+    with pytest.raises(Exception, match="cannot identify"):
+        squished_pixels(b"not an image at all", 32)

@@ -100,7 +100,7 @@ def fastai_learner(ws, loaded: inference.Loaded, files: list[Path], batch_size: 
 def time_fastai(learn, files: list[Path]) -> float:
     """images/s of learn.get_preds over a test DataLoader of the files."""
     start = time.perf_counter()
-    dl = learn.dls.test_dl(pd.DataFrame({"file": [str(f) for f in files]}))
+    dl = learn.dls.test_dl([{"file": str(f)} for f in files])  # items as in training
     with learn.no_bar():
         probs, _ = learn.get_preds(dl=dl)
     seconds = time.perf_counter() - start

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoolib.images import load_rgb, squished_pixels
+from zoolib.images import load_rgb, plain_jpeg_size, squished_pixels
 
 
 def _pillow(data: bytes, size: int) -> np.ndarray:
@@ -33,6 +33,7 @@ def photo():
 @pytest.mark.parametrize("size", [32, 96, 128, 57])
 def test_jpeg_fast_path_equals_pillow(photo, kw, size):
     data = _jpeg(photo, **kw)
+    assert plain_jpeg_size(data) == photo.size  # the torchvision path is taken
     out = squished_pixels(data, size)
     assert out.dtype == np.uint8 and out.shape == (size, size, 3)
     assert np.array_equal(out, _pillow(data, size))
@@ -42,8 +43,11 @@ def test_greyscale_cmyk_exif_and_png_equal_pillow(photo):
     exif = Image.Exif()
     exif[0x0112] = 6
     turned = photo.transpose(Image.Transpose.ROTATE_90)
-    for data in (_jpeg(photo.convert("L")), _jpeg(photo.convert("CMYK")),
-                 _jpeg(turned, exif=exif), _png(photo.convert("RGBA"))):
+    grey, cmyk = _jpeg(photo.convert("L")), _jpeg(photo.convert("CMYK"))
+    rotated, png = _jpeg(turned, exif=exif), _png(photo.convert("RGBA"))
+    assert plain_jpeg_size(grey) == photo.size  # torchvision, greyscale made RGB
+    assert plain_jpeg_size(cmyk) is plain_jpeg_size(rotated) is plain_jpeg_size(png) is None
+    for data in (grey, cmyk, rotated, png):
         assert np.array_equal(squished_pixels(data, 40), _pillow(data, 40))
     # The EXIF-rotated file is shown upright: its pixels are close to the upright file's.
     upright = squished_pixels(_jpeg(photo), 40).astype(int)
@@ -62,3 +66,14 @@ def test_truncated_jpeg_and_junk_are_errors(photo):
         squished_pixels(data[: len(data) * 2 // 3], 32)
     with pytest.raises(Exception, match="cannot identify"):
         squished_pixels(b"not an image at all", 32)
+
+
+def test_bombs_are_refused_on_both_paths(photo, monkeypatch):
+    data = _jpeg(photo)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", photo.width * photo.height - 1)
+    assert plain_jpeg_size(data) is None  # too big for the fast path: Pillow decides
+    with pytest.raises(Image.DecompressionBombWarning):
+        squished_pixels(data, 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", photo.width * photo.height // 3)
+    with pytest.raises(Image.DecompressionBombError):
+        squished_pixels(data, 32)

@@ -34,8 +34,20 @@ def test_save_load_round_trip(demo_ws):
     assert info["classes"] == ["a", "b", "c"] and info["name"] == name
     for k, v in m.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # built on the meta device, then given the saved tensors
+        assert torch.equal(loaded(x), m.eval()(x))
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
     assert pd.read_csv(folder / "history.csv")["valid_loss"].tolist() == [1.0, 0.5]
     assert models.next_generation_name(demo_ws) == "gen-0002"
+
+
+def test_load_refuses_weights_that_do_not_fit(demo_ws):
+    name = models.save_generation(demo_ws, models.create_model("resnet18", 3), INFO)
+    models.update_info(demo_ws, name, classes=["a", "b", "c", "d"])
+    with pytest.raises(ZoolibError, match=r"weights.safetensors does not hold a resnet18 "
+                                          r"with 4 classes"):
+        models.load_generation(demo_ws, name)
 
 
 def test_save_is_atomic_under_a_crash(demo_ws, monkeypatch):

@@ -68,6 +68,10 @@ def test_pipeline_writes_report(rep, tmp_path):
     assert [g["met"] for g in m["goals"]].count(None) == 0 and len(m["goals"]) == 5
     summary = (out / "summary.md").read_text()
     assert "held-out class **deer**" in summary and "## Goals" in summary
+    # every missed goal (a 2-epoch smoke run misses some) says what would move it
+    missed = [g for g in m["goals"] if not g["met"]]
+    assert missed and summary.count("- **") == len(missed)
+    assert all(rep.LEVERS[g["key"]][:40] in summary for g in missed)
 
 
 def test_warm_vs_scratch_ratio(rep):

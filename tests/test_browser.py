@@ -121,7 +121,9 @@ def test_notebook_04_widget_in_jupyterlab(lab):
             assert before and len(before) <= 24
 
             # Pick a class that is not the first tile's, so the first page must change.
-            results = bulkid.load_results(ws_root, "gen-0001-inbox")
+            # The widget shows the inbox and the library's Unknown folder in one table.
+            results = bulkid.combine(*(bulkid.load_results(ws_root, run) for run in
+                                       ("gen-0001-inbox", "gen-0001-unknown")))
             first = before[0].split()[0]
             counts = results["pred"].value_counts()
             cls = next(c for c in counts.index if c != first)

@@ -10,9 +10,11 @@ How a run streams and resumes:
 - A torch DataLoader over the file list reads, hashes, decodes and resizes in
   worker processes while the main process runs the model, so memory holds a few
   batches whatever the inbox size. (On a small CPU-only machine the default is
-  to decode in the main process: there no core is idle to overlap with.) Workers hand over uint8 pixels (4x less to
-  copy than floats); normalisation happens per batch, on the model's device,
-  with the same float32 operations as `inference.to_tensor` (bit for bit).
+  to decode in the main process: there no core is idle to overlap with.) Plain
+  JPEGs are decoded by torchvision, the rest by Pillow, to the same pixels
+  (`images.squished_pixels`). Workers hand over uint8 pixels (4x less to copy
+  than floats); normalisation happens per batch, on the model's device, with
+  the same float32 operations as `inference.to_tensor` (bit for bit).
 - Finished rows are flushed every few seconds to `parts/part-NNNNN.parquet`
   (each written to a temporary name and renamed, so a part is whole or absent).
   At the end, or when the run is interrupted by an exception, results.parquet
@@ -249,11 +251,11 @@ def _default_workers(cuda: bool) -> int:
     """Decoding processes for a run.
 
     On a GPU, every spare core (CPU decoding is the bottleneck there). On a CPU
-    the model keeps every core busy and decoding is 5-15 % of its work, so
-    overlap gains little: with up to 4 cores decoding stays in the main process
-    (measured on 2 shared cores at 32 px: 0.94x of the bare forward with no
-    worker, 0.34x with one, which preempts the model's thread team); with more,
-    2 workers and the model gets the other cores (see `_predict`).
+    the model keeps every core busy, so overlap gains nothing: with up to 4 cores
+    decoding stays in the main process (measured on 2 cores at 32 px, decoding
+    and model only: 0.81-0.85x of the bare forward with no worker, 0.69-0.76x
+    with one, even at the idle scheduling class, as it preempts the model's
+    thread team); with more, 2 workers and the model gets the other cores.
     """
     try:
         cores = len(os.sched_getaffinity(0))

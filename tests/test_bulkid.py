@@ -341,8 +341,9 @@ def test_filed_unknown_and_combine(results):
     results.attrs["name"] = "gen-0001-inbox"
     both = bulkid.combine(results, unknown, unknown.iloc[:1])  # a repeated path counts once
     assert len(both) == len(results) + 3 and both["path"].is_unique
-    assert both.attrs == {"name": "gen-0001-inbox+gen-0001-unknown+gen-0001-unknown",
+    assert both.attrs == {"name": "gen-0001-inbox+gen-0001-unknown",
                           "generation": "gen-0001", "classes": CLASSES}
+    assert bulkid.combine(results, unknown.iloc[:0]).attrs["name"] == "gen-0001-inbox"
     # Readable Unknown rows only, the likeliest label first; the inbox rows are not.
     assert bulkid.filed_unknown(both)["rel"].tolist() == ["library/Unknown/u2.jpg",
                                                           "library/Unknown/u1.jpg"]

@@ -615,7 +615,7 @@ def combine(*tables: pd.DataFrame) -> pd.DataFrame:
     """Several results tables of one generation as one, a row per path (first wins).
 
     For one view over the inbox and the library's Unknown folder, say. `attrs` keeps
-    the generation and classes, and joins the run names with "+".
+    the generation and classes, and joins the names of the runs that have rows with "+".
 
     Raises:
         ZoolibError: no table given, or the tables come from different generations.
@@ -631,7 +631,9 @@ def combine(*tables: pd.DataFrame) -> pd.DataFrame:
     frame = pd.concat(tables, ignore_index=True).drop_duplicates("path", keep="first")
     frame = frame.reset_index(drop=True)
     first = tables[0].attrs
-    frame.attrs.update(name="+".join(str(t.attrs.get("name", "")) for t in tables),
+    names = dict.fromkeys(str(t.attrs.get("name", "")) for t in tables if len(t)) or \
+        {str(tables[0].attrs.get("name", "")): None}
+    frame.attrs.update(name="+".join(names),
                        generation=first.get("generation") or next(iter(gens), None),
                        classes=list(first.get("classes") or []))
     return frame

@@ -377,6 +377,7 @@ def summary_markdown(m: dict, curves: pd.DataFrame, enrich: pd.DataFrame,
     s, c = m["settings"], m["warm_vs_scratch"]
     reached = (f"at epoch {c['warm_epochs_to_scratch_best']}"
                if c["warm_epochs_to_scratch_best"] else "at no epoch of its budget")
+    missed = levers(m)
     return "\n".join([
         f"# Replication on CIFAR-10 animals: run `{m['run']}`", "",
         f"{s['arch']} at {s['size']} px from random weights; held-out class **{s['holdout']}**. "
@@ -388,7 +389,7 @@ def summary_markdown(m: dict, curves: pd.DataFrame, enrich: pd.DataFrame,
         "(used for nothing else). Total time "
         f"{m['seconds']['total'] / 60:.1f} min.", "",
         "## Goals", "", _table(pd.DataFrame(m["goals"]).drop(columns="key")), "",
-        *(["### What would move the missed goals", "", *levers(m), ""] if levers(m) else []),
+        *(["### What would move the missed goals", "", *missed, ""] if missed else []),
         "## Generation 1 (five classes, scratch)", "",
         f"{m['gen1']['epochs_run']} epochs (budget {s['epochs_gen1']}, lr {s['lr']}), plateau "
         f"(best valid loss) at epoch {m['gen1']['plateau_epoch']}, valid accuracy "

@@ -104,14 +104,11 @@ class ImageFiles(torch.utils.data.Dataset):
         if not data:
             return blank, digest, "empty file (0 bytes)"
         try:
-            return torch.from_numpy(self.pixels(data)), digest, ""
+            # Decoded like training (EXIF upright, RGB) and squish-resized: the pixels
+            # of inference.to_tensor before the float conversion.
+            return torch.from_numpy(squished_pixels(data, self.size)), digest, ""
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a row's error
             return blank, digest, f"{type(exc).__name__}: {exc}"
-
-    def pixels(self, data: bytes) -> np.ndarray:
-        """Decode like training (EXIF upright, RGB) and squish-resize, as uint8 HWC
-        (the pixels of inference.to_tensor before the float conversion)."""
-        return squished_pixels(data, self.size)
 
 
 def normalise(batch: torch.Tensor, info: dict, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -632,9 +629,8 @@ def combine(*tables: pd.DataFrame) -> pd.DataFrame:
     frame = frame.reset_index(drop=True)
     first = tables[0].attrs
     names = dict.fromkeys(str(t.attrs.get("name", "")) for t in tables if len(t)) or \
-        {str(tables[0].attrs.get("name", "")): None}
-    frame.attrs.update(name="+".join(names),
-                       generation=first.get("generation") or next(iter(gens), None),
+        {str(first.get("name", "")): None}
+    frame.attrs.update(name="+".join(names), generation=next(iter(gens), None),
                        classes=list(first.get("classes") or []))
     return frame
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoolib.images import load_rgb, plain_jpeg_size, squished_pixels
+from zoolib import images
+from zoolib.images import load_rgb, plain_jpeg_size, read_file, squished_pixels
 
 
 def _pillow(data: bytes, size: int) -> np.ndarray:
@@ -37,6 +38,45 @@ def test_jpeg_fast_path_equals_pillow(photo, kw, size):
     out = squished_pixels(data, size)
     assert out.dtype == np.uint8 and out.shape == (size, size, 3)
     assert np.array_equal(out, _pillow(data, size))
+
+
+def test_plain_jpegs_use_simplejpeg_and_fall_back_to_pillow(photo, monkeypatch):
+    real, calls = images.simplejpeg, []
+    assert real is not None  # installed with the package
+
+    class Counting:
+        @staticmethod
+        def decode_jpeg(data, **kw):
+            calls.append(data)
+            return real.decode_jpeg(data, **kw)
+    monkeypatch.setattr(images, "simplejpeg", Counting)
+    data = _jpeg(photo)
+    squished_pixels(data, 32)
+    squished_pixels(_png(photo), 32)
+    assert calls == [data]  # the JPEG went to simplejpeg, the PNG did not
+    # Corrupt scan data (complete file): libjpeg-turbo warns, Pillow decides.
+    start = data.index(b"\xff\xda") + 40
+    corrupt = data[:start] + b"\xff\xd0" * 8 + data[start + 16:]
+    assert plain_jpeg_size(corrupt) == photo.size
+    assert np.array_equal(squished_pixels(corrupt, 32), _pillow(corrupt, 32))
+    assert calls[-1] == corrupt
+    # Without simplejpeg: the same pixels from Pillow, no error.
+    monkeypatch.setattr(images, "simplejpeg", None)
+    assert np.array_equal(squished_pixels(data, 32), _pillow(data, 32))
+
+
+@pytest.mark.parametrize("size", [0, 1500, images._CHUNK - 1, images._CHUNK, images._CHUNK + 1,
+                                  3 * images._CHUNK + 7])
+def test_read_file_reads_every_byte(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f.bin").write_bytes(data)
+    assert read_file(tmp_path / "f.bin") == data
+    assert read_file(str(tmp_path / "f.bin")) == data
+
+
+def test_read_file_missing_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_file(tmp_path / "nope.jpg")
 
 
 def test_greyscale_cmyk_exif_and_png_equal_pillow(photo):

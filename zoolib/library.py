@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .images import content_hash, is_candidate, probe
+from .images import content_hash, is_candidate, probe, read_file
 from .workspace import UNKNOWN, Workspace, ZoolibError, class_folders, open_workspace
 
 SOURCES = ("real", "staged", "synthetic")
@@ -26,7 +26,7 @@ def _cache_path(ws: Workspace) -> Path:
 
 def _read_file(path: Path) -> bytes:
     """Read a file's bytes (one place, so tests can count what a scan opens)."""
-    return path.read_bytes()
+    return read_file(path)
 
 
 def _describe(ws: Workspace, path: Path, stat) -> dict:

@@ -7,6 +7,8 @@ import zlib
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -199,6 +201,45 @@ def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     out = bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
     assert len(out) == len(_inbox_files(ws)) and out["path"].is_unique
     assert len(pd.read_parquet(run_dir / "results.parquet")) == len(out)
+
+
+def test_embeddings_are_stored_as_float16_bytes(ws):
+    """The parquet column holds each row's float16 bytes; load_results gives arrays back."""
+    files = _inbox_files(ws)
+    out = bulkid.run(ws, files=files, num_workers=0, progress=False).set_index("path")
+    stored = pq.read_table(ws.bulkid / "gen-0001-files" / "results.parquet")
+    assert stored.schema.field("embedding").type == pa.binary()
+    for path, blob in zip(stored.column("path").to_pylist(),
+                          stored.column("embedding").to_pylist()):
+        emb = out.loc[path, "embedding"]
+        if out.loc[path, "error"]:
+            assert blob is None and emb is None
+        else:
+            assert len(blob) == 512 * 2 and emb.dtype == np.float16 and emb.shape == (512,)
+            assert np.array_equal(np.frombuffer(blob, dtype="<f2"), emb)
+    assert out["embedding"].isna().sum() == 2  # the truncated JPEG and the text file
+
+
+def test_tables_with_float16_lists_still_load_and_resume(ws):
+    """A run written before embeddings were bytes is read, resumed and merged."""
+    files = _inbox_files(ws)
+    first = bulkid.run(ws, files=files[:20], name="old", num_workers=0, progress=False)
+    target = ws.bulkid / "old" / "results.parquet"
+    table = pq.read_table(target)
+    lists = pa.array([None if e is None else e.tolist() for e in first["embedding"]],
+                     type=pa.list_(pa.float16()))
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding",
+                                    lists), target)
+    again = bulkid.load_results(ws, "old")
+    assert all(np.array_equal(a, b) for a, b in zip(again["embedding"], first["embedding"])
+               if a is not None)
+    out = bulkid.run(ws, files=files, name="old", num_workers=0, progress=False)
+    assert len(out) == len(files) and out["path"].is_unique
+    assert pq.read_schema(target).field("embedding").type == pa.binary()
+    by = out.set_index("path")
+    for path, emb in zip(first["path"], first["embedding"]):
+        assert (emb is None) == (by.loc[path, "embedding"] is None)
+        assert emb is None or np.array_equal(by.loc[path, "embedding"], emb)
 
 
 def test_identify_unknown(ws, truth):

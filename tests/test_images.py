@@ -65,6 +65,37 @@ def test_plain_jpegs_use_simplejpeg_and_fall_back_to_pillow(photo, monkeypatch):
     assert np.array_equal(squished_pixels(data, 32), _pillow(data, 32))
 
 
+_XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="%d"/></rdf:RDF></x:xmpmeta>')
+
+
+@pytest.mark.parametrize("orientation", range(1, 10))
+@pytest.mark.parametrize("where", ["exif", "xmp"])
+def test_orientation_from_exif_or_xmp_on_the_fast_path(photo, monkeypatch, orientation, where):
+    """Every orientation tag (9 is invalid: left as is) gives Pillow's upright pixels."""
+    real, calls = images.simplejpeg, []
+
+    class Counting:
+        @staticmethod
+        def decode_jpeg(data, **kw):
+            calls.append(data)
+            return real.decode_jpeg(data, **kw)
+    monkeypatch.setattr(images, "simplejpeg", Counting)
+    if where == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _jpeg(photo, exif=exif)
+    else:
+        data = _jpeg(photo, xmp=_XMP % orientation)
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == orientation
+    for size in (40, 96):
+        assert np.array_equal(squished_pixels(data, size), _pillow(data, size))
+    assert len(calls) == 2  # both decoded by simplejpeg
+    if orientation in (5, 6, 7, 8):  # a quarter turn: the upright image is tall
+        assert load_rgb(io.BytesIO(data)).size == photo.size[::-1]
+
+
 @pytest.mark.parametrize("size", [0, 1500, images._CHUNK - 1, images._CHUNK, images._CHUNK + 1,
                                   3 * images._CHUNK + 7])
 def test_read_file_reads_every_byte(tmp_path, size):
@@ -85,8 +116,9 @@ def test_greyscale_cmyk_exif_and_png_equal_pillow(photo):
     turned = photo.transpose(Image.Transpose.ROTATE_90)
     grey, cmyk = _jpeg(photo.convert("L")), _jpeg(photo.convert("CMYK"))
     rotated, png = _jpeg(turned, exif=exif), _png(photo.convert("RGBA"))
-    assert plain_jpeg_size(grey) == photo.size  # torchvision, greyscale made RGB
-    assert plain_jpeg_size(cmyk) is plain_jpeg_size(rotated) is plain_jpeg_size(png) is None
+    assert plain_jpeg_size(grey) == photo.size  # simplejpeg, greyscale made RGB
+    assert plain_jpeg_size(rotated) == turned.size  # simplejpeg, then turned upright
+    assert plain_jpeg_size(cmyk) is plain_jpeg_size(png) is None
     for data in (grey, cmyk, rotated, png):
         assert np.array_equal(squished_pixels(data, 40), _pillow(data, 40))
     # The EXIF-rotated file is shown upright: its pixels are close to the upright file's.

@@ -78,6 +78,7 @@ def test_scores_equal_the_inference_module(ws):
     ours = bulkid.normalise(torch.stack([ds[i][0] for i in range(len(ds))]), loaded.info)
     ref = torch.stack([inference.to_tensor(load_rgb(f), loaded.info) for f in files])
     assert ours.shape == (6, 3, 40, 40) and torch.equal(ours, ref)
+    assert ours.is_contiguous(memory_format=torch.channels_last)  # oneDNN's faster layout
 
     out = bulkid.run(ws, files=files, num_workers=0, progress=False).set_index("path")
     probs, feats = inference.forward(loaded, ref)

@@ -15,6 +15,13 @@ def test_forward_matches_the_model_and_sums_to_one(trained_ws):
     assert torch.allclose(probs.sum(1), torch.ones(4), atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(loaded.model(batch).softmax(1), probs, atol=1e-5)
+    # The model is fed channels-last memory on a CPU (oneDNN's faster layout).
+    seen = []
+    first_conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = first_conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    inference.forward(loaded, batch)
+    hook.remove()
+    assert batch.is_contiguous() and seen[0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_to_tensor_normalises_with_model_json():

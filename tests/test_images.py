@@ -40,7 +40,9 @@ def test_jpeg_fast_path_equals_pillow(photo, kw, size):
     assert np.array_equal(out, _pillow(data, size))
 
 
-def test_plain_jpegs_use_simplejpeg_and_fall_back_to_pillow(photo, monkeypatch):
+@pytest.fixture
+def decoded(monkeypatch):
+    """The files simplejpeg is asked to decode, in order (it still decodes them)."""
     real, calls = images.simplejpeg, []
     assert real is not None  # installed with the package
 
@@ -50,6 +52,11 @@ def test_plain_jpegs_use_simplejpeg_and_fall_back_to_pillow(photo, monkeypatch):
             calls.append(data)
             return real.decode_jpeg(data, **kw)
     monkeypatch.setattr(images, "simplejpeg", Counting)
+    return calls
+
+
+def test_plain_jpegs_use_simplejpeg_and_fall_back_to_pillow(photo, monkeypatch, decoded):
+    calls = decoded
     data = _jpeg(photo)
     squished_pixels(data, 32)
     squished_pixels(_png(photo), 32)
@@ -72,16 +79,8 @@ _XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.
 
 @pytest.mark.parametrize("orientation", range(1, 10))
 @pytest.mark.parametrize("where", ["exif", "xmp"])
-def test_orientation_from_exif_or_xmp_on_the_fast_path(photo, monkeypatch, orientation, where):
+def test_orientation_from_exif_or_xmp_on_the_fast_path(photo, decoded, orientation, where):
     """Every orientation tag (9 is invalid: left as is) gives Pillow's upright pixels."""
-    real, calls = images.simplejpeg, []
-
-    class Counting:
-        @staticmethod
-        def decode_jpeg(data, **kw):
-            calls.append(data)
-            return real.decode_jpeg(data, **kw)
-    monkeypatch.setattr(images, "simplejpeg", Counting)
     if where == "exif":
         exif = Image.Exif()
         exif[0x0112] = orientation
@@ -91,7 +90,7 @@ def test_orientation_from_exif_or_xmp_on_the_fast_path(photo, monkeypatch, orien
     assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == orientation
     for size in (40, 96):
         assert np.array_equal(squished_pixels(data, size), _pillow(data, size))
-    assert len(calls) == 2  # both decoded by simplejpeg
+    assert len(decoded) == 2  # both decoded by simplejpeg
     if orientation in (5, 6, 7, 8):  # a quarter turn: the upright image is tall
         assert load_rgb(io.BytesIO(data)).size == photo.size[::-1]
 

@@ -10,11 +10,13 @@ How a run streams and resumes:
 - A torch DataLoader over the file list reads, hashes, decodes and resizes in
   worker processes while the main process runs the model, so memory holds a few
   batches whatever the inbox size. (On a small CPU-only machine the default is
-  to decode in the main process: there no core is idle to overlap with.) Plain
-  JPEGs are decoded by simplejpeg, the rest by Pillow, to the same pixels
-  (`images.squished_pixels`). Workers hand over uint8 pixels (4x less to copy
-  than floats); normalisation happens per batch, on the model's device, with
-  the same float32 operations as `inference.to_tensor` (bit for bit).
+  to decode in the main process, a few batches at a time: there no core is
+  idle to overlap with.) Plain JPEGs are decoded by simplejpeg, the rest by
+  Pillow, to the same pixels (`images.squished_pixels`). Workers hand over
+  uint8 pixels (4x less to copy than floats); normalisation happens per batch,
+  on the model's device, with the same float32 operations as
+  `inference.to_tensor` (bit for bit), into channels-last memory, which the
+  model runs faster on.
 - Finished rows are flushed every few seconds to `parts/part-NNNNN.parquet`
   (each written to a temporary name and renamed, so a part is whole or absent).
   At the end, or when the run is interrupted by an exception, results.parquet

@@ -144,6 +144,16 @@ def test_workers_give_the_same_rows(ws):
     assert np.allclose(a["confidence"], b["confidence"], equal_nan=True, atol=1e-5)
 
 
+def test_batches_read_in_a_row_stay_within_the_memory_cap():
+    """Decoding in this process reads up to 4 batches at once, never over 64 MiB of pixels."""
+    assert bulkid._read_batches(64, 32) == 4 and bulkid._read_batches(64, 224) == 4
+    assert bulkid._read_batches(64, 299) == 3  # 3 x 64 x 299 x 299 x 3 bytes = 51 MiB
+    assert bulkid._read_batches(64, 512) == 1 and bulkid._read_batches(512, 1024) == 1
+    for batch, size in [(64, 32), (64, 299), (16, 600), (256, 224)]:
+        n = bulkid._read_batches(batch, size)
+        assert n == 1 or n * batch * size * size * 3 <= 64 << 20
+
+
 def test_parts_are_flushed_while_running(ws, monkeypatch):
     """Rows reach disk every few batches, not only at the end (memory stays flat)."""
     monkeypatch.setattr(bulkid, "FLUSH_ROWS", 16)

@@ -74,7 +74,8 @@ _META_KEY = b"zoolib.bulkid"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 FLUSH_SECONDS = 10.0  # at most this much finished work is lost by a hard kill
 FLUSH_ROWS = 4096  # ... or this many rows, whichever comes first
-_READ_BATCHES = 4  # model batches decoded in a row when decoding in this process
+_READ_BATCHES = 4  # model batches decoded in a row when decoding in this process ...
+_READ_BYTES = 64 << 20  # ... while their pixels take at most this much (or one batch)
 _EMBEDDING = np.dtype("<f2")  # float16, little-endian whatever the machine
 # Dictionary-encode only repetitive strings: trying it on embeddings doubles write time.
 _DICT_COLUMNS = ["pred", "generation", "error"]
@@ -288,7 +289,8 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
     # Decoding in this process: several model batches per read, so the decoder's
     # code and tables stay in cache from one image to the next instead of being
     # evicted by every forward pass (~4 of ~30 us per 32 px image).
-    per_read = batch_size * (_READ_BATCHES if workers == 0 else 1)
+    per_read = batch_size * (_read_batches(batch_size, loaded.info["img_size"])
+                             if workers == 0 else 1)
     loader = torch.utils.data.DataLoader(
         ImageFiles(todo, loaded.info["img_size"]), batch_size=per_read, shuffle=False,
         num_workers=workers, pin_memory=cuda, persistent_workers=False)
@@ -317,6 +319,11 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
         bar.close()
         writer.flush()
         _consolidate(run_dir)
+
+
+def _read_batches(batch_size: int, size: int) -> int:
+    """Model batches to decode in a row: up to _READ_BATCHES within _READ_BYTES of pixels."""
+    return max(1, min(_READ_BATCHES, _READ_BYTES // (batch_size * int(size) ** 2 * 3)))
 
 
 @torch.inference_mode()

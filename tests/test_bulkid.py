@@ -144,6 +144,30 @@ def test_workers_give_the_same_rows(ws):
     assert np.allclose(a["confidence"], b["confidence"], equal_nan=True, atol=1e-5)
 
 
+def test_rows_of_a_read_line_up_with_their_batches(ws):
+    """Scores of several batches (one all unreadable) land on the right rows."""
+    loaded = inference.load(ws, "gen-0001", device="cpu")
+
+    def scored(conf, top):
+        k = len(conf)
+        return {"ok": np.ones(k, dtype=bool),
+                "top_p": np.array([[c, 0.0] for c in conf], np.float32),
+                "top_i": np.array([[t, 0] for t in top]), "margin": np.array(conf),
+                "entropy": np.zeros(k), "ood": np.zeros(k), "emb": np.full((k, 2), conf[0])}
+    mixed = scored([0.7, 0.6], [1, 2])
+    mixed["ok"] = np.array([True, False, True])
+    batches = [{"ok": np.zeros(2, dtype=bool)}, scored([0.9], [3]), mixed]
+    errors = ["bad", "bad", "", "", "bad", ""]
+    table = bulkid._rows(ws, loaded, [f"/x/{i}" for i in range(6)], list("abcdef"), errors,
+                         batches).to_pandas()
+    assert table["pred"].fillna("-").tolist() == ["-", "-", CLASSES[3], CLASSES[1], "-",
+                                                  CLASSES[2]]
+    assert np.allclose(table["confidence"], [np.nan, np.nan, 0.9, 0.7, np.nan, 0.6],
+                       equal_nan=True)
+    assert table["embedding"].isna().tolist() == [True, True, False, False, True, False]
+    assert [len(t) for t in table["top5"]] == [0, 0, 2, 2, 0, 2]
+
+
 def test_batches_read_in_a_row_stay_within_the_memory_cap():
     """Decoding in this process reads up to 4 batches at once, never over 64 MiB of pixels."""
     assert bulkid._read_batches(64, 32) == 4 and bulkid._read_batches(64, 224) == 4
@@ -155,13 +179,14 @@ def test_batches_read_in_a_row_stay_within_the_memory_cap():
 
 
 def test_parts_are_flushed_while_running(ws, monkeypatch):
-    """Rows reach disk every few batches, not only at the end (memory stays flat)."""
+    """Rows reach disk every read of a few batches, not only at the end (memory stays flat)."""
     monkeypatch.setattr(bulkid, "FLUSH_ROWS", 16)
+    per_read = 8 * bulkid._read_batches(8, 40)  # rows join the table a read at a time
     parts_seen = []
     parts = ws.bulkid / "gen-0001-inbox" / "parts"
     out = bulkid.run(ws, batch_size=8, num_workers=0, progress=False,
                      on_batch=lambda done, total: parts_seen.append(len(list(parts.iterdir()))))
-    assert max(parts_seen) >= len(out) // 16 - 1 >= 5
+    assert per_read == 32 and max(parts_seen) >= len(out) // per_read - 1 >= 3
     assert not list(parts.iterdir()) and out["path"].is_unique
 
 
@@ -197,6 +222,7 @@ def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     """A killed process never merges: its parts are read as they are, and a crash
     between merging and removing parts leaves no duplicate row."""
     monkeypatch.setattr(bulkid, "FLUSH_ROWS", 16)
+    monkeypatch.setattr(bulkid, "_READ_BATCHES", 1)  # rows join the table batch by batch
     monkeypatch.setattr(bulkid, "_consolidate", lambda run_dir: None)  # as if killed
     with pytest.raises(Stop):
         bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(3))

@@ -302,19 +302,24 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
         torch.set_num_threads(max(1, threads - workers))
     bar = tqdm(total=len(todo), unit="img", desc=f"identifying with {loaded.name}",
                disable=not progress, smoothing=0.1)
-    start = 0
+    start, done, scored = 0, 0, []  # rows in the table, rows scored, their scores
     try:
         for pixels, hashes, errors in loader:
             for i in range(0, len(hashes), batch_size):
                 batch = slice(i, i + batch_size)
-                stop = start + len(hashes[batch])
-                writer.add(_batch_rows(ws, loaded, todo[start:stop], pixels[batch],
-                                       hashes[batch], errors[batch]))
-                bar.update(stop - start)
-                start = stop
+                scored.append(_score_batch(loaded, pixels[batch], errors[batch]))
+                done += len(hashes[batch])
+                bar.update(len(hashes[batch]))
                 if on_batch is not None:
-                    on_batch(start, len(todo))
+                    on_batch(done, len(todo))
+            # One table per read, not per model batch: Arrow's cost per call, paid
+            # cold after every forward pass, was ~10 us per 32 px image per batch.
+            writer.add(_rows(ws, loaded, todo[start:done], hashes, errors, scored))
+            start, scored = done, []
     finally:
+        if scored:  # batches scored before an interruption keep their rows
+            n = done - start
+            writer.add(_rows(ws, loaded, todo[start:done], hashes[:n], errors[:n], scored))
         torch.set_num_threads(threads)
         bar.close()
         writer.flush()
@@ -345,23 +350,31 @@ def _scores(loaded: inference.Loaded, x: torch.Tensor) -> dict[str, np.ndarray]:
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-def _batch_rows(ws: Workspace, loaded: inference.Loaded, paths: list[str],
-                pixels: torch.Tensor, hashes: list[str], errors: list[str]) -> pa.Table:
-    """One batch's rows as an Arrow table (errors keep their row, without a prediction)."""
+def _score_batch(loaded: inference.Loaded, pixels: torch.Tensor, errors: list[str]
+                 ) -> dict[str, np.ndarray]:
+    """`_scores` of a batch's readable images, with `ok` marking which rows they are."""
     ok = np.array([e == "" for e in errors], dtype=bool)
+    if not ok.any():
+        return {"ok": ok}
+    # Index only when needed: a fresh tensor would lose the pinned memory.
+    kept = pixels if ok.all() else pixels[torch.from_numpy(ok)]
+    return {"ok": ok, **_scores(loaded, normalise(kept, loaded.info, loaded.device))}
+
+
+def _rows(ws: Workspace, loaded: inference.Loaded, paths: list[str], hashes: list[str],
+          errors: list[str], scored: list[dict[str, np.ndarray]]) -> pa.Table:
+    """Consecutive batches' rows as one Arrow table (errors keep their row, no prediction)."""
+    ok = np.concatenate([b["ok"] for b in scored])
+    found = [b for b in scored if "top_i" in b]
+    s = {k: np.concatenate([b[k] for b in found]) for k in found[0]} if found else {}
     n, names = len(paths), pa.array(loaded.classes, type=pa.string())
-    top_i, top_p = np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
     conf, margin, entropy, ood = (np.full(n, np.nan) for _ in range(4))
-    emb = np.zeros((0, 0), dtype=_EMBEDDING)
-    if ok.any():
-        # Index only when needed: a fresh tensor would lose the pinned memory.
-        kept = pixels if ok.all() else pixels[torch.from_numpy(ok)]
-        s = _scores(loaded, normalise(kept, loaded.info, loaded.device))
-        top_i, top_p, emb, rows = s["top_i"], s["top_p"], s["emb"], np.flatnonzero(ok)
-        conf[rows], margin[rows] = top_p[:, 0], s["margin"]
-        entropy[rows], ood[rows] = s["entropy"], s["ood"]
+    top_i = s.get("top_i", np.zeros((0, 0), dtype=np.int64))
     best = np.zeros(n, dtype=np.int64)
-    best[ok] = top_i[:, 0] if top_i.size else 0
+    if s:
+        rows = np.flatnonzero(ok)
+        conf[rows], margin[rows] = s["top_p"][:, 0], s["margin"]
+        entropy[rows], ood[rows], best[rows] = s["entropy"], s["ood"], top_i[:, 0]
     root = str(ws.root) + os.sep
     # Class names are taken from the class list by index (Arrow's take), and lists
     # are built from flat arrays and offsets: no Python object per value.
@@ -369,8 +382,10 @@ def _batch_rows(ws: Workspace, loaded: inference.Loaded, paths: list[str],
         "path": paths, "rel": [p[len(root):] if p.startswith(root) else p for p in paths],
         "hash": list(hashes), "pred": names.take(pa.array(best, mask=~ok)), "confidence": conf,
         "top5": _lists(names.take(pa.array(top_i.ravel())), ok),
-        "top5_prob": _lists(pa.array(top_p.ravel(), type=pa.float32()), ok),
-        "margin": margin, "entropy": entropy, "ood": ood, "embedding": _blobs(emb, ok),
+        "top5_prob": _lists(pa.array(s.get("top_p", np.zeros(0)).ravel(), type=pa.float32()),
+                            ok),
+        "margin": margin, "entropy": entropy, "ood": ood,
+        "embedding": _blobs(s.get("emb", np.zeros((0, 0))), ok),
         "generation": pa.repeat(pa.scalar(loaded.name), n), "error": list(errors),
     }, schema=SCHEMA)
 

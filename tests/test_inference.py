@@ -11,7 +11,7 @@ def test_forward_matches_the_model_and_sums_to_one(trained_ws):
     batch = torch.stack([inference.to_tensor(images.load_rgb(f), loaded.info) for f in files])
     assert batch.shape == (4, 3, 32, 32)
     probs, emb = inference.forward(loaded, batch)
-    assert probs.shape == (4, len(loaded.classes)) and emb.shape == (4, 512)
+    assert probs.shape == (4, len(loaded.classes)) and emb.shape == (4, loaded.model.num_features)
     assert torch.allclose(probs.sum(1), torch.ones(4), atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(loaded.model(batch).softmax(1), probs, atol=1e-5)

@@ -56,7 +56,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import inference
-from .images import content_hash, read_file, squished_pixels
+from .images import RESAMPLE, content_hash, read_file, squished_pixels
 from .library import class_counts
 from .models import resolve_generation
 from .workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
@@ -94,10 +94,12 @@ class ImageFiles(torch.utils.data.Dataset):
     Args:
         paths: the files, in the order rows are produced.
         size: the square input size from model.json.
+        interpolation: the resize filter from model.json.
     """
 
-    def __init__(self, paths: list[str | Path], size: int):
+    def __init__(self, paths: list[str | Path], size: int, interpolation: str = "bilinear"):
         self.paths, self.size = [str(p) for p in paths], int(size)
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -113,7 +115,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             # Decoded like training (EXIF upright, RGB) and squish-resized: the pixels
             # of inference.to_tensor before the float conversion.
-            return torch.from_numpy(squished_pixels(data, self.size)), digest, ""
+            return torch.from_numpy(squished_pixels(data, self.size, self.interpolation)), digest, ""
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a row's error
             return self._blank(), digest, f"{type(exc).__name__}: {exc}"
 
@@ -216,9 +218,10 @@ def _check_preprocessing(loaded: inference.Loaded) -> None:
     """Refuse a model.json asking for preprocessing this engine does not do."""
     info = loaded.info
     resize, interp = info.get("resize", "squish"), info.get("interpolation", "bilinear")
-    if resize != "squish" or interp != "bilinear":
+    if resize != "squish" or interp not in RESAMPLE:
         raise ZoolibError(f"{loaded.name}/model.json asks for resize={resize!r}, "
-                          f"interpolation={interp!r}; bulk identification does squish/bilinear")
+                          f"interpolation={interp!r}; bulk identification does squish "
+                          f"with {', '.join(RESAMPLE)}")
 
 
 def _input_files(ws: Workspace, inbox: str | Path | None, files: list[Path] | None
@@ -292,7 +295,8 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
     per_read = batch_size * (_read_batches(batch_size, loaded.info["img_size"])
                              if workers == 0 else 1)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(todo, loaded.info["img_size"]), batch_size=per_read, shuffle=False,
+        ImageFiles(todo, loaded.info["img_size"], loaded.info.get("interpolation", "bilinear")),
+        batch_size=per_read, shuffle=False,
         num_workers=workers, pin_memory=cuda, persistent_workers=False)
     writer = _PartWriter(run_dir, _schema(loaded))
     threads = torch.get_num_threads()
@@ -654,11 +658,13 @@ def lookalikes(results: pd.DataFrame, cls: str, max_confidence: float,
                                & (rows["confidence"] < float(max_confidence))], ascending=True)
 
 
-_SCORES = {"confidence": True, "margin": True, "ood": False}  # column -> low is bad
+# The scores mass removal can sort by: column -> whether a low value is bad.
+MASS_REMOVAL_SCORES = {"confidence": True, "margin": True, "ood": False}
+DEFAULT_MASS_REMOVAL_SCORE = "confidence"
 
 
 def lowest_scores(results: pd.DataFrame, n: int | None = None, threshold: float | None = None,
-                  by: str = "confidence") -> pd.DataFrame:
+                  by: str = DEFAULT_MASS_REMOVAL_SCORE) -> pd.DataFrame:
     """The worst-scored rows, worst first, for mass removal.
 
     Args:
@@ -670,13 +676,13 @@ def lowest_scores(results: pd.DataFrame, n: int | None = None, threshold: float 
     Raises:
         ZoolibError: neither n nor threshold given, n negative, or an unknown `by`.
     """
-    if by not in _SCORES:
-        raise ZoolibError(f"by must be one of {', '.join(_SCORES)}, got {by!r}")
+    if by not in MASS_REMOVAL_SCORES:
+        raise ZoolibError(f"by must be one of {', '.join(MASS_REMOVAL_SCORES)}, got {by!r}")
     if n is None and threshold is None:
         raise ZoolibError("lowest_scores needs n (bottom N) or threshold (or both)")
     if n is not None and int(n) < 0:
         raise ZoolibError(f"n must be at least 0, got {n}")
-    low_is_bad = _SCORES[by]
+    low_is_bad = MASS_REMOVAL_SCORES[by]
     rows = _ok(results).sort_values([by, "rel"], ascending=[low_is_bad, True], kind="stable")
     if threshold is not None:
         rows = rows[rows[by] < threshold] if low_is_bad else rows[rows[by] > threshold]

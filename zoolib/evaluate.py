@@ -62,7 +62,8 @@ def frame_from_probs(labels, probs, classes: list[str], **columns) -> pd.DataFra
 
 
 def predict_rows(ws: Workspace, generation: str, rows: pd.DataFrame,
-                 batch_size: int = 64, loaded: inference.Loaded | None = None) -> pd.DataFrame:
+                 batch_size: int = 64, loaded: inference.Loaded | None = None,
+                 tta: bool = False) -> pd.DataFrame:
     """Predict manifest rows (path relative to the library, label) with a generation.
 
     Args:
@@ -71,6 +72,7 @@ def predict_rows(ws: Workspace, generation: str, rows: pd.DataFrame,
         rows: manifest rows; `source` is kept when present.
         batch_size: images per forward pass.
         loaded: an already loaded generation (skips loading).
+        tta: average the predictions of each image and its mirror image.
 
     Returns:
         A prediction frame (see `frame_from_probs`) with columns path and source.
@@ -81,7 +83,7 @@ def predict_rows(ws: Workspace, generation: str, rows: pd.DataFrame,
     for start in range(0, len(paths), batch_size):
         batch = torch.stack([inference.to_tensor(load_rgb(ws.library / p), loaded.info)
                              for p in paths[start:start + batch_size]])
-        probs.append(inference.forward(loaded, batch)[0].numpy())
+        probs.append(inference.forward(loaded, batch, tta=tta)[0].numpy())
     probs = np.concatenate(probs) if probs else np.zeros((0, len(loaded.classes)))
     source = rows["source"] if "source" in rows else ["real"] * len(rows)
     return frame_from_probs(rows["label"], probs, loaded.classes, path=paths, source=source)
@@ -288,7 +290,8 @@ class Evaluation:
 
 
 def evaluate(workspace, generation: str = "last", report_dir: str | Path | None = None,
-             top_losses: int = 16, n_bins: int = 10, save: bool = True) -> Evaluation:
+             top_losses: int = 16, n_bins: int = 10, save: bool = True,
+             tta: bool = False) -> Evaluation:
     """Evaluate a generation on its test split and on the benchmark set.
 
     Args:
@@ -298,16 +301,18 @@ def evaluate(workspace, generation: str = "last", report_dir: str | Path | None 
         top_losses: images in the top-losses grid.
         n_bins: confidence bins for calibration.
         save: merge the numbers into the generation's model.json.
+        tta: flip test-time augmentation (each image and its mirror, averaged).
 
     Returns:
-        The Evaluation; `metrics` holds {"test": ..., "benchmark": ...}.
+        The Evaluation; `metrics` holds {"test": ..., "benchmark": ..., "tta": bool}.
     """
     ws = open_workspace(workspace)
     loaded = inference.load(ws, generation)
     classes = loaded.classes
     manifest = library.scan(ws, progress=False)
-    test = predict_rows(ws, loaded.name, split_rows(ws, manifest, classes), loaded=loaded)
-    bench = predict_rows(ws, loaded.name, benchmark_rows(ws, manifest), loaded=loaded)
+    test = predict_rows(ws, loaded.name, split_rows(ws, manifest, classes), loaded=loaded,
+                        tta=tta)
+    bench = predict_rows(ws, loaded.name, benchmark_rows(ws, manifest), loaded=loaded, tta=tta)
     metrics = {"test": summarize(test, classes, n_bins), "benchmark": summarize(bench, classes, n_bins)}
     for part, frame in (("test", test), ("benchmark", bench)):
         metrics[part]["top_confusions"] = top_confusions(frame, classes).to_dict(orient="records")
@@ -321,6 +326,7 @@ def evaluate(workspace, generation: str = "last", report_dir: str | Path | None 
         plot_top_losses(_known(test, classes), ws.library, top_losses, out / "top_losses.png")
         plot_calibration(_known(test, classes), n_bins, out / "calibration.png")
         plt.close("all")
+    metrics["tta"] = bool(tta)
     if save:
         _save_to_model_json(ws, loaded.name, metrics)
     return Evaluation(loaded.name, models.read_info(ws, loaded.name), test, bench, metrics)

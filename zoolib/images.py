@@ -16,6 +16,9 @@ try:
 except ImportError:  # an environment without it only decodes JPEGs more slowly
     simplejpeg = None
 
+# Pillow's resize filters by the names model.json stores (timm's data-config names)
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR,
+            "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 _GRID = 32  # the perceptual hash looks at a 32x32 greyscale thumbnail
 # The 8 lowest-frequency rows of the (unnormalised) DCT-II on 32 samples: the hash
@@ -146,10 +149,26 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def squished_pixels(data: bytes, size: int) -> np.ndarray:
+def resample_filter(interpolation: str) -> int:
+    """The Pillow filter of an interpolation name ("bilinear", "bicubic", ...).
+
+    Raises:
+        ValueError: a name Pillow's resize has no filter for.
+    """
+    if interpolation not in RESAMPLE:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(RESAMPLE)}")
+    return RESAMPLE[interpolation]
+
+
+def squish(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
+    """An image squish-resized to size x size (aspect ratio not kept), as training does."""
+    return img.resize((size, size), resample_filter(interpolation))
+
+
+def squished_pixels(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """A file's bytes -> upright RGB pixels squish-resized to `size`, as uint8 HWC.
 
-    Exactly ``np.asarray(load_rgb(file).resize((size, size), BILINEAR))``, the
+    Exactly ``np.asarray(squish(load_rgb(file), size, interpolation))``, the
     pixels training and inference see. A plain JPEG (see `plain_jpeg_size`) is
     decoded by simplejpeg (libjpeg-turbo with Pillow's settings: accurate IDCT,
     smooth chroma upsampling) instead of Pillow, and turned upright by the EXIF or
@@ -173,7 +192,7 @@ def squished_pixels(data: bytes, size: int) -> np.ndarray:
             img = load_rgb(io.BytesIO(data))
     else:
         img = fast if isinstance(fast, Image.Image) else Image.fromarray(fast)
-    return np.array(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.array(squish(img, size, interpolation), dtype=np.uint8)
 
 
 # ImageOps.exif_transpose's table: EXIF orientation -> the transposition making it upright

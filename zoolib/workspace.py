@@ -5,6 +5,7 @@ workbench writes for a project lives inside it, never inside the repository.
 """
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -161,3 +162,30 @@ def check_class_name(name: str) -> str:
     if problems:
         raise ZoolibError(f"class name {name!r} is not a plain folder name: {', '.join(problems)}")
     return name
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write a whole file or nothing: a temporary sibling, then an atomic rename.
+
+    A crash mid-write leaves the old file (or none), never half a file. The
+    temporary name is unique per process, so two writers never share one.
+
+    Args:
+        path: the file to write.
+        data: text (written as UTF-8) or bytes.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

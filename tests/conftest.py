@@ -9,7 +9,7 @@ from zoolib.train import TrainConfig, train
 from zoolib.workspace import open_workspace
 
 # Tiny and fast: enough to exercise every code path, not to learn much.
-TINY = dict(arch="resnet18", img_size=32, epochs=2, batch_size=32, patience=2,
+TINY = dict(arch="zoo_cnn_small", img_size=32, epochs=2, batch_size=32, patience=2,
             num_workers=0, seed=0)
 
 

@@ -181,7 +181,7 @@ def test_evaluate_generation(trained_ws, tmp_path):
     info = models.read_info(trained_ws, "gen-0001")
     assert info["metrics"]["test_accuracy"] == ev.metrics["test"]["accuracy"]
     assert info["metrics"]["benchmark_accuracy"] == ev.metrics["benchmark"]["accuracy"]
-    assert info["metrics"]["plateau_epoch"] >= 1  # training metrics are kept
+    assert info["metrics"]["best_epoch"] >= 1  # training metrics are kept
     assert info["evaluation"]["test"]["images"] == len(known)
 
 

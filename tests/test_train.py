@@ -1,11 +1,16 @@
 import json
+from dataclasses import asdict
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from fastai.callback.core import Callback
+from fastai.learner import Recorder
 
-from zoolib import demo, models
+from PIL import Image
+
+from zoolib import demo, evaluate, models, workspace
 from zoolib.train import INPROGRESS, TrainConfig, train
 from zoolib.workspace import ZoolibError
 
@@ -16,29 +21,33 @@ def test_scratch_generation_saved_with_its_record(trained_ws, truth):
     info = models.read_info(trained_ws, "gen-0001")
     assert info["classes"] == sorted(c for c, n in truth["counts"].items() if n >= 40)
     assert info["init"] == "scratch" and info["parent"] is None
-    assert (info["arch"], info["img_size"], info["throwaway"]) == ("resnet18", 32, False)
+    assert (info["arch"], info["img_size"], info["throwaway"]) == ("zoo_cnn_small", 32, False)
+    assert (info["mean"], info["interpolation"]) == (list(models.IMAGENET_MEAN), "bilinear")
     hist = pd.read_csv(trained_ws.models / "gen-0001" / "history.csv")
     assert hist["epoch"].tolist() == [1, 2]
     assert set(hist.columns) >= {"train_loss", "valid_loss", "accuracy"}
-    m = info["metrics"]
-    assert m["plateau_epoch"] == int(hist["valid_loss"].idxmin()) + 1
-    assert m["best_valid_loss"] == pytest.approx(hist["valid_loss"].min())
+    m, sched = info["metrics"], info["schedule"]
+    assert m["best_epoch"] == sched["best_epoch"] >= sched["anneal_start"]
+    assert m["best_valid_loss"] == pytest.approx(hist["valid_loss"].iloc[m["best_epoch"] - 1])
+    assert sched["phase"] == "done" and sched["lr_max"] == [TINY.get("lr", 0.01)] * 2
     assert sum(info["split_counts"].values()) > 300 and info["split_counts"]["valid"] > 0
     assert not (trained_ws.models / INPROGRESS).exists()
 
 
 def test_warm_start_generation_after_adding_a_class(trained_ws):
     demo.add_class(trained_ws)
-    r = train(trained_ws, TrainConfig(**{**TINY, "epochs": 1}, init_from="last"), progress=False)
+    r = train(trained_ws, TrainConfig(**{**TINY, "epochs": 1}, init_from="last", freeze_epochs=0), progress=False)
     assert r.name == "gen-0002"
     assert r.info["parent"] == "gen-0001" and r.info["init"] == "warm"
     assert r.info["classes_added"] == ["giraffe"]
     assert "giraffe" in r.info["classes"] and len(r.info["classes"]) == 8
-    assert r.info["transferred_tensors"] > 100
+    parent, _ = models.load_generation(trained_ws, "gen-0001")
+    assert r.info["transferred_tensors"] == len(parent.state_dict()) - 2  # all but the head
 
 
 def test_throwaway_run_with_lower_cutoff(trained_ws):
-    cfg = TrainConfig(**{**TINY, "epochs": 1}, min_images=35, throwaway=True, init_from="last")
+    cfg = TrainConfig(**{**TINY, "epochs": 1}, min_images=35, throwaway=True, init_from="last",
+                      freeze_epochs=0)
     r = train(trained_ws, cfg, progress=False)
     assert r.info["throwaway"] is True and "okapi" in r.info["classes"]
     assert r.info["min_images"] == 35
@@ -61,23 +70,9 @@ class _InterruptAfter(Callback):
             raise _Stop("interrupted")
 
 
-def test_interrupted_run_resumes(demo_ws, capsys):
-    cfg = TrainConfig(**{**TINY, "epochs": 3, "patience": 5})
-    with pytest.raises(_Stop, match="interrupted"):
-        train(demo_ws, cfg, progress=False, extra_cbs=[_InterruptAfter(2)])
-    state = json.loads((demo_ws.models / INPROGRESS / "state.json").read_text())
-    assert state["epochs_done"] == 2 and len(state["history"]) == 2
-    assert models.generation_names(demo_ws) == []  # nothing half-saved
-    r = train(demo_ws, cfg, progress=False)
-    assert "resuming an interrupted run after epoch 2" in capsys.readouterr().out
-    assert r.history["epoch"].tolist() == [1, 2, 3]
-    assert r.history.iloc[:2].to_dict("records") == state["history"]
-    assert not (demo_ws.models / INPROGRESS).exists()
-
-
 class _ScriptedLoss(Callback):
-    """Replace the recorded validation loss with a script, before the trackers read it."""
-    order = 55
+    """Replace the recorded validation loss with a script, before the schedule reads it."""
+    order = Recorder.order + 0.5
 
     def __init__(self, losses):
         self.losses = losses
@@ -87,30 +82,146 @@ class _ScriptedLoss(Callback):
         vals[self.recorder.metric_names[1:].index("valid_loss")] = self.losses[self.epoch]
 
 
-def test_plateau_stop_records_the_epoch(demo_ws):
+def test_plateau_starts_the_anneal_and_records_the_epoch(demo_ws):
     cfg = TrainConfig(**{**TINY, "epochs": 6, "patience": 2})
     r = train(demo_ws, cfg, progress=False,
               extra_cbs=[_ScriptedLoss([1.0, 0.8, 0.9, 0.95, 0.5, 0.4])])
-    assert r.history["valid_loss"].tolist() == [1.0, 0.8, 0.9, 0.95]
-    assert r.info["metrics"]["plateau_epoch"] == 2
-    assert r.info["metrics"]["epochs_run"] == 4 and r.info["metrics"]["stopped_early"]
+    # best at 2, no better at 3 and 4: plateau; anneal ceil(0.25 * 4) = 1 epoch, then stop
+    assert r.history["valid_loss"].tolist() == [1.0, 0.8, 0.9, 0.95, 0.5]
+    m = r.info["metrics"]
+    assert (m["plateau_epoch"], m["anneal_start"], m["best_epoch"]) == (2, 5, 5)
+    assert m["epochs_run"] == 5 and m["stopped_early"]
 
 
-def test_best_epoch_weights_are_saved(demo_ws):
-    # the scripted best epoch is 1: the saved weights must be epoch 1's, not the last
-    saved = {}
+class _Grab(Callback):
+    """Keep the weights after every epoch: the average (what a run keeps) or the raw ones."""
+    order = 80  # before _InterruptAfter stops the run
 
-    class _Grab(Callback):
-        order = 95
+    def __init__(self, average: bool = True):
+        self.saved, self.average = {}, average
 
-        def after_epoch(self):
-            saved[self.epoch] = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+    def after_epoch(self):
+        model = self.learn.ema.average.module if self.average else self.learn.model
+        self.saved[self.epoch + 1] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    cfg = TrainConfig(**{**TINY, "epochs": 3, "patience": 5})
-    r = train(demo_ws, cfg, progress=False, extra_cbs=[_ScriptedLoss([0.1, 0.9, 0.9]), _Grab()])
+
+def test_the_best_annealed_epoch_is_kept_not_the_last(demo_ws):
+    grab = _Grab()
+    cfg = TrainConfig(**{**TINY, "epochs": 4, "patience": 5, "anneal_pct": 1.0})
+    # anneal over epochs 3-4 (budget); epoch 1's loss is lowest but never annealed
+    r = train(demo_ws, cfg, progress=False, extra_cbs=[_ScriptedLoss([0.1, 0.9, 0.3, 0.5]), grab])
+    assert r.info["metrics"]["best_epoch"] == 3
     model, _ = models.load_generation(demo_ws, r.name)
-    assert torch.equal(model.state_dict()["fc.weight"], saved[0]["fc.weight"])
-    assert not torch.equal(model.state_dict()["fc.weight"], saved[2]["fc.weight"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, grab.saved[3][k]), k
+    assert not torch.equal(model.state_dict()["head.weight"], grab.saved[4]["head.weight"])
+
+
+class _First(Callback):
+    """Weights (raw and averaged) and schedule progress when the first trained epoch begins."""
+    order = 96
+
+    def __init__(self):
+        self.raw = None
+
+    def before_train(self):
+        if self.raw is None:
+            self.raw = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+            self.average = {k: v.clone() for k, v in
+                        self.learn.ema.average.module.state_dict().items()}
+            self.progress = asdict(self.learn.plateau_schedule.state)
+
+
+def test_interrupted_run_resumes_the_same_run(demo_ws, capsys):
+    losses = [1.0, 0.8, 0.9, 0.95, 0.5, 0.4]
+    cfg = TrainConfig(**{**TINY, "epochs": 6, "patience": 2})
+    raw, avg = _Grab(average=False), _Grab()
+    with pytest.raises(_Stop, match="interrupted"):
+        train(demo_ws, cfg, progress=False,
+              extra_cbs=[_ScriptedLoss(losses), raw, avg, _InterruptAfter(3)])
+    state = json.loads((demo_ws.models / INPROGRESS / "state.json").read_text())
+    assert state["epochs_done"] == 3 and len(state["history"]) == 3
+    assert (state["schedule"]["best"], state["schedule"]["wait"]) == (0.8, 1)
+    assert models.generation_names(demo_ws) == []  # nothing half-saved
+    first = _First()
+    r = train(demo_ws, cfg, progress=False, extra_cbs=[_ScriptedLoss(losses), first])
+    assert "resuming an interrupted run after epoch 3" in capsys.readouterr().out
+    # the same run goes on: its weights, its average, its patience counter and best
+    for k, v in raw.saved[3].items():
+        assert torch.equal(first.raw[k], v), k
+    for k, v in avg.saved[3].items():
+        assert torch.equal(first.average[k], v), k
+    assert (first.progress["best"], first.progress["wait"]) == (0.8, 1)
+    # so the plateau test fires after epoch 4, as in an uninterrupted run
+    assert (r.info["metrics"]["plateau_epoch"], r.info["metrics"]["anneal_start"]) == (2, 5)
+    assert r.history["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert r.history.iloc[:3].to_dict("records") == state["history"]
+    assert not (demo_ws.models / INPROGRESS).exists()
+
+
+def test_a_crash_after_the_last_epoch_still_saves_the_kept_weights(demo_ws):
+    cfg = TrainConfig(**{**TINY, "epochs": 4, "patience": 5, "anneal_pct": 1.0})
+    grab = _Grab()
+    with pytest.raises(_Stop):
+        train(demo_ws, cfg, progress=False,
+              extra_cbs=[_ScriptedLoss([0.1, 0.9, 0.3, 0.5]), grab, _InterruptAfter(4)])
+    assert models.generation_names(demo_ws) == []
+    r = train(demo_ws, cfg, progress=False)  # nothing left to train: it only saves
+    assert r.info["metrics"]["best_epoch"] == 3 and len(r.history) == 4
+    model, _ = models.load_generation(demo_ws, r.name)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, grab.saved[3][k]), k
+    assert not torch.equal(model.state_dict()["head.weight"], grab.saved[4]["head.weight"])
+
+
+class _FrozenCheck(Callback):
+    """The head before training, all weights after epoch 1, the lrs of epoch 2's first batch."""
+    order = 96
+
+    def before_fit(self):
+        self.head0 = {k: v.clone() for k, v in self.learn.model.get_classifier().state_dict().items()}
+
+    def after_epoch(self):
+        if self.epoch == 0:
+            self.after_first = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+
+    def before_batch(self):
+        if self.training and self.epoch == 1 and self.iter == 0:
+            self.lrs = [h["lr"] for h in self.opt.hypers]
+
+
+def test_a_frozen_warm_epoch_trains_the_head_alone(trained_ws):
+    demo.add_class(trained_ws)
+    parent, _ = models.load_generation(trained_ws, "gen-0001")
+    check = _FrozenCheck()
+    cfg = TrainConfig(**{**TINY, "epochs": 2}, init_from="last", freeze_epochs=1, lr_mult=10.0)
+    r = train(trained_ws, cfg, progress=False, extra_cbs=[check])
+    body = [k for k in parent.state_dict() if not k.startswith("head.")]
+    assert len(body) > 20
+    for k in body:  # weights and batch-norm statistics alike
+        assert torch.equal(check.after_first[k], parent.state_dict()[k]), k
+    assert not torch.equal(check.after_first["head.weight"], check.head0["weight"])
+    body_lr, head_lr = check.lrs  # two parameter groups with distinct rates
+    assert body_lr == pytest.approx(head_lr / 10) and body_lr != head_lr
+    assert r.info["schedule"]["freeze_epochs"] == 1
+    assert r.info["schedule"]["lr_max"] == [pytest.approx(cfg.lr_warm / 10), cfg.lr_warm]
+    model, _ = models.load_generation(trained_ws, r.name)
+    assert any(not torch.equal(model.state_dict()[k], parent.state_dict()[k]) for k in body)
+
+
+def test_training_learns_a_separable_set(tmp_path):
+    ws = workspace.create(tmp_path / "ws")
+    rng = np.random.default_rng(0)
+    for cls, colour in {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}.items():
+        (ws.library / cls).mkdir(parents=True)
+        for i in range(60):
+            px = np.clip(np.array(colour) + rng.normal(0, 50, (32, 32, 3)), 0, 255)
+            Image.fromarray(px.astype(np.uint8)).save(ws.library / cls / f"{i:02d}.png")
+    r = train(ws, TrainConfig(**{**TINY, "epochs": 4}), progress=False)
+    assert r.info["metrics"]["valid_accuracy"] >= 0.9  # chance is 1/3
+    rows = r.splits[r.splits["split"].isin(["test", "benchmark"])]
+    frame = evaluate.predict_rows(ws, r.name, rows)
+    assert len(frame) >= 20 and (frame["pred"] == frame["label"]).mean() >= 0.9
 
 
 @pytest.mark.parametrize("cfg,match", [
@@ -126,8 +237,8 @@ def test_bad_settings_are_named(demo_ws, cfg, match):
 
 
 def test_init_from_other_architecture(trained_ws):
-    with pytest.raises(ZoolibError, match="cannot warm-start a resnet34 from gen-0001"):
-        train(trained_ws, TrainConfig(**{**TINY, "arch": "resnet34"}, init_from="gen-0001"),
+    with pytest.raises(ZoolibError, match="cannot warm-start a zoo_cnn from gen-0001"):
+        train(trained_ws, TrainConfig(**{**TINY, "arch": "zoo_cnn"}, init_from="gen-0001"),
               progress=False)
 
 

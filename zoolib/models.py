@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import archs  # noqa: F401 - registers zoo_cnn* in timm's registry before any lookup
 from .workspace import Workspace, ZoolibError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +50,27 @@ def create_model(arch: str, num_classes: int, pretrained: bool = False) -> torch
     return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
 
 
+def preprocessing(model: torch.nn.Module, pretrained: bool) -> dict:
+    """Input normalisation and resize interpolation a new model should train with.
+
+    A pretrained model must see its inputs as its weights were trained on, so its
+    timm data config decides (inception_v4: mean and std 0.5, bicubic). A model
+    from random weights keeps the ImageNet statistics and bilinear resizing, the
+    cheapest Pillow filter; any statistics work when the body learns them anyway.
+
+    Returns:
+        {"mean": [r, g, b], "std": [r, g, b], "interpolation": name}, for model.json.
+    """
+    if not pretrained:
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "interpolation": "bilinear"}
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+            "interpolation": str(cfg["interpolation"])}
+
+
 def classifier_keys(model: torch.nn.Module) -> list[str]:
     """state_dict keys of the model's output layer (as timm names it)."""
     head = model.get_classifier()
@@ -56,6 +78,17 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
     if not prefixes:
         raise ZoolibError(f"cannot find the output layer of {type(model).__name__}")
     return [k for k in model.state_dict() if k.startswith(prefixes[0] + ".")]
+
+
+def body_head_split(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """fastai parameter groups: the body, then the output layer (`get_classifier`).
+
+    Built from timm's own head lookup, so it fits every timm model; with it
+    fastai's `freeze`, `unfreeze`, `lr_max=slice(...)` and `fine_tune` work.
+    """
+    head = {id(p) for p in model.get_classifier().parameters()}
+    params = list(model.parameters())
+    return [[p for p in params if id(p) not in head], [p for p in params if id(p) in head]]
 
 
 def generation_names(ws: Workspace) -> list[str]:

@@ -36,16 +36,31 @@ def class_counts(table: pd.DataFrame, min_images: int, path: str | Path | None =
 
 
 def history(hist: pd.DataFrame, title: str = "", path: str | Path | None = None,
-            plateau_epoch: int | None = None):
-    """Loss and accuracy per epoch of a training run."""
+            plateau_epoch: int | None = None, anneal_start: int | None = None,
+            best_epoch: int | None = None):
+    """Loss and accuracy per epoch of a training run, with its schedule marked.
+
+    Args:
+        hist: history.csv's rows (epoch, train_loss, valid_loss, accuracy).
+        plateau_epoch: drawn as a dotted line (where validation stopped improving).
+        anneal_start: the annealed epochs are shaded.
+        best_epoch: the kept epoch, drawn as a star on the accuracy curve.
+    """
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax1.plot(hist["epoch"], hist["train_loss"], "o-", label="train")
     ax1.plot(hist["epoch"], hist["valid_loss"], "o-", label="valid")
-    ax1.set_xlabel("epoch"); ax1.set_ylabel("loss"); ax1.legend()
+    ax1.set_xlabel("epoch"); ax1.set_ylabel("loss")
     ax2.plot(hist["epoch"], hist["accuracy"], "o-", color="tab:green")
     ax2.set_xlabel("epoch"); ax2.set_ylabel("valid accuracy"); ax2.set_ylim(0, 1)
     for ax in (ax1, ax2):
         if plateau_epoch:
             ax.axvline(plateau_epoch, color="gray", ls=":", label="plateau")
+        if anneal_start:
+            ax.axvspan(anneal_start - 0.5, hist["epoch"].max() + 0.5, color="tab:blue",
+                       alpha=0.08, label="anneal")
+    if best_epoch:
+        ax2.plot([best_epoch], [hist["accuracy"].iloc[best_epoch - 1]], "*", ms=14,
+                 color="tab:red", label="kept")
+    ax1.legend(); ax2.legend(loc="lower right")
     fig.suptitle(title)
     return _finish(fig, path)

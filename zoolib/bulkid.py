@@ -33,6 +33,9 @@ Scores:
   more out-of-distribution. Unlike ``1 - confidence`` it keeps the logits' scale,
   which falls for inputs unlike anything seen in training (junk, new species),
   even when the softmax happens to be peaked.
+- knn: 1 - cosine similarity to the 50th nearest training image of the generation
+  (Sun et al. 2022; zoolib/neighbours.py). Higher means farther from everything the
+  model was trained on; NaN in runs made with `knn=False`.
 - embedding: the pre-logit features (float16), for "more like this". The parquet
   file stores each row's as one binary value (the little-endian float16 bytes):
   pyarrow reads and writes a float16 list value by value, ~10x slower, which
@@ -55,19 +58,20 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from . import inference
+from . import inference, neighbours
 from .images import RESAMPLE, content_hash, read_file, squished_pixels
 from .library import class_counts
 from .models import resolve_generation
 from .workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
 
 RESULT_COLUMNS = ["path", "rel", "hash", "pred", "confidence", "top5", "top5_prob", "margin",
-                  "entropy", "ood", "embedding", "generation", "error"]
+                  "entropy", "ood", "knn", "embedding", "generation", "error"]
 SCHEMA = pa.schema([
     ("path", pa.string()), ("rel", pa.string()), ("hash", pa.string()), ("pred", pa.string()),
     ("confidence", pa.float64()), ("top5", pa.list_(pa.string())),
     ("top5_prob", pa.list_(pa.float32())), ("margin", pa.float64()),
-    ("entropy", pa.float64()), ("ood", pa.float64()), ("embedding", pa.binary()),
+    ("entropy", pa.float64()), ("ood", pa.float64()), ("knn", pa.float64()),
+    ("embedding", pa.binary()),
     ("generation", pa.string()), ("error", pa.string()),
 ])
 _META_KEY = b"zoolib.bulkid"
@@ -153,8 +157,8 @@ def list_files(folder: Path) -> list[Path]:
 def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         name: str | None = None, batch_size: int = 64, num_workers: int | None = None,
         progress: bool = True, files: list[Path] | None = None,
-        on_batch: Callable[[int, int], None] | None = None, device: str | None = None
-        ) -> pd.DataFrame:
+        on_batch: Callable[[int, int], None] | None = None, device: str | None = None,
+        knn: bool = True) -> pd.DataFrame:
     """Predict every file under an inbox folder into `bulkid/<name>/results.parquet`.
 
     Args:
@@ -172,6 +176,9 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
             a widget can show progress with it (an exception raised there stops the
             run after saving what is done).
         device: "cpu", "cuda", ...; None = a GPU if there is one.
+        knn: score each image by its distance to the generation's training images
+            (the `knn` column; see zoolib/neighbours.py). The first run of a
+            generation embeds its training images once (cached).
 
     Returns:
         The whole results table of the run (rows of earlier calls included), with
@@ -192,7 +199,9 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     done = set(_read_table(run_dir).column("path").to_pylist())
     todo = [p for p in paths if p not in done]
     if todo:
-        _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress, on_batch)
+        ref = neighbours.reference(ws, loaded) if knn else None
+        _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress, on_batch,
+                 ref)
     return load_results(ws, name)
 
 
@@ -285,7 +294,7 @@ def _default_workers(cuda: bool) -> int:
 
 def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[str],
              batch_size: int, num_workers: int | None, progress: bool,
-             on_batch: Callable[[int, int], None] | None) -> None:
+             on_batch: Callable[[int, int], None] | None, ref: torch.Tensor | None) -> None:
     """Stream `todo` through the model, flushing parts; always leaves a merged table."""
     cuda = loaded.device.type == "cuda"
     workers = _default_workers(cuda) if num_workers is None else int(num_workers)
@@ -311,7 +320,7 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
         for pixels, hashes, errors in loader:
             for i in range(0, len(hashes), batch_size):
                 batch = slice(i, i + batch_size)
-                scored.append(_score_batch(loaded, pixels[batch], errors[batch]))
+                scored.append(_score_batch(loaded, pixels[batch], errors[batch], ref))
                 done += len(hashes[batch])
                 bar.update(len(hashes[batch]))
                 if on_batch is not None:
@@ -336,8 +345,9 @@ def _read_batches(batch_size: int, size: int) -> int:
 
 
 @torch.inference_mode()
-def _scores(loaded: inference.Loaded, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Probabilities, top-5, margin, entropy, energy and embeddings of a batch.
+def _scores(loaded: inference.Loaded, x: torch.Tensor, ref: torch.Tensor | None = None
+            ) -> dict[str, np.ndarray]:
+    """Probabilities, top-5, margin, entropy, energy, kNN distance and embeddings of a batch.
 
     The same calls as `inference.forward`, but keeping the logits (the energy
     score needs them) and computing every score on the model's device, so a
@@ -351,18 +361,20 @@ def _scores(loaded: inference.Loaded, x: torch.Tensor) -> dict[str, np.ndarray]:
     out = {"top_p": top_p, "top_i": top_i, "margin": top_p[:, 0] - top_p[:, 1],
            "entropy": -(probs * probs.clamp_min(1e-12).log()).sum(dim=1),
            "ood": -torch.logsumexp(logits, dim=1), "emb": feats.to(torch.float16)}
+    if ref is not None:
+        out["knn"] = neighbours.kth_distance(ref, feats)
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-def _score_batch(loaded: inference.Loaded, pixels: torch.Tensor, errors: list[str]
-                 ) -> dict[str, np.ndarray]:
+def _score_batch(loaded: inference.Loaded, pixels: torch.Tensor, errors: list[str],
+                 ref: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """`_scores` of a batch's readable images, with `ok` marking which rows they are."""
     ok = np.array([e == "" for e in errors], dtype=bool)
     if not ok.any():
         return {"ok": ok}
     # Index only when needed: a fresh tensor would lose the pinned memory.
     kept = pixels if ok.all() else pixels[torch.from_numpy(ok)]
-    return {"ok": ok, **_scores(loaded, normalise(kept, loaded.info, loaded.device))}
+    return {"ok": ok, **_scores(loaded, normalise(kept, loaded.info, loaded.device), ref)}
 
 
 def _rows(ws: Workspace, loaded: inference.Loaded, paths: list[str], hashes: list[str],
@@ -372,13 +384,15 @@ def _rows(ws: Workspace, loaded: inference.Loaded, paths: list[str], hashes: lis
     found = [b for b in scored if "top_i" in b]
     s = {k: np.concatenate([b[k] for b in found]) for k in found[0]} if found else {}
     n, names = len(paths), pa.array(loaded.classes, type=pa.string())
-    conf, margin, entropy, ood = (np.full(n, np.nan) for _ in range(4))
+    conf, margin, entropy, ood, knn = (np.full(n, np.nan) for _ in range(5))
     top_i = s.get("top_i", np.zeros((0, 0), dtype=np.int64))
     best = np.zeros(n, dtype=np.int64)
     if s:
         rows = np.flatnonzero(ok)
         conf[rows], margin[rows] = s["top_p"][:, 0], s["margin"]
         entropy[rows], ood[rows], best[rows] = s["entropy"], s["ood"], top_i[:, 0]
+        if "knn" in s:
+            knn[rows] = s["knn"]
     root = str(ws.root) + os.sep
     # Class names are taken from the class list by index (Arrow's take), and lists
     # are built from flat arrays and offsets: no Python object per value.
@@ -388,7 +402,7 @@ def _rows(ws: Workspace, loaded: inference.Loaded, paths: list[str], hashes: lis
         "top5": _lists(names.take(pa.array(top_i.ravel())), ok),
         "top5_prob": _lists(pa.array(s.get("top_p", np.zeros(0)).ravel(), type=pa.float32()),
                             ok),
-        "margin": margin, "entropy": entropy, "ood": ood,
+        "margin": margin, "entropy": entropy, "ood": ood, "knn": knn,
         "embedding": _blobs(s.get("emb", np.zeros((0, 0))), ok),
         "generation": pa.repeat(pa.scalar(loaded.name), n), "error": list(errors),
     }, schema=SCHEMA)
@@ -430,7 +444,11 @@ def _float16_rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
 
 
 def _upgrade(table: pa.Table) -> pa.Table:
-    """A table written before embeddings were stored as bytes (float16 lists), converted."""
+    """A table of an older layout brought to SCHEMA: a `knn` column (null) added where
+    it is missing; embeddings stored as float16 lists converted to bytes."""
+    if "knn" not in table.schema.names:
+        at = table.schema.get_field_index("ood") + 1
+        table = table.add_column(at, "knn", pa.nulls(table.num_rows, type=pa.float64()))
     i = table.schema.get_field_index("embedding")
     if not pa.types.is_list(table.schema.field(i).type):
         return table
@@ -659,7 +677,7 @@ def lookalikes(results: pd.DataFrame, cls: str, max_confidence: float,
 
 
 # The scores mass removal can sort by: column -> whether a low value is bad.
-MASS_REMOVAL_SCORES = {"confidence": True, "margin": True, "ood": False}
+MASS_REMOVAL_SCORES = {"confidence": True, "margin": True, "ood": False, "knn": False}
 DEFAULT_MASS_REMOVAL_SCORE = "confidence"
 
 
@@ -670,8 +688,11 @@ def lowest_scores(results: pd.DataFrame, n: int | None = None, threshold: float 
     Args:
         results: a results table.
         n: keep at most this many rows (the bottom n).
-        threshold: keep rows scoring below it (above it for by="ood").
-        by: "confidence", "margin" (low is bad) or "ood" (high is bad).
+        threshold: keep rows scoring below it (above it for "ood" and "knn").
+        by: "confidence", "margin" (low is bad), "ood" or "knn" (high is bad);
+            the default is the score that separated junk from animals best in the
+            CIFAR replication (bench/replicate.py). Rows with no value for it (a
+            run made with knn=False) come last.
 
     Raises:
         ZoolibError: neither n nor threshold given, n negative, or an unknown `by`.

@@ -25,6 +25,7 @@ from .workspace import Workspace, ZoolibError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GEN = re.compile(r"^gen-(\d{4,})$")
+SPLITS_FILE = "splits.parquet"  # a generation's own train/valid/test/benchmark rows
 
 
 def create_model(arch: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
@@ -160,7 +161,8 @@ def load_generation(ws: Workspace, name: str) -> tuple[torch.nn.Module, dict]:
 
 
 def save_generation(ws: Workspace, model: torch.nn.Module, info: dict,
-                    history: pd.DataFrame | None = None, name: str | None = None) -> str:
+                    history: pd.DataFrame | None = None, name: str | None = None,
+                    splits: pd.DataFrame | None = None) -> str:
     """Write a generation atomically and return its name.
 
     Args:
@@ -170,6 +172,8 @@ def save_generation(ws: Workspace, model: torch.nn.Module, info: dict,
             `name` and `saved_at` are added.
         history: per-epoch metrics for history.csv.
         name: generation name; the next free one when None.
+        splits: the rows the generation was trained and evaluated with (hash, path,
+            label, split), saved as splits.parquet.
 
     Raises:
         ZoolibError: the generation already exists or `info` lacks required keys.
@@ -190,11 +194,20 @@ def save_generation(ws: Workspace, model: torch.nn.Module, info: dict,
         (tmp / "model.json").write_text(json.dumps(info, indent=2, default=str))
         (history if history is not None else pd.DataFrame()).to_csv(tmp / "history.csv",
                                                                      index=False)
+        if splits is not None:
+            splits.to_parquet(tmp / SPLITS_FILE, index=False)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return name
+
+
+def read_splits(ws: Workspace, name: str) -> pd.DataFrame | None:
+    """The rows a generation was trained with (hash, path, label, split), or None for a
+    generation saved before splits were kept."""
+    path = ws.models / name / SPLITS_FILE
+    return pd.read_parquet(path) if path.exists() else None
 
 
 def update_info(ws: Workspace, name: str, **fields) -> dict:

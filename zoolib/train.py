@@ -442,6 +442,7 @@ def _finish(model: torch.nn.Module, run: dict, run_dir: Path) -> TrainResult:
         },
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
-    name = models.save_generation(ws, model, info, hist)
+    name = models.save_generation(ws, model, info, hist,
+                                  splits=data[["hash", "path", "label", "split"]])
     shutil.rmtree(run_dir, ignore_errors=True)
     return TrainResult(name=name, info=models.read_info(ws, name), history=hist, splits=data)

@@ -30,6 +30,7 @@ SORTS = {"confidence, low first": ("confidence", True),
          "confidence, high first": ("confidence", False),
          "margin, low first": ("margin", True), "entropy, high first": ("entropy", False),
          "out-of-distribution, high first": ("ood", False),
+         "far from the library, high first": ("knn", False),
          "predicted class": ("pred", True), "path": ("rel", True),
          # Filled by "more like this" (the chosen image first, at 1.0); empty otherwise.
          "similarity, nearest first": ("similarity", False)}

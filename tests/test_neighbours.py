@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+import torch
+
+from zoolib import bulkid, inference, models, neighbours
+
+
+def test_kth_distance_is_one_minus_the_kth_cosine_similarity():
+    ref = neighbours.unit(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    q = torch.tensor([[2.0, 0.0], [0.0, -3.0]])
+    assert torch.allclose(neighbours.kth_distance(ref, q, k=1), torch.tensor([0.0, 1.0]))
+    # second nearest of (1, 0) is (1, 1): cosine 0.7071
+    assert neighbours.kth_distance(ref, q, k=2)[0] == pytest.approx(1 - 2 ** -0.5, abs=1e-6)
+    assert neighbours.kth_distance(ref, q, k=50)[0] == pytest.approx(1.0)  # k clipped to 3
+    assert torch.isnan(neighbours.kth_distance(ref[:0], q)).all()
+
+
+def test_reference_is_the_generations_train_split_cached(trained_ws):
+    loaded = inference.load(trained_ws, "gen-0001")
+    saved = models.read_splits(trained_ws, "gen-0001")
+    ref = neighbours.reference(trained_ws, loaded)
+    assert len(ref) == (saved["split"] == "train").sum() > 100
+    assert torch.allclose(ref.norm(dim=1), torch.ones(len(ref)), atol=1e-2)
+    cache = trained_ws.models / "gen-0001" / neighbours.CACHE
+    assert cache.exists()
+    assert torch.equal(neighbours.reference(trained_ws, loaded), ref)  # read back, not redone
+
+
+def test_bulk_identification_scores_distance_to_the_library(trained_ws):
+    results = bulkid.run(trained_ws, "gen-0001", progress=False)
+    ok = results[results["error"] == ""]
+    assert ok["knn"].between(0, 2).all() and ok["knn"].std() > 0
+    worst = bulkid.lowest_scores(results, n=5, by="knn")
+    assert worst["knn"].tolist() == sorted(ok["knn"], reverse=True)[:5]
+    off = bulkid.run(trained_ws, "gen-0001", name="no-knn", knn=False, progress=False)
+    assert off["knn"].isna().all()
+    assert np.allclose(off["confidence"], results["confidence"], equal_nan=True)

@@ -11,9 +11,16 @@ fastai has the rest of the recipe (label smoothing, `ChannelsLast`, `to_fp16`,
   CPU tensors; on AVX512-BF16 cores convolutions run about twice as fast.
 - `Checkpoint` / `SkipDone`: save everything after each epoch and skip the done
   epochs on resume.
+- `ReleaseMemory`: hand freed heap back to the OS after each epoch. Measured on
+  CIFAR: resident memory grew by 25-40 MB every epoch with glibc keeping freed
+  small blocks (per-batch images, tensors of a few sizes); with `malloc_trim`
+  after each epoch it stayed flat (1043-1044 MB over 6 epochs). Not a leak, but
+  a process that grows for hours is one a laptop kills.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from pathlib import Path
 from typing import Callable
@@ -75,6 +82,24 @@ class Ema(Callback):
     def snapshot(self) -> dict:
         """What a resume needs: the averaged weights and the step count."""
         return {"weights": self.average.module.state_dict(), "steps": self.steps}
+
+
+def release_memory() -> bool:
+    """Return freed heap memory to the OS (glibc `malloc_trim`); False where unavailable."""
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
+
+
+class ReleaseMemory(Callback):
+    """`release_memory` after every epoch (see the module docstring)."""
+
+    order = 99  # after everything else of the epoch
+
+    def after_epoch(self):
+        release_memory()
 
 
 class CpuAutocast(Callback):

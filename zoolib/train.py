@@ -47,7 +47,8 @@ from fastai.vision.all import (CategoryBlock, ColReader, CrossEntropyLossFlat, D
                                ImageBlock, Learner, Normalize, accuracy, set_seed)
 
 from . import augment, library, models, splits, warmstart
-from .callbacks import Checkpoint, CpuAutocast, Ema, SkipDone, cpu_has_bf16
+from .callbacks import (Checkpoint, CpuAutocast, Ema, ReleaseMemory, SkipDone, cpu_has_bf16,
+                        release_memory)
 from .images import load_rgb, squish
 from .schedule import PlateauSchedule, Progress
 from .workspace import (Workspace, ZoolibError, check_class_name, class_folders,
@@ -376,7 +377,8 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
                             on_kept=partial(_save_kept, ckpt))
     cbs = [sched, Checkpoint(run_dir, history, lambda: asdict(sched.state)), SkipDone(start),
            ChannelsLast(), *_precision_cbs(precision),
-           *([ema] if ema else []), *([BnFreeze()] if warm else []), *extra_cbs]
+           *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
+           *extra_cbs]
     learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs)
     if state:
         learn.load("last", with_opt=True, weights_only=False)
@@ -390,7 +392,10 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
     run = {"ws": ws, "cfg": cfg, "data": data, "classes": classes, "init": init, "prep": prep,
            "precision": precision, "history": history, "seconds": seconds, "start": start,
            "schedule": sched.summary()}
-    return _finish(learn.model, run, run_dir)
+    result = _finish(learn.model, run, run_dir)
+    del learn
+    release_memory()
+    return result
 
 
 def _save_kept(ckpt: Path, learn: Learner) -> None:

@@ -79,3 +79,23 @@ def test_benchmark_frozen_and_extended_only_for_new_classes(demo_ws):
     late = data[(data["label"] == "lion") & data["path"].str.contains("added_9")]
     assert "benchmark" not in set(late["split"])
     assert set(data.loc[data["split"] == "benchmark", "hash"]) <= set(second["hash"])
+
+
+def test_a_new_workspace_can_fix_its_split_shares_once(demo_ws):
+    shares = {"train": 0.9, "valid": 0.1, "test": 0.0, "benchmark": 0.0}
+    splits.set_fractions(demo_ws, shares)
+    assert splits.workspace_fractions(demo_ws) == shares
+    manifest = library.scan(demo_ws, progress=False)
+    data = splits.split_manifest(demo_ws, manifest, sorted(set(manifest["label"])))
+    assert set(data["split"]) == {"train", "valid"}
+    assert 0.8 < (data["split"] == "train").mean() < 0.97
+    assert not demo_ws.benchmark_csv.exists()  # nothing to draw
+
+
+def test_split_shares_cannot_change_once_in_use(demo_ws):
+    manifest = library.scan(demo_ws, progress=False)
+    splits.benchmark_set(demo_ws, manifest)  # the benchmark is drawn
+    with pytest.raises(ZoolibError, match="can no longer change"):
+        splits.set_fractions(demo_ws, {"train": 0.9, "valid": 0.1, "test": 0.0, "benchmark": 0.0})
+    with pytest.raises(ZoolibError, match="add up to 1"):
+        splits.set_fractions(demo_ws, {"train": 0.5, "valid": 0.1, "test": 0.0, "benchmark": 0.0})

@@ -7,10 +7,12 @@ only ever added (for classes it did not cover yet), never changed.
 """
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from .library import read_flags
-from .workspace import Workspace, ZoolibError
+from .workspace import Workspace, ZoolibError, write_atomic
 
 SPLITS = ("train", "valid", "test", "benchmark")
 DEFAULT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.1, "benchmark": 0.1}
@@ -30,6 +32,33 @@ def _check_fractions(fractions: dict[str, float]) -> list[tuple[str, int]]:
     return bounds
 
 
+def workspace_fractions(ws: Workspace) -> dict[str, float]:
+    """The split shares of a workspace: `splits/fractions.json`, else DEFAULT_FRACTIONS."""
+    path = ws.splits / "fractions.json"
+    return json.loads(path.read_text()) if path.exists() else dict(DEFAULT_FRACTIONS)
+
+
+def set_fractions(ws: Workspace, fractions: dict[str, float]) -> dict[str, float]:
+    """Fix the split shares of a new workspace, before anything was split.
+
+    For a workspace whose test figures come from elsewhere (a public test set,
+    say), the test and benchmark shares can go to training. Shares are fixed for
+    good once the benchmark is drawn or a generation is trained: changing them
+    would move images between splits, and a later generation could be tested on
+    images an earlier one trained on.
+
+    Raises:
+        ZoolibError: bad shares, or the workspace has already been split.
+    """
+    _check_fractions(fractions)
+    if ws.benchmark_csv.exists() or any(ws.models.glob("gen-*")):
+        raise ZoolibError(f"the splits of {ws.root} are already in use (a benchmark or a "
+                          "generation exists): their shares can no longer change")
+    ws.splits.mkdir(parents=True, exist_ok=True)
+    write_atomic(ws.splits / "fractions.json", json.dumps(fractions, indent=2))
+    return dict(fractions)
+
+
 def bucket(hashes: pd.Series) -> pd.Series:
     """A number in [0, 10000) from each hex content hash."""
     return hashes.str[:8].map(lambda h: int(h, 16) % _BUCKETS)
@@ -40,7 +69,8 @@ def assign(hashes: pd.Series, fractions: dict[str, float] | None = None) -> pd.S
 
     Args:
         hashes: hex content hashes.
-        fractions: share of each split; DEFAULT_FRACTIONS when None.
+        fractions: share of each split; DEFAULT_FRACTIONS when None (the
+            functions taking a workspace use its `workspace_fractions`).
 
     Returns:
         A Series of split names aligned with `hashes`.
@@ -70,7 +100,7 @@ def benchmark_set(ws: Workspace, manifest: pd.DataFrame,
     frozen = (pd.read_csv(ws.benchmark_csv, dtype=str) if ws.benchmark_csv.exists()
               else pd.DataFrame(columns=cols))
     ok = manifest[manifest["readable"]].drop_duplicates("hash")
-    drawn = ok[assign(ok["hash"], fractions) == "benchmark"]
+    drawn = ok[assign(ok["hash"], fractions or workspace_fractions(ws)) == "benchmark"]
     new = drawn[~drawn["label"].isin(set(frozen["label"]))]
     if len(new):
         new = new.assign(added=pd.Timestamp.now(tz="UTC").isoformat())[cols]
@@ -97,6 +127,7 @@ def split_manifest(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
     flags = read_flags(ws)
     rows = manifest[manifest["readable"] & manifest["label"].isin(classes)
                     & ~manifest["path"].isin(flags.loc[flags["discard"], "path"])].copy()
+    fractions = fractions or workspace_fractions(ws)
     rows["split"] = assign(rows["hash"], fractions)
     bench = set(benchmark_set(ws, manifest, fractions)["hash"])
     late = (rows["split"] == "benchmark") & ~rows["hash"].isin(bench)

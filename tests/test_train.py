@@ -261,3 +261,31 @@ def test_class_folder_name_that_is_not_plain(demo_ws):
     (demo_ws.library / "lion").rename(bad)
     with pytest.raises(ZoolibError, match="not a plain folder name: contains control"):
         train(demo_ws, TrainConfig(**TINY), progress=False)
+
+
+def test_a_warm_start_keeps_its_parents_preprocessing(demo_ws):
+    classes = ["cheetah", "elephant", "flamingo", "leopard", "lion", "penguin", "zebra"]
+    info = {"arch": "zoo_cnn_small", "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+            "interpolation": "bicubic", "classes": classes}
+    models.save_generation(demo_ws, models.create_model("zoo_cnn_small", len(classes)), info)
+    r = train(demo_ws, TrainConfig(**{**TINY, "epochs": 2}, init_from="last"), progress=False)
+    assert (r.info["mean"], r.info["std"], r.info["interpolation"]) == ([0.5] * 3, [0.5] * 3,
+                                                                         "bicubic")
+
+
+def test_notebook_parameters_reach_the_config_by_name():
+    cfg = TrainConfig.from_params({"LR_WARM": 0.001, "FREEZE_EPOCHS": 2, "WORKSPACE": "x",
+                                   "EPOCHS": 5, "lr": 9.0})
+    assert (cfg.lr_warm, cfg.freeze_epochs, cfg.epochs, cfg.lr) == (0.001, 2, 5, TrainConfig.lr)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(init_from="last", freeze_epochs=3, epochs=3), "FREEZE_EPOCHS=3 leaves no epoch"),
+    (dict(anneal_pct=0.0), "ANNEAL_PCT"),
+    (dict(precision="fp8"), "PRECISION must be one of"),
+    (dict(max_shift=0.6), "MAX_SHIFT"),
+    (dict(lr_warm=0.0), "LR_WARM must be positive"),
+])
+def test_recipe_settings_that_make_no_sense_are_named(cfg, match):
+    with pytest.raises(ZoolibError, match=match):
+        TrainConfig(**{**TINY, **cfg}).check()

@@ -19,9 +19,12 @@ so the saved model has always annealed.
 Recorded figures (model.json `metrics`, `schedule`):
 
 - `plateau_epoch`: the last flat-phase epoch (1-based, counting frozen epochs)
-  whose monitored value beat every earlier flat-phase epoch by more than
-  `min_delta`, when the plateau test fired (`patience` epochs without such an
-  improvement). None when the budget forced the anneal first.
+  whose monitored value beat the best of the earlier flat-phase epochs by more
+  than `min_improvement` of it (0.005: 0.5%), when the plateau test fired
+  (`patience` epochs without such an improvement). None when the budget forced
+  the anneal first. The threshold is relative because an averaged model's
+  validation loss creeps down by a few thousandths per epoch long after it has
+  stopped learning anything that matters.
 - `anneal_start`: the first annealed epoch (1-based); `best_epoch`: the epoch
   whose weights are kept.
 """
@@ -79,7 +82,8 @@ class PlateauSchedule(Callback):
         anneal_pct: anneal length as a share of the epochs before it.
         monitor: recorder column watched ("valid_loss": lower is better; a metric:
             higher is better).
-        min_delta: smallest change that counts as an improvement.
+        min_improvement: smallest change, as a share of the best value, that
+            counts as an improvement.
         progress: a saved `Progress` to continue from (resume).
         on_kept: called with the Learner when an annealed epoch becomes the kept one
             (the caller saves the weights).
@@ -89,12 +93,12 @@ class PlateauSchedule(Callback):
 
     def __init__(self, lr_max: list[float], epochs: int, freeze_epochs: int = 0,
                  warmup_epochs: float = 1.0, patience: int = 3, anneal_pct: float = 0.25,
-                 monitor: str = "valid_loss", min_delta: float = 0.0,
+                 monitor: str = "valid_loss", min_improvement: float = 0.005,
                  progress: Progress | None = None, on_kept=None):
         self.lr_max = np.array(lr_max, dtype=float)
         self.epochs, self.freeze_epochs = int(epochs), int(freeze_epochs)
         self.warmup, self.patience, self.anneal_pct = float(warmup_epochs), int(patience), anneal_pct
-        self.monitor, self.min_delta, self.on_kept = monitor, float(min_delta), on_kept
+        self.monitor, self.min_improvement, self.on_kept = monitor, float(min_improvement), on_kept
         self.lower_is_better = "loss" in monitor
         self.state = progress or Progress(phase="frozen" if self.freeze_epochs else "flat")
 
@@ -157,7 +161,7 @@ class PlateauSchedule(Callback):
         s.phase, s.anneal_start, s.anneal_epochs = "anneal", epochs_done + 1, max(1, length)
 
     def _better(self, value: float, than: float, strict: bool = True) -> bool:
-        delta = self.min_delta if strict else 0.0
+        delta = self.min_improvement * abs(than) if strict else 0.0
         return value < than - delta if self.lower_is_better else value > than + delta
 
     def _set_trainable(self) -> None:
@@ -174,4 +178,5 @@ class PlateauSchedule(Callback):
         return {"lr_max": [float(v) for v in self.lr_max], "epochs": self.epochs,
                 "freeze_epochs": self.freeze_epochs, "warmup_epochs": self.warmup,
                 "patience": self.patience, "anneal_pct": self.anneal_pct,
-                "monitor": self.monitor, "min_delta": self.min_delta, **asdict(self.state)}
+                "monitor": self.monitor, "min_improvement": self.min_improvement,
+                **asdict(self.state)}

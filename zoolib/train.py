@@ -72,6 +72,8 @@ class TrainConfig:
         freeze_epochs: head-only epochs that start a warm start.
         warmup_epochs: linear warmup at the start of each phase.
         patience: flat epochs without a better validation loss that make a plateau.
+        min_improvement: a validation loss lower by this share of the best counts
+            as better (0.005 = 0.5%).
         anneal_pct: anneal length as a share of the epochs before it.
         batch_size: images per batch.
         weight_decay: decoupled weight decay of fastai's Adam.
@@ -101,11 +103,12 @@ class TrainConfig:
     img_size: int = 64
     epochs: int = 40
     lr: float = 0.01
-    lr_warm: float = 0.003
-    lr_mult: float = 10.0
+    lr_warm: float = 0.005
+    lr_mult: float = 3.0
     freeze_epochs: int = 1
     warmup_epochs: float = 1.0
     patience: int = 3
+    min_improvement: float = 0.005
     anneal_pct: float = 0.25
     batch_size: int = 64
     weight_decay: float = 0.05
@@ -148,6 +151,8 @@ class TrainConfig:
         if self.init_from != "scratch" and self.freeze_epochs >= self.epochs:
             raise ZoolibError(f"FREEZE_EPOCHS={self.freeze_epochs} leaves no epoch to train the "
                               f"whole model in EPOCHS={self.epochs}: raise EPOCHS or lower it")
+        if not 0 <= self.min_improvement < 1:
+            raise ZoolibError(f"MIN_IMPROVEMENT is a share in [0, 1), got {self.min_improvement}")
         if not 0 < self.anneal_pct <= 1:
             raise ZoolibError(f"ANNEAL_PCT must be in (0, 1], got {self.anneal_pct}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
@@ -372,7 +377,7 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
     sched = PlateauSchedule(lr_max(cfg, warm), cfg.epochs,
                             freeze_epochs=cfg.freeze_epochs if warm else 0,
                             warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
-                            anneal_pct=cfg.anneal_pct,
+                            anneal_pct=cfg.anneal_pct, min_improvement=cfg.min_improvement,
                             progress=Progress(**state["schedule"]) if state else None,
                             on_kept=partial(_save_kept, ckpt))
     cbs = [sched, Checkpoint(run_dir, history, lambda: asdict(sched.state)), SkipDone(start),

@@ -39,3 +39,12 @@ def test_body_head_split_gives_the_output_layer_its_own_group(arch):
     body, head = models.body_head_split(m)
     assert {id(p) for p in head} == {id(p) for p in m.get_classifier().parameters()}
     assert len(body) + len(head) == len(list(m.parameters())) and body
+
+
+def test_zoo_cnn_gives_its_stage_maps_as_timm_models_do():
+    m = models.create_model("zoo_cnn_small", 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        last, maps = m.forward_intermediates(x, indices=2)
+        assert [t.shape[1] for t in maps] == [64, 128] and torch.equal(last, m.forward_features(x))
+        assert len(m.forward_intermediates(x, intermediates_only=True)) == 3

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from zoolib import bulkid, inference, models, neighbours
+from zoolib.images import load_rgb
 
 
 def test_kth_distance_is_one_minus_the_kth_cosine_similarity():
@@ -20,10 +21,23 @@ def test_reference_is_the_generations_train_split_cached(trained_ws):
     saved = models.read_splits(trained_ws, "gen-0001")
     ref = neighbours.reference(trained_ws, loaded)
     assert len(ref) == (saved["split"] == "train").sum() > 100
+    assert ref.shape[1] == 2 * 64  # zoo_cnn_small's second stage: means and maxima
     assert torch.allclose(ref.norm(dim=1), torch.ones(len(ref)), atol=1e-2)
-    cache = trained_ws.models / "gen-0001" / neighbours.CACHE
-    assert cache.exists()
-    assert torch.equal(neighbours.reference(trained_ws, loaded), ref)  # read back, not redone
+    assert (trained_ws.models / "gen-0001" / neighbours.CACHE).exists()
+    assert torch.equal(neighbours.reference(trained_ws, loaded), ref)  # read back
+
+
+def test_a_training_image_scores_as_typical_and_noise_as_far(trained_ws):
+    loaded = inference.load(trained_ws, "gen-0001")
+    ref = neighbours.reference(trained_ws, loaded)
+    rows = neighbours.train_rows(trained_ws, "gen-0001", loaded.classes)
+    x = torch.stack([inference.to_tensor(load_rgb(trained_ws.library / p), loaded.info)
+                     for p in rows["path"][:16]])
+    noise = torch.randn(16, 3, 32, 32) * 2
+    with torch.no_grad():
+        near = neighbours.kth_distance(ref, neighbours.features(loaded.model, x)[1])
+        far = neighbours.kth_distance(ref, neighbours.features(loaded.model, noise)[1])
+    assert near.max() < far.min()
 
 
 def test_bulk_identification_scores_distance_to_the_library(trained_ws):

@@ -75,6 +75,27 @@ class ZooCNN(nn.Module):
         """The last feature map (batch, widths[-1], h, w)."""
         return self.stages(self.stem(x))
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              intermediates_only: bool = False, **kwargs):
+        """timm's interface: the maps of the stages asked for (an int n: the last n).
+
+        Returns:
+            The list of maps, or (the last map, the list) unless `intermediates_only`.
+        """
+        n = len(self.stages)
+        if indices is None:
+            wanted = set(range(n))
+        elif isinstance(indices, int):
+            wanted = set(range(n - indices, n))
+        else:
+            wanted = {i % n for i in indices}
+        maps, x = [], self.stem(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in wanted:
+                maps.append(x)
+        return maps if intermediates_only else (x, maps)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool and classify a feature map; `pre_logits` stops before the output layer."""
         x = self.head_drop(self.global_pool(x))

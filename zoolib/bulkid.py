@@ -33,9 +33,10 @@ Scores:
   more out-of-distribution. Unlike ``1 - confidence`` it keeps the logits' scale,
   which falls for inputs unlike anything seen in training (junk, new species),
   even when the softmax happens to be peaked.
-- knn: 1 - cosine similarity to the 50th nearest training image of the generation
-  (Sun et al. 2022; zoolib/neighbours.py). Higher means farther from everything the
-  model was trained on; NaN in runs made with `knn=False`.
+- knn: 1 - cosine similarity to the 10th nearest training image of the generation,
+  in the pooled features of the network's stage before the last (Sun et al.
+  2022; see zoolib/neighbours.py for why that stage). Higher means farther from
+  everything the model was trained on; NaN in runs made with `knn=False`.
 - embedding: the pre-logit features (float16), for "more like this". The parquet
   file stores each row's as one binary value (the little-endian float16 bytes):
   pyarrow reads and writes a float16 list value by value, ~10x slower, which
@@ -294,7 +295,8 @@ def _default_workers(cuda: bool) -> int:
 
 def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[str],
              batch_size: int, num_workers: int | None, progress: bool,
-             on_batch: Callable[[int, int], None] | None, ref: torch.Tensor | None) -> None:
+             on_batch: Callable[[int, int], None] | None,
+             ref: torch.Tensor | None) -> None:
     """Stream `todo` through the model, flushing parts; always leaves a merged table."""
     cuda = loaded.device.type == "cuda"
     workers = _default_workers(cuda) if num_workers is None else int(num_workers)
@@ -345,8 +347,8 @@ def _read_batches(batch_size: int, size: int) -> int:
 
 
 @torch.inference_mode()
-def _scores(loaded: inference.Loaded, x: torch.Tensor, ref: torch.Tensor | None = None
-            ) -> dict[str, np.ndarray]:
+def _scores(loaded: inference.Loaded, x: torch.Tensor,
+            ref: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Probabilities, top-5, margin, entropy, energy, kNN distance and embeddings of a batch.
 
     The same calls as `inference.forward`, but keeping the logits (the energy
@@ -354,7 +356,11 @@ def _scores(loaded: inference.Loaded, x: torch.Tensor, ref: torch.Tensor | None 
     batch costs one transfer back and no small CPU operations.
     """
     model = loaded.model
-    feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    if ref is not None:  # one pass gives the stage maps the knn score needs too
+        final, near = neighbours.features(model, x)
+    else:
+        final = model.forward_features(x)
+    feats = model.forward_head(final, pre_logits=True)
     logits = model.get_classifier()(feats).float()
     probs = logits.softmax(dim=1)
     top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
@@ -362,7 +368,7 @@ def _scores(loaded: inference.Loaded, x: torch.Tensor, ref: torch.Tensor | None 
            "entropy": -(probs * probs.clamp_min(1e-12).log()).sum(dim=1),
            "ood": -torch.logsumexp(logits, dim=1), "emb": feats.to(torch.float16)}
     if ref is not None:
-        out["knn"] = neighbours.kth_distance(ref, feats)
+        out["knn"] = neighbours.kth_distance(ref, near)
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 

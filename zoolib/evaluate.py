@@ -423,14 +423,16 @@ def compare_frames(candidate: pd.DataFrame, candidate_classes: list[str], candid
 
 
 def compare(workspace, candidate: str = "last", baseline: str = "deployed",
-            candidate_frame: pd.DataFrame | None = None) -> Comparison:
+            candidate_frame: pd.DataFrame | None = None, tta: bool = False) -> Comparison:
     """Predict the benchmark images with both generations and compare them.
 
     Args:
         workspace: a workspace path or Workspace.
         candidate: a generation name or "last".
         baseline: a generation name or "deployed".
-        candidate_frame: the candidate's benchmark predictions, if already made.
+        candidate_frame: the candidate's benchmark predictions, if already made
+            (with the same `tta` as the baseline's, for a fair comparison).
+        tta: flip test-time augmentation for both generations.
 
     Raises:
         ZoolibError: baseline "deployed" while nothing is deployed.
@@ -441,8 +443,9 @@ def compare(workspace, candidate: str = "last", baseline: str = "deployed",
     if baseline is None:
         raise ZoolibError(f"nothing is deployed yet in {ws.models}: nothing to compare with")
     rows = benchmark_rows(ws, library.scan(ws, progress=False))
-    cand = candidate_frame if candidate_frame is not None else predict_rows(ws, candidate, rows)
-    base = predict_rows(ws, baseline, rows)
+    cand = (candidate_frame if candidate_frame is not None
+            else predict_rows(ws, candidate, rows, tta=tta))
+    base = predict_rows(ws, baseline, rows, tta=tta)
     return compare_frames(cand, models.read_info(ws, candidate)["classes"], candidate,
                           base, models.read_info(ws, baseline)["classes"], baseline)
 

@@ -148,3 +148,13 @@ def test_bombs_are_refused_on_both_paths(photo, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", photo.width * photo.height // 3)
     with pytest.raises(Image.DecompressionBombError):
         squished_pixels(data, 32)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "lanczos", "nearest"])
+def test_the_resize_filter_of_model_json_is_the_one_used(photo, interpolation):
+    data = _jpeg(photo)
+    want = np.asarray(load_rgb(io.BytesIO(data)).resize((40, 40), images.RESAMPLE[interpolation]))
+    out = squished_pixels(data, 40, interpolation)
+    assert np.array_equal(out, want) and not np.array_equal(out, _pillow(data, 40))
+    with pytest.raises(ValueError, match="interpolation 'area'"):
+        squished_pixels(data, 40, "area")

@@ -89,3 +89,11 @@ def test_deployed_refuses_throwaway(demo_ws):
     with pytest.raises(ZoolibError, match="throw-away"):
         models.write_deployed(demo_ws, "gen-0002")
     assert models.read_deployed(demo_ws)["generation"] == "gen-0001"
+
+
+def test_pretrained_models_take_their_timm_data_config():
+    m = models.create_model("inception_v4", 3)  # random weights; the config is the same
+    prep = models.preprocessing(m, pretrained=True)
+    assert prep == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    scratch = models.preprocessing(m, pretrained=False)
+    assert scratch["mean"] == list(models.IMAGENET_MEAN) and scratch["interpolation"] == "bilinear"

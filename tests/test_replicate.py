@@ -1,7 +1,10 @@
-"""Smoke test of bench/replicate.py on a tiny generated cifar-like folder tree."""
+"""Smoke tests of the bench scripts (replicate, train_recipe, gpu_check) on a tiny
+generated cifar-like folder tree."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -10,15 +13,21 @@ from PIL import Image
 
 from zoolib.workspace import ZoolibError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "replicate.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _script(name: str):
+    if str(BENCH) not in sys.path:  # the scripts import their shared bench/cifar.py
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def rep():
-    spec = importlib.util.spec_from_file_location("replicate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("replicate")
 
 
 def _fake_cifar(root: Path, n_train: int, n_test: int) -> Path:
@@ -38,55 +47,66 @@ def _fake_cifar(root: Path, n_train: int, n_test: int) -> Path:
 
 
 def test_pipeline_writes_report(rep, tmp_path):
-    data = _fake_cifar(tmp_path / "cifar", n_train=30, n_test=6)
+    data = _fake_cifar(tmp_path / "cifar", n_train=40, n_test=6)
     args = rep.parse_args(["--quick", "--data", str(data), "--out", str(tmp_path / "out"),
-                           "--run", "smoke", "--per-class", "20", "--inbox-per-class", "8",
-                           "--test-per-class", "5", "--epochs-gen1", "1", "--epochs-gen2", "2",
+                           "--run", "smoke", "--sizes", "12,16,20", "--new-class", "10",
+                           "--inbox-per-class", "8", "--test-per-class", "5", "--epochs", "2",
                            "--holdout", "deer", "--workers", "0"])
     m = rep.run(args)
     out = tmp_path / "out" / "smoke"
-    for name in ("summary.md", "metrics.json", "curves.png", "inbox.png", "curves.csv",
+    for name in ("summary.md", "metrics.json", "curves.png", "inbox.png", "generations.csv",
                  "enrichment.csv", "junk_scores.csv", "inbox_truth.csv"):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["run"] == "smoke"
     # inbox: 8 per class of all ten classes, opaque names, never library files
     truth = pd.read_csv(out / "inbox_truth.csv")
-    assert len(truth) == 80 and m["inbox"]["images"] == 80
-    assert truth["junk"].sum() == 32
+    assert len(truth) == 80 and m["inbox"]["images"] == 80 and truth["junk"].sum() == 32
     lib = {p.resolve() for p in (out / "workspace" / "library").rglob("*.jpg")}
-    assert len(lib) == 6 * 20
+    assert len(lib) == 6 * 20  # generation 3's library
     assert not lib & {Path(s).resolve() for s in truth["source"]}
     assert all(p.is_symlink() for p in (out / "workspace" / "inbox").iterdir())
-    # generation 1 had five classes, generation 2 six; both gen-2 runs share splits
-    assert m["gen1"]["epochs_run"] == 1
+    # the library grows: five classes, then the held-out one arrives, then more of all
+    assert m["library_counts"]["1"] == {c: 12 for c in rep.ANIMALS if c != "deer"}
+    assert m["library_counts"]["2"]["deer"] == 10 and m["library_counts"]["2"]["dog"] == 16
+    assert set(m["library_counts"]["3"].values()) == {20}
+    # every generation after the first: a warm chain and a scratch run on the same splits
+    runs = m["runs"]
+    assert runs["2"]["warm"]["n_classes"] == runs["3"]["scratch"]["n_classes"] == 6
+    assert runs["1"]["scratch"]["n_classes"] == 5
+    assert set(m["warm_vs_scratch"]) == {"2", "3"} and set(m["test"]["3"]) == {"warm", "scratch"}
+    assert m["test"]["3"]["warm"]["images"] == 30 and m["test"]["1"]["scratch"]["images"] == 25
     assert m["lookalike"]["class"] in {"bird", "cat", "dog", "frog", "horse"}
-    assert sum(m["lookalike"]["counts"].values()) == 20
-    assert m["lookalike"]["base_share"] == pytest.approx(0.1)
-    assert len(pd.read_csv(out / "curves.csv")) == 2
-    assert m["test"]["images"] == 30
-    assert 0 <= m["junk_auc"] <= 1
-    assert [g["met"] for g in m["goals"]].count(None) == 0 and len(m["goals"]) == 5
+    assert sum(m["lookalike"]["counts"].values()) == 10 and m["lookalike"]["base_share"] == 0.1
+    scores = pd.read_csv(out / "junk_scores.csv")
+    assert {"confidence", "margin", "ood", "knn"} <= set(scores["score"])
+    assert scores["default"].sum() == 1
+    assert set(m["goals"]) == set(rep.GOALS)
+    assert all(set(g) >= {"value", "goal", "met"} for g in m["goals"].values())
+    assert m["memory"]["peak_rss_mb"] > 100 and m["memory"]["rss_per_epoch_mb"]["gen3-warm"]
     summary = (out / "summary.md").read_text()
     assert "held-out class **deer**" in summary and "## Goals" in summary
-    # every missed goal (a 2-epoch smoke run misses some) says what would move it
-    missed = [g for g in m["goals"] if not g["met"]]
-    assert missed and summary.count("- **") == len(missed)
-    assert all(rep.LEVERS[g["key"]][:40] in summary for g in missed)
+
+
+def _run(name, history, metrics):
+    return SimpleNamespace(history=pd.DataFrame(history), info={"metrics": metrics}, name=name)
 
 
 def test_warm_vs_scratch_ratio(rep):
-    scratch = pd.DataFrame({"epoch": [1, 2, 3, 4, 5, 6, 7, 8],
-                            "valid_loss": [2, 1.8, 1.5, 1.3, 1.2, 1.1, 1.0, 1.05],
-                            "accuracy": [.3, .4, .5, .6, .65, .7, .72, .71]})
-    warm = pd.DataFrame({"epoch": [1, 2, 3, 4, 5, 6, 7, 8],
-                         "valid_loss": [1.2, 1.0, 0.9, 0.95, 0.9, 0.85, 0.8, 0.8],
-                         "accuracy": [.6, .73, .74, .7, .75, .76, .77, .78]})
+    scratch = _run("s", {"epoch": [1, 2, 3, 4, 5, 6, 7, 8],
+                         "valid_loss": [2, 1.8, 1.5, 1.3, 1.2, 1.1, 1.0, 1.05],
+                         "accuracy": [.3, .4, .5, .6, .65, .7, .72, .71]},
+                   {"epochs_run": 8, "plateau_epoch": 6, "valid_accuracy": .71})
+    warm = _run("w", {"epoch": [1, 2, 3], "valid_loss": [1.2, 1.0, 0.9],
+                      "accuracy": [.6, .73, .74]},
+                {"epochs_run": 3, "plateau_epoch": None, "valid_accuracy": .74})
     c = rep.warm_vs_scratch(warm, scratch)
     assert c["scratch_best_accuracy"] == .72 and c["scratch_best_epoch"] == 7
     assert c["warm_epochs_to_scratch_best"] == 2
-    assert c["ratio"] == pytest.approx(2 / 7)
-    assert c["ratio_vs_plateau"] == pytest.approx(2 / 7)
-    never = rep.warm_vs_scratch(scratch.assign(accuracy=scratch["accuracy"] - .1), scratch)
+    assert c["ratio"] == pytest.approx(2 / 7) and c["ratio_vs_epochs"] == pytest.approx(2 / 8)
+    assert (c["scratch_plateau_epoch"], c["warm_plateau_epoch"]) == (6, None)
+    worse = _run("w", {"epoch": [1, 2], "valid_loss": [1, 1], "accuracy": [.5, .6]},
+                 {"epochs_run": 2, "plateau_epoch": None, "valid_accuracy": .6})
+    never = rep.warm_vs_scratch(worse, scratch)
     assert never["warm_epochs_to_scratch_best"] is None and never["ratio"] is None
 
 
@@ -101,7 +121,8 @@ def test_enrichment_and_junk_auc(rep):
         "confidence": [.4, .5, .9, .95, .6, .9, .3, .35, .2, .8],
         "margin": [.1, .2, .8, .9, .3, .8, .05, .1, .02, .6],
         "entropy": [1.0, .9, .2, .1, .8, .2, 1.5, 1.4, 1.6, .4],
-        "ood": [-3, -3, -6, -7, -4, -6, -1, -2, -1, -5.0]})
+        "ood": [-3, -3, -6, -7, -4, -6, -1, -2, -1, -5.0],
+        "knn": [.3, .3, .2, .1, .3, .2, .9, .8, .7, .4]})
     results.attrs["classes"] = ["bird", "dog"]
     e = rep.enrichment(results, truth, "cat", "dog", 0.7)
     # dog below 0.7: paths 0, 1, 4, 7 -> two cats of four; cats are 3 of 10
@@ -113,11 +134,36 @@ def test_enrichment_and_junk_auc(rep):
     assert scores.loc["confidence", "auc"] == pytest.approx(1.0)
     assert scores.loc["confidence", "junk_in_bottom"] == pytest.approx(1.0)
     assert scores.loc["ood", "auc"] == pytest.approx(1.0)
+    assert scores.loc["knn", "auc"] == pytest.approx(1.0)  # high distance = junk
+    assert scores["default"].sum() == 1
 
 
 def test_bad_inputs_name_the_problem(rep, tmp_path):
     with pytest.raises(ZoolibError, match="needed"):
-        rep.sample_files(tmp_path, 10, 5, 0)
+        rep.sample_files(tmp_path, [10, 20, 30], 5, 0)
     args = rep.parse_args(["--holdout", "okapi", "--out", str(tmp_path)])
     with pytest.raises(ZoolibError, match="--holdout"):
         rep.run(args)
+
+
+def test_recipe_benchmark_reports_goals(tmp_path):
+    recipe = _script("train_recipe")
+    data = _fake_cifar(tmp_path / "cifar", n_train=40, n_test=4)
+    m = recipe.run(recipe.parse_args(["--data", str(data), "--out", str(tmp_path / "out"),
+                                      "--run", "r", "--per-class", "40", "--epochs", "2",
+                                      "--arch", "zoo_cnn_small", "--num-workers", "0"]))
+    assert m["cifar10_test"]["images"] == 24 and 0 <= m["cifar10_test"]["accuracy_tta"] <= 1
+    assert m["config"]["img_size"] == 32 and m["config"]["arch"] == "zoo_cnn_small"
+    assert set(m["goals"]) == {"test_accuracy", "minutes"}
+    assert (tmp_path / "out" / "r" / "summary.md").is_file()
+
+
+def test_gpu_check_runs_on_a_cpu_with_a_small_model(tmp_path):
+    check = _script("gpu_check")
+    data = _fake_cifar(tmp_path / "cifar", n_train=50, n_test=0)
+    out = check.run(check.parse_args(["--arch", "zoo_cnn_small", "--size", "32",
+                                      "--per-class", "40", "--inbox", "30", "--batch-size", "32",
+                                      "--data", str(data), "--out", str(tmp_path / "g")]))
+    assert out["loads_on_cpu"] and out["train_images_per_s"] > 0
+    assert out["bulkid_images_per_s"] > 0
+    assert json.loads((tmp_path / "g" / "gpu_check.json").read_text()) == out

@@ -74,6 +74,17 @@ def test_accuracy_by_generation_band_and_class(logged):
     assert by_class.loc["lion", "correct"] == 3
 
 
+def test_a_wrong_mark_without_a_true_class_counts_against_the_prediction(logged):
+    ids = translog.joined(logged)["id"].tolist()
+    translog.record_evaluation(logged, ids[1], "ben", correct=False)  # a "lion", no true class
+    df = reports.load(logged)
+    by_class = reports.accuracy_by(df, "class").set_index("class")
+    assert by_class.loc["lion", "evaluated"] == 6 and by_class.loc["lion", "correct"] == 3
+    row = df[df["id"] == ids[1]].iloc[0]
+    assert row["class"] == "lion" and row["class_from"] == "prediction"
+    assert "1 marked wrong without a true class" in reports.status(df)
+
+
 def test_wilson_interval():
     lo, hi = reports.wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)

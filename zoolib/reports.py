@@ -27,22 +27,30 @@ _ACC_COLUMNS = ["predictions", "evaluated", "correct", "accuracy", "ci_low", "ci
 
 def load(workspace, since: str | None = None, bands: tuple[float, ...] = BANDS
          ) -> pd.DataFrame:
-    """The joined transaction log with a `band` column (confidence band) and a
-    `class` column (the true class where known: the reviewer's, or the
-    prediction when marked correct)."""
+    """The joined transaction log with `band` (confidence band) and `class` columns
+    (see `add_columns`)."""
     ws = open_workspace(workspace) if not isinstance(workspace, Workspace) else workspace
     return add_columns(translog.joined(ws, since or None), bands)
 
 
 def add_columns(df: pd.DataFrame, bands: tuple[float, ...] = BANDS) -> pd.DataFrame:
-    """Add `band` and `class` to a joined log (see `load`)."""
+    """Add `band`, `class` and `class_from` to a joined log.
+
+    `class` is the class an evaluated transaction counts under in per-class
+    accuracy: the reviewer's true class where given, else the predicted class,
+    both for a "correct" mark and for a "wrong" mark without a true class. The
+    latter counts as an error of the class the model named (`class_from` says
+    "prediction"): dropping it, while every "correct" mark counts, would inflate
+    that class's accuracy.
+    """
     df = df.copy()
     labels = [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(bands[:-1], bands[1:])]
     df["band"] = pd.cut(df["confidence"].astype(float), list(bands), labels=labels,
                         include_lowest=True)
-    known = df["true_class"].where(df["true_class"].notna(),
-                                   df["predicted"].where(df["correct"].fillna(False)))
-    df["class"] = known
+    given = df["true_class"].notna()
+    df["class"] = df["true_class"].where(given, df["predicted"].where(df["evaluated"]))
+    df["class_from"] = np.where(given, "reviewer",
+                                np.where(df["evaluated"], "prediction", None))
     return df
 
 
@@ -58,8 +66,14 @@ def status(df: pd.DataFrame) -> str:
         return (f"{len(df)} transactions from {gens} generation(s), {span}. No manual "
                 "evaluations yet: accuracy needs reviews (zoolib.review_widget or POST "
                 "/evaluations); usage and confidence are shown.")
-    return (f"{len(df)} transactions from {gens} generation(s), {span}; {n_eval} evaluated "
+    text = (f"{len(df)} transactions from {gens} generation(s), {span}; {n_eval} evaluated "
             f"({n_eval / len(df):.0%}).")
+    blind = int((df["evaluated"] & ~df["correct"].fillna(False).astype(bool)
+                 & df["true_class"].isna()).sum())
+    if blind:
+        text += (f" {blind} marked wrong without a true class: per-class accuracy counts "
+                 "them against the predicted class.")
+    return text
 
 
 def wilson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:

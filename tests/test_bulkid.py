@@ -393,6 +393,15 @@ def test_lowest_scores(results):
         bulkid.lowest_scores(results, n=2, by="pred")
 
 
+def test_lowest_scores_default_to_knn_where_the_table_has_it(results):
+    assert results["knn"].isna().all()  # a table without the score: confidence
+    assert bulkid.mass_removal_score(results) == "confidence"
+    scored = results.assign(knn=np.linspace(0.9, 0.1, len(results)))
+    assert bulkid.mass_removal_score(scored) == "knn"
+    ok = scored[scored["error"] == ""]
+    assert bulkid.lowest_scores(scored, n=2)["rel"].tolist() == ok["rel"].head(2).tolist()
+
+
 def test_more_like_this(results):
     out = bulkid.more_like_this(results, "a.jpg", k=3)
     assert out["rel"].tolist() == ["b.jpg", "f.jpg", "c.jpg"]

@@ -684,11 +684,22 @@ def lookalikes(results: pd.DataFrame, cls: str, max_confidence: float,
 
 # The scores mass removal can sort by: column -> whether a low value is bad.
 MASS_REMOVAL_SCORES = {"confidence": True, "margin": True, "ood": False, "knn": False}
-DEFAULT_MASS_REMOVAL_SCORE = "confidence"
+# The best at separating junk from animals in the CIFAR replication (bench/replicate.py);
+# tables without it (runs made with knn=False, older layouts) fall back to FALLBACK.
+DEFAULT_MASS_REMOVAL_SCORE = "knn"
+FALLBACK_MASS_REMOVAL_SCORE = "confidence"
+
+
+def mass_removal_score(results: pd.DataFrame) -> str:
+    """The score `lowest_scores` sorts by when not told: the default where the table
+    has it, else the fallback."""
+    col = DEFAULT_MASS_REMOVAL_SCORE
+    has = col in results.columns and results[col].notna().any()
+    return col if has else FALLBACK_MASS_REMOVAL_SCORE
 
 
 def lowest_scores(results: pd.DataFrame, n: int | None = None, threshold: float | None = None,
-                  by: str = DEFAULT_MASS_REMOVAL_SCORE) -> pd.DataFrame:
+                  by: str | None = None) -> pd.DataFrame:
     """The worst-scored rows, worst first, for mass removal.
 
     Args:
@@ -696,13 +707,14 @@ def lowest_scores(results: pd.DataFrame, n: int | None = None, threshold: float 
         n: keep at most this many rows (the bottom n).
         threshold: keep rows scoring below it (above it for "ood" and "knn").
         by: "confidence", "margin" (low is bad), "ood" or "knn" (high is bad);
-            the default is the score that separated junk from animals best in the
-            CIFAR replication (bench/replicate.py). Rows with no value for it (a
-            run made with knn=False) come last.
+            None: `mass_removal_score(results)`, the score that separated junk
+            from animals best in the CIFAR replication where the table has it.
+            Rows with no value for it come last.
 
     Raises:
         ZoolibError: neither n nor threshold given, n negative, or an unknown `by`.
     """
+    by = mass_removal_score(results) if by is None else by
     if by not in MASS_REMOVAL_SCORES:
         raise ZoolibError(f"by must be one of {', '.join(MASS_REMOVAL_SCORES)}, got {by!r}")
     if n is None and threshold is None:

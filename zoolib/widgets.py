@@ -83,7 +83,8 @@ def filter_sets(results: pd.DataFrame, manifest: pd.DataFrame, max_count: int = 
         lookalike_class: "lookalikes": images predicted as this class with a
             confidence below `max_confidence` (left out when empty).
         max_confidence: see `lookalike_class`.
-        lowest_n: "lowest": the n images the model is least sure of.
+        lowest_n: "lowest": the n worst-scored images (`bulkid.lowest_scores`: farthest
+            from the training images where the run has the knn score, else least sure).
 
     Returns:
         Filter name -> mask aligned with `results`; "all" holds the readable

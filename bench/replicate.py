@@ -54,9 +54,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from cifar import (ANIMALS, DATA, REPO, VEHICLES, EpochLog, current_rss_mb,  # noqa: E402
+from cifar import (ANIMALS, DATA, REPO, VEHICLES, EpochLog,  # noqa: E402
                    link_inbox, link_library, peak_rss_mb, test_rows)
-from zoolib import bulkid, evaluate, pipeline, workspace  # noqa: E402
+from zoolib import bulkid, evaluate, metrics, pipeline, workspace  # noqa: E402
 from zoolib.train import TrainConfig, train  # noqa: E402
 from zoolib.workspace import ZoolibError  # noqa: E402
 
@@ -193,7 +193,7 @@ def junk_scores(results: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
         rows.append({"score": score, "auc": float(auc),
                      "junk_in_bottom": float(is_junk[bottom.index].mean()) if len(bottom)
                      else float("nan"),
-                     "default": score == bulkid.DEFAULT_MASS_REMOVAL_SCORE})
+                     "default": score == bulkid.mass_removal_score(ok)})
     return pd.DataFrame(rows)
 
 
@@ -234,13 +234,13 @@ def test_figures(ws, generation: str, rows: pd.DataFrame, classes: list[str]) ->
     rows = rows[rows["label"].isin(classes)].reset_index(drop=True)
     frame = evaluate.predict_rows(ws, generation, rows)
     tta = evaluate.predict_rows(ws, generation, rows, tta=True)
-    summary = evaluate.summarize(frame, classes)
+    summary = metrics.summarize(frame, classes)
     return {"images": int(len(rows)), "accuracy": summary["accuracy"],
             "accuracy_tta": float((tta["pred"] == tta["label"]).mean()),
             "macro_f1": summary["macro_f1"], "ece": summary["ece"],
             "per_class": summary["per_class"],
-            "top_confusions": evaluate.top_confusions(frame, classes, 3).to_dict(orient="records"),
-            "confusion": evaluate.confusion(frame, classes)}
+            "top_confusions": metrics.top_confusions(frame, classes, 3).to_dict(orient="records"),
+            "confusion": metrics.confusion(frame, classes)}
 
 
 def rss_growth(per_epoch: list[float]) -> float:
@@ -466,7 +466,7 @@ def run(args) -> dict:
     test["1"]["warm"] = test["1"]["scratch"]  # generation 1 is the warm chain's root
     seconds["total"] = round(time.perf_counter() - t0, 1)
 
-    metrics = {
+    report = {
         "run": args.run, "settings": vars(args), "seconds": seconds,
         "generations": list(runs), "library_counts": counts,
         "runs": {g: {k: _run_record(r) for k, r in rr.items()} for g, rr in runs.items()},
@@ -478,15 +478,15 @@ def run(args) -> dict:
         "memory": {"peak_rss_mb": round(peak_rss_mb()), "rss_per_epoch_mb": rss,
                    "max_growth_mb": round(max(rss_growth(v) for v in rss.values()), 1)},
     }
-    metrics["runs"]["1"]["warm"] = metrics["runs"]["1"]["scratch"]
-    metrics["goals"] = goals(metrics)
+    report["runs"]["1"]["warm"] = report["runs"]["1"]["scratch"]
+    report["goals"] = goals(report)
     enrich.to_csv(out / "enrichment.csv", index=False)
     scores.to_csv(out / "junk_scores.csv", index=False)
-    generation_table(metrics).to_csv(out / "generations.csv", index=False)
-    pipeline.write_metrics(out, metrics)
-    (out / "summary.md").write_text(summary_markdown(metrics, enrich, scores))
+    generation_table(report).to_csv(out / "generations.csv", index=False)
+    pipeline.write_metrics(out, report)
+    (out / "summary.md").write_text(summary_markdown(report, enrich, scores))
     print(f"report: {out / 'summary.md'}", flush=True)
-    return metrics
+    return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -538,14 +538,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        metrics = run(args)
+        report = run(args)
     except ZoolibError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for name, g in metrics["goals"].items():
+    for name, g in report["goals"].items():
         print(f"{'MET ' if g['met'] else 'MISS'} {name}: {g['value']} (goal {g['goal']}; "
               f"{g['what']})")
-    print(json.dumps(metrics["seconds"]))
+    print(json.dumps(report["seconds"]))
     return 0
 
 

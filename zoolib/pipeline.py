@@ -85,7 +85,7 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
 
     step("01_curate-gen1", "01_curate")
     step("02_train-gen1", "02_train", INIT_FROM="scratch")
-    step("03_evaluate-gen1", "03_evaluate")
+    step("03_evaluate-gen1", "03_evaluate", PROMOTE=True)
     throwaway = step("02_train-throwaway", "02_train", INIT_FROM="last", MIN_IMAGES=35,
                      THROWAWAY=True)
     step("04_bulk_identify-throwaway", "04_bulk_identify", GENERATION=throwaway["generation"])
@@ -93,7 +93,7 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     print(f"added class {demo.ADDED_CLASS!r} to the library")
     step("01_curate-gen2", "01_curate")
     step("02_train-gen2", "02_train", INIT_FROM="last")
-    step("03_evaluate-gen2", "03_evaluate")
+    step("03_evaluate-gen2", "03_evaluate", PROMOTE=True)
     step("04_bulk_identify-gen2", "04_bulk_identify",
          GENERATION=summary["02_train-gen2"]["generation"])
     from .serving import simulate_traffic

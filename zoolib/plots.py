@@ -7,7 +7,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 
-def _finish(fig, path: str | Path | None):
+def save(fig, path: str | Path | None):
+    """Lay the figure out and, given a path, write it as a PNG; returns the figure."""
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
@@ -15,24 +16,24 @@ def _finish(fig, path: str | Path | None):
 
 
 def class_counts(table: pd.DataFrame, min_images: int, path: str | Path | None = None):
-    """Horizontal bars of readable images per class, coloured by the cutoff.
+    """Horizontal bars of the images per class the cutoff counts, coloured by it.
 
     Args:
         table: from `library.cutoff_table`.
         min_images: the cutoff, drawn as a line.
         path: where to save the PNG (optional).
     """
-    t = table.sort_values("readable")
+    t = table.sort_values("eligible")
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(t) + 1.2))
     colours = ["tab:green" if inc else "tab:gray" for inc in t["included"]]
-    ax.barh(t["label"], t["readable"], color=colours)
+    ax.barh(t["label"], t["eligible"], color=colours)
     staged = t["staged"] + t["synthetic"]
     ax.barh(t["label"], staged, color="tab:orange", alpha=0.7, label="staged or synthetic")
     ax.axvline(min_images, color="tab:red", ls="--", label=f"MIN_IMAGES = {min_images}")
-    ax.set_xlabel("readable images")
+    ax.set_xlabel("unique readable images, not discarded")
     ax.legend(loc="lower right")
     ax.set_title("Images per class (grey: not trained)")
-    return _finish(fig, path)
+    return save(fig, path)
 
 
 def history(hist: pd.DataFrame, title: str = "", path: str | Path | None = None,
@@ -63,4 +64,4 @@ def history(hist: pd.DataFrame, title: str = "", path: str | Path | None = None,
                  color="tab:red", label="kept")
     ax1.legend(); ax2.legend(loc="lower right")
     fig.suptitle(title)
-    return _finish(fig, path)
+    return save(fig, path)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from zoolib import library
+from zoolib import curate, library
 from zoolib.workspace import ZoolibError
 
 
@@ -76,6 +76,25 @@ def test_cutoff_table(demo_ws, truth):
     assert library.training_classes(m, 40) == sorted(
         c for c, n in truth["counts"].items() if n >= 40)
     assert "okapi" in library.training_classes(m, 35)
+
+
+def test_cutoff_counts_unique_readable_non_discarded_images(demo_ws):
+    okapi = sorted((demo_ws.library / "okapi").glob("*.jpg"))
+    for k in range(3):  # 37 + 3 copies: 40 files, still 37 contents
+        shutil.copyfile(okapi[k], okapi[k].with_name(f"copy_{k}.jpg"))
+    m = library.scan(demo_ws, progress=False)
+    t = library.cutoff_table(m, 40).set_index("label")
+    assert t.loc["okapi", "readable"] == 40 and t.loc["okapi", "eligible"] == 37
+    assert not t.loc["okapi", "included"] and t.loc["okapi", "short_by"] == 3
+    assert "okapi" not in library.training_classes(m, 40)
+    penguin = sorted(m.loc[(m["label"] == "penguin") & m["readable"], "path"])[:20]
+    curate.discard(demo_ws, penguin, "too blurry")
+    gone = library.discarded_paths(demo_ws)
+    assert gone == set(penguin)
+    t = library.cutoff_table(m, 40, gone).set_index("label")
+    assert t.loc["penguin", "eligible"] == t.loc["penguin", "unique"] - 20
+    assert "penguin" not in library.training_classes(m, 40, gone)
+    assert "penguin" in library.training_classes(m, 40)
 
 
 def test_cutoff_rejects_nonsense(demo_ws):

@@ -60,7 +60,21 @@ def test_duplicates_share_a_split(demo_ws):
     data = splits.split_manifest(demo_ws, m, sorted(set(m["label"])))
     per_hash = data.groupby("hash")["split"].nunique()
     assert per_hash.max() == 1
-    assert (data.groupby("hash").size() > 1).sum() >= 2  # the demo's planted duplicates
+    assert (data.groupby("hash").size() > 1).sum() >= 1  # the demo's same-class copy
+
+
+def test_a_content_filed_under_two_classes_is_left_out(demo_ws):
+    m = library.scan(demo_ws, progress=False)
+    classes = sorted(set(m["label"]) - {"Unknown"})
+    both = {"cheetah/cheetah_0005.jpg", "leopard/cheetah_0005.jpg"}  # the demo's planted pair
+    conflicts = splits.conflicting_labels(demo_ws, m, classes)
+    assert set(conflicts["path"]) == both and conflicts["hash"].nunique() == 1
+    rows = splits.split_manifest(demo_ws, m, classes)
+    assert not set(rows["path"]) & both
+    assert "lion/lion_0003_copy.jpg" in set(rows["path"])  # a same-class copy stays
+    # one copy left out of the class list: no conflict, the other copy trains
+    rows = splits.split_manifest(demo_ws, m, [c for c in classes if c != "leopard"])
+    assert "cheetah/cheetah_0005.jpg" in set(rows["path"])
 
 
 def test_benchmark_frozen_and_extended_only_for_new_classes(demo_ws):

@@ -171,39 +171,56 @@ def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:
                                             ignore_index=True)
 
 
-def cutoff_table(manifest: pd.DataFrame, min_images: int = 40) -> pd.DataFrame:
+def discarded_paths(ws: Workspace) -> set[str]:
+    """Library paths flagged discard in `library/_flags.csv`."""
+    flags = read_flags(ws)
+    return set(flags.loc[flags["discard"], "path"])
+
+
+def cutoff_table(manifest: pd.DataFrame, min_images: int = 40,
+                 discarded: set[str] | frozenset = frozenset()) -> pd.DataFrame:
     """Which classes take part in training under a `min_images` cutoff.
+
+    A class counts its `eligible` images: readable, not discarded, and each
+    content once (an exact duplicate adds nothing for training). The cutoff
+    applies to that count, so duplicates and discarded files never lift a class
+    over it.
 
     Args:
         manifest: from `scan`.
-        min_images: the least number of readable images a class needs.
+        min_images: the least number of eligible images a class needs.
+        discarded: library paths flagged discard (`discarded_paths`).
 
     Returns:
-        class_counts plus columns included (bool), short_by (images missing)
-        and reason.
+        class_counts plus columns eligible, included (bool), short_by (eligible
+        images missing) and reason.
     """
     if min_images < 1:
         raise ZoolibError(f"MIN_IMAGES must be at least 1, got {min_images}")
     table = class_counts(manifest)
-    table["short_by"] = (min_images - table["readable"]).clip(lower=0)
+    kept = manifest[manifest["readable"] & ~manifest["path"].isin(set(discarded))]
+    table["eligible"] = table["label"].map(kept.groupby("label")["hash"].nunique())
+    table["eligible"] = table["eligible"].fillna(0).astype(int)
+    table["short_by"] = (min_images - table["eligible"]).clip(lower=0)
     reason = pd.Series("", index=table.index)
     reason[table["short_by"] > 0] = "below cutoff"
     reason[table["readable"] == 0] = "no readable image"
     reason[table["label"] == UNKNOWN] = "reserved: Unknown is never a training class"
     table["reason"] = reason
     table["included"] = reason == ""
-    return table[["label", "files", "readable", "unique", "staged", "synthetic",
+    return table[["label", "files", "readable", "unique", "eligible", "staged", "synthetic",
                   "included", "short_by", "reason"]]
 
 
-def training_classes(manifest: pd.DataFrame, min_images: int = 40) -> list[str]:
-    """The sorted class list a generation trains on.
+def training_classes(manifest: pd.DataFrame, min_images: int = 40,
+                     discarded: set[str] | frozenset = frozenset()) -> list[str]:
+    """The sorted class list a generation trains on (see `cutoff_table`).
 
     Raises:
         ZoolibError: a class folder has no readable image (named), or no class
             reaches the cutoff.
     """
-    table = cutoff_table(manifest, min_images)
+    table = cutoff_table(manifest, min_images, discarded)
     empty = table[(table["readable"] == 0) & (table["label"] != UNKNOWN)]
     if len(empty):
         names = ", ".join(f"{r.label!r} ({r.files} files)" for r in empty.itertuples())
@@ -211,6 +228,6 @@ def training_classes(manifest: pd.DataFrame, min_images: int = 40) -> list[str]:
                           "fix or remove them (see the curation notebook)")
     classes = sorted(table.loc[table["included"], "label"])
     if not classes:
-        raise ZoolibError(f"no class has at least {min_images} readable images "
-                          f"(largest: {table['readable'].max() if len(table) else 0})")
+        raise ZoolibError(f"no class has at least {min_images} unique, readable, non-discarded "
+                          f"images (largest: {table['eligible'].max() if len(table) else 0})")
     return classes

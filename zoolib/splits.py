@@ -112,21 +112,45 @@ def benchmark_set(ws: Workspace, manifest: pd.DataFrame,
     return frozen
 
 
+def _candidates(manifest: pd.DataFrame, classes: list[str], flags: pd.DataFrame) -> pd.DataFrame:
+    """Readable, non-discarded manifest rows of `classes`."""
+    return manifest[manifest["readable"] & manifest["label"].isin(classes)
+                    & ~manifest["path"].isin(flags.loc[flags["discard"], "path"])]
+
+
+def label_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose content (hash) is filed under more than one class, by hash."""
+    labels = rows.groupby("hash")["label"].transform("nunique")
+    return rows[labels > 1].sort_values(["hash", "path"])
+
+
+def conflicting_labels(ws: Workspace, manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Exact duplicates filed under two or more of `classes`: path, label, hash.
+
+    `split_manifest` leaves them out; curation resolves them (discard the wrong
+    copy, or move it).
+    """
+    rows = _candidates(manifest, classes, read_flags(ws))
+    return label_conflicts(rows)[["path", "label", "hash"]].reset_index(drop=True)
+
+
 def split_manifest(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
                    fractions: dict[str, float] | None = None) -> pd.DataFrame:
     """Readable images of `classes` with their split.
 
     Images in the frozen benchmark keep the split "benchmark"; other images that
     fall in the benchmark bucket are test images. Images flagged as discarded in
-    `library/_flags.csv` are left out; pinned ones take their pinned split
-    (except frozen benchmark images, which stay in the benchmark).
+    `library/_flags.csv` are left out, and so are contents filed under two or more
+    of `classes` (`conflicting_labels`: training them under both labels would
+    teach the model nonsense); pinned ones take their pinned split (except frozen
+    benchmark images, which stay in the benchmark).
 
     Returns:
         The manifest rows of `classes` plus a `split` column.
     """
     flags = read_flags(ws)
-    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)
-                    & ~manifest["path"].isin(flags.loc[flags["discard"], "path"])].copy()
+    rows = _candidates(manifest, classes, flags)
+    rows = rows[~rows["path"].isin(set(label_conflicts(rows)["path"]))].copy()
     fractions = fractions or workspace_fractions(ws)
     rows["split"] = assign(rows["hash"], fractions)
     bench = set(benchmark_set(ws, manifest, fractions)["hash"])

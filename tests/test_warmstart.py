@@ -31,6 +31,20 @@ def test_round_trip_body_equal_head_new(demo_ws):
     assert rec["classes_added"] == ["giraffe"] and rec["carried_classes"] == []
 
 
+def test_shrink_and_perturb_scales_parameters_and_keeps_buffers(demo_ws):
+    parent, name = _save_parent(demo_ws)
+    torch.manual_seed(1)
+    fresh = models.create_model("resnet18", len(CHILD)).state_dict()
+    torch.manual_seed(1)  # the same random init inside warm_start
+    child, rec = warmstart.warm_start(demo_ws, name, "resnet18", CHILD, shrink=0.5, perturb=0.1)
+    p, c = parent.state_dict(), child.state_dict()
+    assert torch.allclose(c["conv1.weight"], 0.5 * p["conv1.weight"] + 0.1 * fresh["conv1.weight"])
+    assert torch.allclose(c["bn1.weight"], 0.5 * p["bn1.weight"] + 0.1 * fresh["bn1.weight"])
+    assert torch.equal(c["bn1.running_var"], p["bn1.running_var"])  # a buffer: copied as is
+    assert torch.equal(c["fc.weight"], fresh["fc.weight"])  # the new head is not shrunk
+    assert (rec["shrink"], rec["perturb"]) == (0.5, 0.1)
+
+
 def test_carry_rows_matched_by_name_not_index(demo_ws):
     parent, name = _save_parent(demo_ws)
     child, rec = warmstart.warm_start(demo_ws, name, "resnet18", CHILD, carry_rows=True)

@@ -92,6 +92,9 @@ class TrainConfig:
         max_warp: perspective warp (0 = off).
         max_lighting: brightness/contrast change (0 = off).
         carry_rows: on a warm start, keep output rows of shared classes.
+        warm_shrink, warm_perturb: on a warm start, the body becomes
+            `shrink * parent + perturb * fresh init` (warmstart.shrink_perturb;
+            1.0 and 0.0: a plain copy).
         pretrained: start a scratch run from ImageNet weights (needs internet).
         num_workers: DataLoader workers; None = 0 on a small CPU machine, else fastai's.
         resume: continue an interrupted run with the same settings.
@@ -126,6 +129,8 @@ class TrainConfig:
     max_warp: float = 0.0
     max_lighting: float = 0.0
     carry_rows: bool = False
+    warm_shrink: float = 1.0
+    warm_perturb: float = 0.0
     pretrained: bool = False
     num_workers: int | None = None
     resume: bool = True
@@ -158,6 +163,9 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
             raise ZoolibError("LABEL_SMOOTHING and EMA_DECAY must be in [0, 1), got "
                               f"{self.label_smoothing} and {self.ema_decay}")
+        if not 0 < self.warm_shrink <= 1 or self.warm_perturb < 0:
+            raise ZoolibError(f"WARM_SHRINK must be in (0, 1] and WARM_PERTURB at least 0, got "
+                              f"{self.warm_shrink} and {self.warm_perturb}")
         if not 0 <= self.max_shift < 0.5:
             raise ZoolibError(f"MAX_SHIFT is a share of the side in [0, 0.5), got {self.max_shift}")
         if self.precision not in PRECISIONS:
@@ -195,12 +203,16 @@ def prepare_data(ws: Workspace, cfg: TrainConfig, progress: bool = True
     if empty:
         raise ZoolibError(f"class folder(s) with no readable image: {', '.join(map(repr, empty))}"
                           " (no files at all); add images or remove the folder")
-    classes = library.training_classes(manifest, cfg.min_images)
+    classes = library.training_classes(manifest, cfg.min_images, library.discarded_paths(ws))
     for name in classes:  # class names become folder names and labels everywhere
         check_class_name(name)
     if len(classes) < 2:
         raise ZoolibError(f"only {classes} reach MIN_IMAGES={cfg.min_images}: "
                           "a classifier needs at least 2 classes")
+    conflicts = splits.conflicting_labels(ws, manifest, classes)
+    if len(conflicts):  # left out by split_manifest; say which, so curation can fix them
+        print(f"left out {len(conflicts)} image(s) whose content is filed under two classes: "
+              + ", ".join(conflicts["path"]))
     data = splits.split_manifest(ws, manifest, classes)
     if cfg.folds:
         data = splits.apply_fold(data, cfg.folds, cfg.fold)
@@ -278,7 +290,8 @@ def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
         return model, {"parent": None, "init": "pretrained" if cfg.pretrained else "scratch",
                        "head_init": "random"}, models.preprocessing(model, cfg.pretrained)
     parent = models.resolve_generation(ws, cfg.init_from)
-    model, record = warmstart.warm_start(ws, parent, cfg.arch, classes, carry_rows=cfg.carry_rows)
+    model, record = warmstart.warm_start(ws, parent, cfg.arch, classes, carry_rows=cfg.carry_rows,
+                                         shrink=cfg.warm_shrink, perturb=cfg.warm_perturb)
     # the body learned on the parent's inputs: keep its normalisation and resize filter
     p_info = models.read_info(ws, parent)
     prep = {"mean": p_info["mean"], "std": p_info["std"],

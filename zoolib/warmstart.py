@@ -4,6 +4,14 @@ Every tensor of the parent except the output layer is copied, with its shape
 checked. The output layer is replaced by a randomly initialised one sized for the
 new class list. Optionally the output rows of classes that exist in both
 generations are carried over, matched by class name (never by index).
+
+Optionally the copied body is shrunk and perturbed (Ash & Adams 2020, "On
+warm-starting neural network training"): each parameter becomes
+`shrink * parent + perturb * fresh`, with `fresh` the new model's own random
+initialisation. A warm-started network tends to stay near its parent's optimum
+and generalise worse than a fresh one trained on all the data; shrinking
+restores the effective learning rate of normalised layers and the noise lets it
+leave that optimum, while most of what the parent learned is kept.
 """
 from __future__ import annotations
 
@@ -49,6 +57,25 @@ def transfer_body(parent: torch.nn.Module, child: torch.nn.Module) -> list[str]:
     return sorted(p_body)
 
 
+def shrink_perturb(child: torch.nn.Module, fresh: dict[str, torch.Tensor], keys: list[str],
+                   shrink: float, perturb: float) -> int:
+    """`shrink * copied + perturb * fresh` for the learnable tensors among `keys`.
+
+    Buffers (batch-norm statistics, counters) are left as copied.
+
+    Returns:
+        The number of tensors changed.
+    """
+    params = dict(child.named_parameters())
+    changed = 0
+    with torch.no_grad():
+        for k in keys:
+            if k in params:
+                params[k].mul_(shrink).add_(fresh[k].to(params[k].dtype), alpha=perturb)
+                changed += 1
+    return changed
+
+
 def carry_head_rows(parent: torch.nn.Module, parent_classes: list[str],
                     child: torch.nn.Module, child_classes: list[str]) -> list[str]:
     """Copy output-layer rows of classes present in both lists, matched by name.
@@ -66,7 +93,8 @@ def carry_head_rows(parent: torch.nn.Module, parent_classes: list[str],
 
 
 def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
-               carry_rows: bool = False) -> tuple[torch.nn.Module, dict]:
+               carry_rows: bool = False, shrink: float = 1.0,
+               perturb: float = 0.0) -> tuple[torch.nn.Module, dict]:
     """Build a model for `classes` from a saved parent generation.
 
     Args:
@@ -76,6 +104,8 @@ def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
         classes: the new ordered class list.
         carry_rows: also copy the output rows of shared classes (off by default:
             the practitioner's recipe re-initialises the whole output layer).
+        shrink, perturb: shrink-and-perturb of the copied body (1.0 and 0.0: a
+            plain copy).
 
     Returns:
         The model and a record for model.json (parent, transferred, head_init).
@@ -88,7 +118,10 @@ def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
         raise ZoolibError(f"cannot warm-start a {arch} from {parent_name}, which is a "
                           f"{p_info['arch']}: set ARCH={p_info['arch']!r} or INIT_FROM='scratch'")
     child = create_model(arch, len(classes))
+    fresh = {k: v.clone() for k, v in child.state_dict().items()}
     copied = transfer_body(parent, child)
+    if shrink != 1.0 or perturb != 0.0:
+        shrink_perturb(child, fresh, copied, shrink, perturb)
     carried = carry_head_rows(parent, p_info["classes"], child, classes) if carry_rows else []
     record = {
         "parent": parent_name,
@@ -98,6 +131,7 @@ def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
         "transferred_params": int(sum(parent.state_dict()[k].numel() for k in copied)),
         "head_keys": classifier_keys(child),
         "carried_classes": carried,
+        "shrink": float(shrink), "perturb": float(perturb),
         "classes_added": [c for c in classes if c not in p_info["classes"]],
         "classes_removed": [c for c in p_info["classes"] if c not in classes],
     }

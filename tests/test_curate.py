@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from zoolib import curate, journal, library, splits
+from zoolib import curate, evaluate, journal, library, splits
 from zoolib.images import content_hash, probe
 from zoolib.workspace import ZoolibError
 
@@ -248,6 +248,23 @@ def test_rotation_round_trip_with_undo(demo_ws, truth):
     assert journal.read(demo_ws).set_index("id").loc[event, "undone"]
     with pytest.raises(ZoolibError, match="90, 180 or 270"):
         curate.rotate(demo_ws, path, 45)
+
+
+def test_a_rotated_image_keeps_its_split_and_its_benchmark_place(demo_ws):
+    m = _scan(demo_ws)
+    classes = library.training_classes(m, 40)
+    splits.freeze_benchmark(demo_ws, m, classes)
+    before = splits.split_manifest(demo_ws, m, classes).set_index("path")["split"]
+    bench = before[before == "benchmark"].index[:3].tolist()
+    turned = bench + before[before != "benchmark"].index[:17].tolist()
+    for path in turned:  # 20 rewrites, one of them twice
+        curate.rotate(demo_ws, path, 90)
+    curate.strip_orientation(demo_ws, turned[0])
+    m2 = _scan(demo_ws)
+    assert not set(m2.set_index("path").loc[turned, "hash"]) & set(m["hash"])  # new bytes
+    after = splits.split_manifest(demo_ws, m2, classes).set_index("path")["split"]
+    pd.testing.assert_series_equal(after.loc[before.index], before)
+    assert set(bench) <= set(evaluate.benchmark_rows(demo_ws, m2)["path"])
 
 
 def _exif_jpeg(path, size, orientation, shot):

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from zoolib import library, splits
+from zoolib import curate, library, splits
 from zoolib.workspace import ZoolibError
 
 
@@ -44,6 +44,7 @@ def _add_images(folder, n, seed):
 
 def test_adding_100_images_moves_no_old_image(demo_ws):
     classes = ["lion", "zebra", "elephant"]
+    splits.freeze_benchmark(demo_ws, library.scan(demo_ws, progress=False), classes)
     before = splits.split_manifest(demo_ws, library.scan(demo_ws, progress=False), classes)
     for k, cls in enumerate(classes):
         _add_images(demo_ws.library / cls, 34 if k else 32, seed=k)
@@ -79,13 +80,14 @@ def test_a_content_filed_under_two_classes_is_left_out(demo_ws):
 
 def test_benchmark_frozen_and_extended_only_for_new_classes(demo_ws):
     m = library.scan(demo_ws, progress=False)
-    first = splits.benchmark_set(demo_ws, m)
-    assert demo_ws.benchmark_csv.exists() and len(first) > 0
+    assert splits.read_benchmark(demo_ws).empty and not demo_ws.benchmark_csv.exists()
+    first = splits.freeze_benchmark(demo_ws, m, ["lion", "zebra"])
+    assert demo_ws.benchmark_csv.exists() and set(first["label"]) == {"lion", "zebra"}
     # new lion images that fall in the benchmark bucket do not join the frozen set
     _add_images(demo_ws.library / "lion", 60, seed=9)
     _add_images(demo_ws.library / "newcls", 50, seed=10)
     m2 = library.scan(demo_ws, progress=False)
-    second = splits.benchmark_set(demo_ws, m2)
+    second = splits.freeze_benchmark(demo_ws, m2, ["lion", "zebra", "newcls"])
     old = second[second["label"] != "newcls"].reset_index(drop=True)
     pd.testing.assert_frame_equal(old, first.astype(old.dtypes.to_dict()))
     assert (second["label"] == "newcls").sum() > 0
@@ -93,6 +95,32 @@ def test_benchmark_frozen_and_extended_only_for_new_classes(demo_ws):
     late = data[(data["label"] == "lion") & data["path"].str.contains("added_9")]
     assert "benchmark" not in set(late["split"])
     assert set(data.loc[data["split"] == "benchmark", "hash"]) <= set(second["hash"])
+
+
+def test_reading_splits_freezes_nothing_and_discards_are_honoured(demo_ws):
+    m = library.scan(demo_ws, progress=False)
+    classes = sorted(set(m["label"]) - {"Unknown"})
+    data = splits.split_manifest(demo_ws, m, classes)  # what 01_curate does
+    assert not demo_ws.benchmark_csv.exists() and "benchmark" not in set(data["split"])
+    bucket = data[splits.assign(data["hash"]) == "benchmark"]
+    assert set(data.loc[bucket.index, "split"]) == {"test"}  # until the class is frozen
+    gone = bucket["path"].iloc[0]
+    curate.discard(demo_ws, [gone], "blurred")
+    frozen = splits.freeze_benchmark(demo_ws, m, classes)
+    assert gone not in set(frozen["path"])
+    assert set(bucket.loc[bucket["path"] != gone, "hash"]) <= set(frozen["hash"])
+
+
+def test_a_throwaway_run_does_not_freeze_its_extra_class(demo_ws):
+    from zoolib.train import TrainConfig, prepare_data
+
+    cfg = TrainConfig(min_images=35, throwaway=True, arch="zoo_cnn_small", img_size=32)
+    data, classes = prepare_data(demo_ws, cfg, progress=False)
+    assert "okapi" in classes and not demo_ws.benchmark_csv.exists()
+    data, classes = prepare_data(demo_ws, TrainConfig(min_images=40), progress=False)
+    frozen = splits.read_benchmark(demo_ws)
+    assert "okapi" not in set(frozen["label"]) and set(frozen["label"]) <= set(classes)
+    assert set(data.loc[data["split"] == "benchmark", "hash"]) == set(frozen["hash"])
 
 
 def test_a_new_workspace_can_fix_its_split_shares_once(demo_ws):
@@ -108,7 +136,7 @@ def test_a_new_workspace_can_fix_its_split_shares_once(demo_ws):
 
 def test_split_shares_cannot_change_once_in_use(demo_ws):
     manifest = library.scan(demo_ws, progress=False)
-    splits.benchmark_set(demo_ws, manifest)  # the benchmark is drawn
+    splits.freeze_benchmark(demo_ws, manifest, ["lion"])  # the benchmark is drawn
     with pytest.raises(ZoolibError, match="can no longer change"):
         splits.set_fractions(demo_ws, {"train": 0.9, "valid": 0.1, "test": 0.0, "benchmark": 0.0})
     with pytest.raises(ZoolibError, match="add up to 1"):

@@ -34,6 +34,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from . import journal, library, splits
+from .images import content_hash
 from .workspace import UNKNOWN, Workspace, ZoolibError
 
 _BANDS = 4  # multi-index hashing: a 64-bit hash is looked up by four 16-bit bands
@@ -467,6 +468,11 @@ def provenance(manifest: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- orientation
 
+def _keep_split(ws: Workspace, rel: str, old: bytes, new: bytes) -> None:
+    """Record a rewrite so the image keeps its split (splits.record_rewrite)."""
+    splits.record_rewrite(ws, content_hash(old), content_hash(new), rel)
+
+
 def rotate(ws: Workspace, path: str, degrees: int) -> int:
     """Rotate a library image clockwise by 90, 180 or 270 degrees, keeping the original.
 
@@ -485,6 +491,7 @@ def rotate(ws: Workspace, path: str, degrees: int) -> int:
         turned = ImageOps.exif_transpose(img).transpose(ROTATIONS[degrees])
     buf = io.BytesIO()  # encode before moving anything, so a failure changes nothing
     turned.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    _keep_split(ws, rel, src.read_bytes(), buf.getvalue())
     trashed = journal.trash(ws, src.relative_to(ws.root), reason=f"rotate {degrees}")
     src.write_bytes(buf.getvalue())
     dest = journal.read(ws).set_index("id").loc[trashed, "dest"]
@@ -545,6 +552,7 @@ def strip_orientation(ws: Workspace, path: str) -> int:
         img.load()
         buf = io.BytesIO()
         img.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    _keep_split(ws, rel, src.read_bytes(), buf.getvalue())
     trashed = journal.trash(ws, src.relative_to(ws.root), reason="strip orientation tag")
     src.write_bytes(buf.getvalue())
     dest = journal.read(ws).set_index("id").loc[trashed, "dest"]

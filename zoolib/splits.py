@@ -1,9 +1,12 @@
 """Train / valid / test / benchmark splits keyed on image content.
 
 A file's split is a function of its content hash alone, so adding images never
-moves an existing one and exact duplicates always land together. The benchmark
-set is frozen in `splits/benchmark.csv` the first time it is drawn: rows are
-only ever added (for classes it did not cover yet), never changed.
+moves an existing one and exact duplicates always land together. A rewritten
+image (rotated, orientation fixed) keeps the split of its first content: the
+rewrite is recorded in `splits/origins.csv` and splits are keyed on that first
+hash (`split_key`). The benchmark
+set is frozen in `splits/benchmark.csv` class by class, when a class first
+trains (`freeze_benchmark`): rows are only ever added, never changed.
 """
 from __future__ import annotations
 
@@ -59,6 +62,52 @@ def set_fractions(ws: Workspace, fractions: dict[str, float]) -> dict[str, float
     return dict(fractions)
 
 
+# A rewrite (rotation, orientation fix) changes a file's bytes and so its content hash;
+# its split must not change with them. Each rewrite is recorded as new hash -> the
+# first hash the workspace saw for that image, and splits are keyed on the latter.
+ORIGINS_COLUMNS = ["hash", "origin", "path", "time"]
+
+
+def _origins_csv(ws: Workspace):
+    return ws.splits / "origins.csv"
+
+
+def read_origins(ws: Workspace) -> dict[str, str]:
+    """Rewritten contents: content hash -> the image's first hash (its split key)."""
+    path = _origins_csv(ws)
+    if not path.exists():
+        return {}
+    table = pd.read_csv(path, dtype=str)
+    return dict(zip(table["hash"], table["origin"]))
+
+
+def record_rewrite(ws: Workspace, old_hash: str, new_hash: str, path: str) -> str:
+    """Record that the image at `path` was rewritten from `old_hash` to `new_hash`.
+
+    Returns:
+        The image's split key (the first hash seen), which it keeps.
+    """
+    origins = read_origins(ws)
+    origin = origins.get(old_hash, old_hash)
+    if new_hash == origin:  # rewritten back to its first bytes (an undo)
+        return origin
+    path_csv = _origins_csv(ws)
+    table = (pd.read_csv(path_csv, dtype=str) if path_csv.exists()
+             else pd.DataFrame(columns=ORIGINS_COLUMNS))
+    row = {"hash": new_hash, "origin": origin, "path": path,
+           "time": pd.Timestamp.now(tz="UTC").isoformat()}
+    table = pd.concat([table[table["hash"] != new_hash], pd.DataFrame([row])], ignore_index=True)
+    ws.splits.mkdir(parents=True, exist_ok=True)
+    write_atomic(path_csv, table.to_csv(index=False))
+    return origin
+
+
+def split_key(ws: Workspace, hashes: pd.Series) -> pd.Series:
+    """The key each content's split is drawn from: its first hash (see `record_rewrite`)."""
+    origins = read_origins(ws)
+    return hashes.map(origins).fillna(hashes) if origins else hashes
+
+
 def bucket(hashes: pd.Series) -> pd.Series:
     """A number in [0, 10000) from each hex content hash."""
     return hashes.str[:8].map(lambda h: int(h, 16) % _BUCKETS)
@@ -85,30 +134,47 @@ def assign(hashes: pd.Series, fractions: dict[str, float] | None = None) -> pd.S
     return out
 
 
-def benchmark_set(ws: Workspace, manifest: pd.DataFrame,
-                  fractions: dict[str, float] | None = None) -> pd.DataFrame:
-    """The fixed benchmark set: loaded from disk, extended only for new classes.
+BENCHMARK_COLUMNS = ["hash", "path", "label", "added"]
 
-    Images of a class already covered that later fall in the benchmark bucket
-    are not added (they are treated as test images), so the set that compares
-    generations stays the same.
+
+def read_benchmark(ws: Workspace) -> pd.DataFrame:
+    """The frozen benchmark set as saved (no side effects; empty before the first freeze).
 
     Returns:
-        Columns hash, path, label, added (UTC timestamp of the draw).
+        Columns hash (the split key: see `split_key`), path, label, added (UTC
+        timestamp of the freeze).
     """
-    cols = ["hash", "path", "label", "added"]
-    frozen = (pd.read_csv(ws.benchmark_csv, dtype=str) if ws.benchmark_csv.exists()
-              else pd.DataFrame(columns=cols))
-    ok = manifest[manifest["readable"]].drop_duplicates("hash")
-    drawn = ok[assign(ok["hash"], fractions or workspace_fractions(ws)) == "benchmark"]
-    new = drawn[~drawn["label"].isin(set(frozen["label"]))]
-    if len(new):
-        new = new.assign(added=pd.Timestamp.now(tz="UTC").isoformat())[cols]
-        frozen = pd.concat([frozen, new], ignore_index=True)
-        ws.splits.mkdir(parents=True, exist_ok=True)
-        tmp = ws.benchmark_csv.with_suffix(".tmp")
-        frozen.to_csv(tmp, index=False)
-        tmp.replace(ws.benchmark_csv)
+    if not ws.benchmark_csv.exists():
+        return pd.DataFrame(columns=BENCHMARK_COLUMNS)
+    return pd.read_csv(ws.benchmark_csv, dtype=str)
+
+
+def freeze_benchmark(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
+                     fractions: dict[str, float] | None = None) -> pd.DataFrame:
+    """Freeze the benchmark rows of the `classes` that have none yet, and save.
+
+    Training calls it with the classes that reached `MIN_IMAGES` (a throw-away run
+    does not), so a class's benchmark is drawn from the library it had when it
+    first reached the cutoff: not from the handful of images a class starts with.
+    Its rows are its readable, non-discarded images in the benchmark bucket. Rows
+    are only ever added: later images of a frozen class that fall in the
+    benchmark bucket are test images, so the set that compares generations stays
+    the same.
+
+    Returns:
+        The whole frozen set (see `read_benchmark`).
+    """
+    frozen = read_benchmark(ws)
+    todo = [c for c in classes if c not in set(frozen["label"])]
+    ok = _candidates(manifest, todo, read_flags(ws))
+    ok = ok.assign(hash=split_key(ws, ok["hash"])).drop_duplicates("hash")  # keys, stored
+    new = ok[assign(ok["hash"], fractions or workspace_fractions(ws)) == "benchmark"]
+    if new.empty:
+        return frozen
+    new = new.assign(added=pd.Timestamp.now(tz="UTC").isoformat())[BENCHMARK_COLUMNS]
+    frozen = pd.concat([frozen, new], ignore_index=True)
+    ws.splits.mkdir(parents=True, exist_ok=True)
+    write_atomic(ws.benchmark_csv, frozen.to_csv(index=False))
     return frozen
 
 
@@ -152,9 +218,10 @@ def split_manifest(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
     rows = _candidates(manifest, classes, flags)
     rows = rows[~rows["path"].isin(set(label_conflicts(rows)["path"]))].copy()
     fractions = fractions or workspace_fractions(ws)
-    rows["split"] = assign(rows["hash"], fractions)
-    bench = set(benchmark_set(ws, manifest, fractions)["hash"])
-    late = (rows["split"] == "benchmark") & ~rows["hash"].isin(bench)
+    key = split_key(ws, rows["hash"])
+    rows["split"] = assign(key, fractions)
+    bench = set(read_benchmark(ws)["hash"])
+    late = (rows["split"] == "benchmark") & ~key.isin(bench)
     rows.loc[late, "split"] = "test"
     pins = rows["path"].map(flags.set_index("path")["pin"]).fillna("")
     pinned = (pins != "") & (rows["split"] != "benchmark")

@@ -1,10 +1,12 @@
 """Prediction frames, figures, evaluating a trained generation, lineage."""
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
-from zoolib import evaluate, library, metrics, models
+from zoolib import evaluate, library, metrics, models, splits
 
 CLASSES = ["a", "b", "c"]
 
@@ -64,14 +66,15 @@ def test_confusion_readable_with_60_classes(tmp_path):
 # ---- on a trained workspace -------------------------------------------------------------
 
 def test_evaluate_generation(trained_ws, tmp_path):
-    ev = evaluate.evaluate(trained_ws, "last", report_dir=tmp_path / "rep", top_losses=4)
     manifest = library.scan(trained_ws, progress=False)
+    splits.freeze_benchmark(trained_ws, manifest, ["okapi"])  # as a later generation would
+    ev = evaluate.evaluate(trained_ws, "last", report_dir=tmp_path / "rep", top_losses=4)
     assert len(ev.test) == len(evaluate.split_rows(trained_ws, manifest, ev.classes))
     assert set(ev.benchmark["path"]) == set(evaluate.benchmark_rows(trained_ws, manifest)["path"])
     known = ev.test[ev.test["label"].isin(ev.classes)]
     assert ev.metrics["test"]["accuracy"] == pytest.approx(known["correct"].mean())
     assert set(ev.metrics["test"]["by_source"]) <= {"real", "staged", "synthetic"}
-    # okapi (below the cutoff) and Unknown benchmark images are not scored
+    # okapi benchmark images (a class gen-0001 lacks) are not scored
     assert ev.metrics["benchmark"]["not_in_classes"] == int(
         (~ev.benchmark["label"].isin(ev.classes)).sum()) > 0
     for name in ("confusion_test.png", "confusion_benchmark.png", "top_losses.png",
@@ -82,6 +85,25 @@ def test_evaluate_generation(trained_ws, tmp_path):
     assert info["metrics"]["benchmark_accuracy"] == ev.metrics["benchmark"]["accuracy"]
     assert info["metrics"]["best_epoch"] >= 1  # training metrics are kept
     assert info["evaluation"]["test"]["images"] == len(known)
+
+
+def test_a_generation_is_tested_on_its_own_split_minus_what_its_lineage_trained_on(trained_ws):
+    ws = trained_ws
+    shutil.copytree(ws.models / "gen-0001", ws.models / "gen-0002")
+    info_path = ws.models / "gen-0002" / "model.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()),
+                                     "name": "gen-0002", "parent": "gen-0001"}))
+    saved = models.read_splits(ws, "gen-0001")
+    parent_train = saved[saved["split"] == "train"]
+    leaked = set(parent_train["hash"].iloc[:5])  # say a rewrite moved these to test
+    mine = saved.assign(split=np.where(saved["hash"].isin(leaked), "test", saved["split"]))
+    mine.to_parquet(ws.models / "gen-0002" / "splits.parquet")
+    ev = evaluate.evaluate(ws, "gen-0002", save=False)
+    own_test = set(mine.loc[mine["split"] == "test", "hash"])
+    hash_of = library.scan(ws, progress=False).set_index("path")["hash"]
+    assert set(ev.test["path"].map(hash_of)) == own_test - leaked
+    assert ev.metrics["test"]["left_out_trained"] == int(
+        mine[mine["split"] == "test"]["hash"].isin(leaked).sum()) >= 5
 
 
 def test_lineage_plot(trained_ws, tmp_path):

@@ -97,14 +97,56 @@ def split_rows(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
     return data[data["split"] == split].reset_index(drop=True)
 
 
+def test_rows(ws: Workspace, generation: str, manifest: pd.DataFrame,
+              classes: list[str]) -> pd.DataFrame:
+    """The generation's own test split, from the splits.parquet it was trained with.
+
+    Rows are found by content hash in today's library (a file may have moved; its
+    label is today's), discarded images left out. A generation saved before
+    splits were kept gets today's test split.
+    """
+    saved = models.read_splits(ws, generation)
+    if saved is None:
+        return split_rows(ws, manifest, classes)
+    ok = manifest[manifest["readable"] & ~manifest["path"].isin(library.discarded_paths(ws))]
+    ok = ok.assign(key=splits.split_key(ws, ok["hash"]))  # found again after a rewrite
+    test = pd.DataFrame({"key": splits.split_key(ws, saved.loc[saved["split"] == "test", "hash"])})
+    return (test.drop_duplicates().merge(ok, on="key").drop(columns="key")
+            .sort_values("path", ignore_index=True))
+
+
+def trained_hashes(ws: Workspace, generation: str) -> set[str]:
+    """Split keys (`splits.split_key`) of the images the generation or any ancestor
+    in its lineage trained on."""
+    hashes, name, seen = set(), generation, set()
+    while name and name not in seen and (ws.models / name / "model.json").exists():
+        seen.add(name)
+        saved = models.read_splits(ws, name)
+        if saved is not None:
+            hashes |= set(splits.split_key(ws, saved.loc[saved["split"] == "train", "hash"]))
+        name = models.read_info(ws, name).get("parent")
+    return hashes
+
+
+def drop_trained(ws: Workspace, rows: pd.DataFrame, keys: set[str]) -> tuple[pd.DataFrame, int]:
+    """`rows` without the images whose split key is in `keys`, and how many were dropped."""
+    seen = splits.split_key(ws, rows["hash"]).isin(keys)
+    return rows[~seen].reset_index(drop=True), int(seen.sum())
+
+
 def benchmark_rows(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The frozen benchmark images still in the library, with current path, label, source.
+    """The frozen benchmark images still in the library and not discarded, with current
+    path, label, source.
 
     Labels of every class are returned; a generation scores those in its class list.
     """
-    frozen = splits.benchmark_set(ws, manifest)
-    ok = manifest[manifest["readable"]].drop_duplicates("hash")
-    return frozen[["hash"]].merge(ok, on="hash").sort_values("path", ignore_index=True)
+    frozen = splits.read_benchmark(ws)
+    ok = manifest[manifest["readable"] & ~manifest["path"].isin(library.discarded_paths(ws))]
+    ok = ok.drop_duplicates("hash")
+    ok = ok.assign(key=splits.split_key(ws, ok["hash"]))  # a rewritten image stays in
+    frozen = frozen[["hash"]].rename(columns={"hash": "key"})
+    return (frozen.merge(ok, on="key").drop(columns="key")
+            .sort_values("path", ignore_index=True))
 
 
 # --------------------------------------------------------------------------- figures
@@ -188,7 +230,10 @@ class Evaluation:
 def evaluate(workspace, generation: str = "last", report_dir: str | Path | None = None,
              top_losses: int = 16, n_bins: int = 10, save: bool = True,
              tta: bool = False) -> Evaluation:
-    """Evaluate a generation on its test split and on the benchmark set.
+    """Evaluate a generation on its own test split and on the benchmark set.
+
+    Test and benchmark images that the generation or any ancestor trained on are
+    left out and counted (`left_out_trained` in each part's metrics).
 
     Args:
         workspace: a workspace path or Workspace.
@@ -206,10 +251,17 @@ def evaluate(workspace, generation: str = "last", report_dir: str | Path | None 
     loaded = inference.load(ws, generation)
     classes = loaded.classes
     manifest = library.scan(ws, progress=False)
-    test = predict_rows(ws, loaded.name, split_rows(ws, manifest, classes), loaded=loaded,
-                        tta=tta)
-    bench = predict_rows(ws, loaded.name, benchmark_rows(ws, manifest), loaded=loaded, tta=tta)
+    seen = trained_hashes(ws, loaded.name)
+    test_in, n_test = drop_trained(ws, test_rows(ws, loaded.name, manifest, classes), seen)
+    bench_in, n_bench = drop_trained(ws, benchmark_rows(ws, manifest), seen)
+    if n_test or n_bench:  # e.g. a rewritten image that moved split between generations
+        print(f"left out {n_test} test and {n_bench} benchmark image(s) that {loaded.name} or "
+              "an ancestor trained on")
+    test = predict_rows(ws, loaded.name, test_in, loaded=loaded, tta=tta)
+    bench = predict_rows(ws, loaded.name, bench_in, loaded=loaded, tta=tta)
     metrics = {"test": summarize(test, classes, n_bins), "benchmark": summarize(bench, classes, n_bins)}
+    metrics["test"]["left_out_trained"] = n_test
+    metrics["benchmark"]["left_out_trained"] = n_bench
     for part, frame in (("test", test), ("benchmark", bench)):
         metrics[part]["top_confusions"] = top_confusions(frame, classes).to_dict(orient="records")
     if report_dir is not None:

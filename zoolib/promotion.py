@@ -30,7 +30,7 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from . import journal, library, models
-from .evaluate import benchmark_rows, predict_rows
+from .evaluate import benchmark_rows, drop_trained, predict_rows, trained_hashes
 from .plots import save
 from .workspace import Workspace, ZoolibError, open_workspace
 
@@ -209,6 +209,10 @@ def compare(workspace, candidate: str = "last", baseline: str = "deployed",
     if baseline is None:
         raise ZoolibError(f"nothing is deployed yet in {ws.models}: nothing to compare with")
     rows = benchmark_rows(ws, library.scan(ws, progress=False))
+    # images either lineage trained on say nothing about generalisation
+    rows, _ = drop_trained(ws, rows, trained_hashes(ws, candidate) | trained_hashes(ws, baseline))
+    if candidate_frame is not None:
+        candidate_frame = candidate_frame[candidate_frame["path"].isin(set(rows["path"]))]
     cand = (candidate_frame if candidate_frame is not None
             else predict_rows(ws, candidate, rows, tta=tta))
     base = predict_rows(ws, baseline, rows, tta=tta)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
+from filelock import FileLock
 
 from PIL import Image
 
@@ -139,7 +140,8 @@ def test_interrupted_run_resumes_the_same_run(demo_ws, capsys):
     with pytest.raises(_Stop, match="interrupted"):
         train(demo_ws, cfg, progress=False,
               extra_cbs=[_ScriptedLoss(losses), raw, avg, _InterruptAfter(3)])
-    state = json.loads((demo_ws.models / INPROGRESS / "state.json").read_text())
+    (folder,) = (demo_ws.models / INPROGRESS).glob("*/state.json")  # the run's own folder
+    state = json.loads(folder.read_text())
     assert state["epochs_done"] == 3 and len(state["history"]) == 3
     assert (state["schedule"]["best"], state["schedule"]["wait"]) == (0.8, 1)
     assert models.generation_names(demo_ws) == []  # nothing half-saved
@@ -157,6 +159,45 @@ def test_interrupted_run_resumes_the_same_run(demo_ws, capsys):
     assert r.history["epoch"].tolist() == [1, 2, 3, 4, 5]
     assert r.history.iloc[:3].to_dict("records") == state["history"]
     assert not (demo_ws.models / INPROGRESS).exists()
+
+
+class _FirstBatches(Callback):
+    """Per epoch: the labels and pixel sum of the first augmented training batch."""
+    order = 95
+
+    def before_fit(self):
+        self.seen = {}
+
+    def before_batch(self):
+        if self.training and self.iter == 0:
+            self.seen[self.epoch] = (self.y.tolist(), round(float(self.x.float().sum()), 2))
+
+
+def test_a_resumed_run_shuffles_and_augments_as_the_uninterrupted_one(demo_ws):
+    cfg = TrainConfig(**{**TINY, "epochs": 5, "patience": 5})
+    whole = _FirstBatches()
+    train(demo_ws, cfg, progress=False, extra_cbs=[whole])
+    with pytest.raises(_Stop):
+        train(demo_ws, cfg, progress=False, extra_cbs=[_FirstBatches(), _InterruptAfter(3)])
+    resumed = _FirstBatches()
+    train(demo_ws, cfg, progress=False, extra_cbs=[resumed])
+    assert set(resumed.seen) == {3, 4}
+    assert resumed.seen == {k: whole.seen[k] for k in (3, 4)}
+
+
+def test_a_run_with_other_settings_leaves_an_interrupted_one_alone(demo_ws):
+    cfg = TrainConfig(**{**TINY, "epochs": 3})
+    with pytest.raises(_Stop):
+        train(demo_ws, cfg, progress=False, extra_cbs=[_InterruptAfter(1)])
+    (waiting,) = (demo_ws.models / INPROGRESS).glob("*/state.json")
+    other = train(demo_ws, TrainConfig(**{**TINY, "epochs": 2}), progress=False)
+    assert other.name == "gen-0001" and waiting.exists()  # still there to resume
+    with FileLock(f"{waiting.parent}.lock"):  # as if another process were running it
+        with pytest.raises(ZoolibError, match="already going on in another process"):
+            train(demo_ws, cfg, progress=False)
+    assert waiting.exists()
+    resumed = train(demo_ws, cfg, progress=False)
+    assert resumed.name == "gen-0002" and not (demo_ws.models / INPROGRESS).exists()
 
 
 def test_a_crash_after_the_last_epoch_still_saves_the_kept_weights(demo_ws):

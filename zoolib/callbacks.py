@@ -22,9 +22,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import random
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.fp16 import MixedPrecision
@@ -118,6 +120,24 @@ class CpuAutocast(Callback):
         self.ctx.__exit__(None, None, None)
 
 
+RNG_FILE = "rng.pth"
+
+
+def random_state(learn) -> dict:
+    """Every random generator a resumed run must continue: Python's, NumPy's, torch's
+    and the training DataLoader's own (it draws each epoch's shuffle)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "loader": learn.dls.train.rng.getstate()}
+
+
+def restore_random_state(learn, state: dict) -> None:
+    """Put back what `random_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    learn.dls.train.rng.setstate(state["loader"])
+
+
 class Checkpoint(Callback):
     """Save model, optimizer, averaged weights and progress after every epoch.
 
@@ -137,6 +157,7 @@ class Checkpoint(Callback):
         row = {"epoch": self.epoch + 1, **dict(zip(names, map(float, self.recorder.values[-1])))}
         self.history.append(row)
         self.learn.save("last", with_opt=True)
+        torch.save(random_state(self.learn), self.run_dir / "checkpoint" / RNG_FILE)
         if hasattr(self.learn, "ema"):
             torch.save(self.learn.ema.snapshot(), self.run_dir / "checkpoint" / "ema.pth")
         state = {"epochs_done": self.epoch + 1, "history": self.history,
@@ -149,13 +170,15 @@ class SkipDone(Callback):
 
     fastai's own `start_epoch` lets the recorder and trackers see the skipped
     epochs as empty rows (and fail); here they are switched off while skipping.
-    The schedule stays right: it derives its position from the epoch.
+    The schedule stays right: it derives its position from the epoch. Given the
+    `rng_file` the checkpoint wrote, the first epoch run again starts from the
+    random state the interrupted run had there.
     """
 
     order = TrainEvalCallback.order - 1  # first of all: nothing else sees a skipped epoch
 
-    def __init__(self, done: int):
-        self.done = done
+    def __init__(self, done: int, rng_file: Path | None = None):
+        self.done, self.rng_file = done, rng_file
 
     def before_fit(self):
         self.others = [cb for cb in self.learn.cbs
@@ -167,3 +190,6 @@ class SkipDone(Callback):
             cb.run = not skip
         if skip:
             raise CancelEpochException()
+        if self.epoch == self.done and self.done and self.rng_file and self.rng_file.exists():
+            # the resumed epoch shuffles and augments as the interrupted run would have
+            restore_random_state(self.learn, torch.load(self.rng_file, weights_only=False))

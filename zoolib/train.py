@@ -34,6 +34,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import partial
@@ -41,14 +42,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.training import BnFreeze
 from fastai.vision.all import (CategoryBlock, ColReader, CrossEntropyLossFlat, DataBlock,
                                ImageBlock, Learner, Normalize, accuracy, set_seed)
 
 from . import augment, library, models, splits, warmstart
-from .callbacks import (Checkpoint, CpuAutocast, Ema, ReleaseMemory, SkipDone, cpu_has_bf16,
-                        release_memory)
+from .callbacks import (RNG_FILE, Checkpoint, CpuAutocast, Ema, ReleaseMemory, SkipDone,
+                        cpu_has_bf16, release_memory)
 from .images import load_rgb, squish
 from .schedule import PlateauSchedule, Progress
 from .workspace import (Workspace, ZoolibError, check_class_name, class_folders,
@@ -213,6 +215,8 @@ def prepare_data(ws: Workspace, cfg: TrainConfig, progress: bool = True
     if len(conflicts):  # left out by split_manifest; say which, so curation can fix them
         print(f"left out {len(conflicts)} image(s) whose content is filed under two classes: "
               + ", ".join(conflicts["path"]))
+    if not cfg.throwaway:  # a class's benchmark freezes when it first trains for real
+        splits.freeze_benchmark(ws, manifest, classes)
     data = splits.split_manifest(ws, manifest, classes)
     if cfg.folds:
         data = splits.apply_fold(data, cfg.folds, cfg.fold)
@@ -299,18 +303,41 @@ def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
     return model, record, prep
 
 
-def _run_dir(ws: Workspace, run_key: dict, resume: bool) -> tuple[Path, dict | None]:
-    """The in-progress folder, and the saved state if it holds a matching run."""
-    run_dir = ws.models / INPROGRESS
+def _run_path(ws: Workspace, run_key: dict) -> Path:
+    """The run's own in-progress folder, named by a hash of its settings, classes and
+    data: an interrupted run of other settings keeps its folder (and can resume)."""
+    key = json.dumps(run_key, sort_keys=True, default=str)
+    return ws.models / INPROGRESS / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+@contextmanager
+def _exclusive(run_dir: Path):
+    """Hold the run's lock: a second process starting the same run is refused."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{run_dir}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ZoolibError(f"the same training run is already going on in another process "
+                          f"({run_dir}); wait for it, or change a setting") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        Path(f"{run_dir}.lock").unlink(missing_ok=True)
+        if run_dir.parent.exists() and not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
+
+
+def _run_dir(run_dir: Path, run_key: dict, resume: bool) -> dict | None:
+    """Prepare the run folder; the saved state when it holds an interrupted run to resume."""
     saved = run_dir / "run.json"
     if resume and saved.exists() and (run_dir / "state.json").exists():
-        if json.loads(saved.read_text()) == json.loads(json.dumps(run_key, default=str)):
-            return run_dir, json.loads((run_dir / "state.json").read_text())
-        print(f"an unfinished run with other settings in {run_dir} is discarded")
+        return json.loads((run_dir / "state.json").read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     (run_dir / "checkpoint").mkdir(parents=True)
     write_atomic(saved, json.dumps(run_key, indent=2, default=str))
-    return run_dir, None
+    return None
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -381,7 +408,19 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
     warm = init["init"] == "warm"
     run_key = {"config": asdict(cfg), "classes": classes, "data": data_hash(data),
                "init": init}
-    run_dir, state = _run_dir(ws, run_key, cfg.resume)
+    run_dir = _run_path(ws, run_key)
+    with _exclusive(run_dir):
+        state = _run_dir(run_dir, run_key, cfg.resume)
+        run = {"ws": ws, "cfg": cfg, "data": data, "classes": classes, "init": init,
+               "prep": prep, "precision": precision, "warm": warm, "state": state}
+        return _fit(run, model, run_dir, progress, extra_cbs)
+
+
+def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
+         extra_cbs) -> TrainResult:
+    """Build the Learner, train (or resume) under the plateau schedule, save the generation."""
+    ws, cfg, data, classes, state = run["ws"], run["cfg"], run["data"], run["classes"], run["state"]
+    warm, prep, precision = run["warm"], run["prep"], run["precision"]
     history = list(state["history"]) if state else []
     start = state["epochs_done"] if state else 0
     ckpt = run_dir / "checkpoint"
@@ -393,7 +432,8 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
                             anneal_pct=cfg.anneal_pct, min_improvement=cfg.min_improvement,
                             progress=Progress(**state["schedule"]) if state else None,
                             on_kept=partial(_save_kept, ckpt))
-    cbs = [sched, Checkpoint(run_dir, history, lambda: asdict(sched.state)), SkipDone(start),
+    cbs = [sched, Checkpoint(run_dir, history, lambda: asdict(sched.state)),
+           SkipDone(start, ckpt / RNG_FILE),
            ChannelsLast(), *_precision_cbs(precision),
            *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
            *extra_cbs]
@@ -407,9 +447,7 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
             learn.fit(cfg.epochs, lr=lr_max(cfg, warm)[-1])
     seconds = time.perf_counter() - started
     learn.model.load_state_dict(torch.load(ckpt / "kept.pth", weights_only=True))
-    run = {"ws": ws, "cfg": cfg, "data": data, "classes": classes, "init": init, "prep": prep,
-           "precision": precision, "history": history, "seconds": seconds, "start": start,
-           "schedule": sched.summary()}
+    run.update(history=history, seconds=seconds, start=start, schedule=sched.summary())
     result = _finish(learn.model, run, run_dir)
     del learn
     release_memory()

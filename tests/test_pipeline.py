@@ -1,9 +1,12 @@
-"""02_train run by papermill with parameters, into a temporary folder."""
+"""The notebooks run by papermill: with parameters, and with their defaults on a
+workspace that is not the demo."""
 import json
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
-from zoolib import models, pipeline
+from zoolib import models, pipeline, workspace
 
 
 def test_papermill_02_train_with_parameters(demo_ws, tmp_path):
@@ -29,3 +32,33 @@ def test_write_and_read_metrics(tmp_path):
     pipeline.write_metrics(tmp_path / "a", {"x": 1})
     assert pipeline.read_metrics(tmp_path / "a") == {"x": 1}
     assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def _plain_workspace(root):
+    """Three classes of 45 noisy colour tiles and an inbox of 12: no Unknown folder, no
+    provenance file, no duplicates planted; nothing the demo has."""
+    ws = workspace.create(root)
+    rng = np.random.default_rng(1)
+    colours = {"ibis": (200, 60, 60), "kudu": (60, 160, 60), "tapir": (60, 60, 200)}
+    for name, base in colours.items():
+        (ws.library / name).mkdir()
+        for i in range(45):
+            px = np.clip(np.array(base) + rng.normal(0, 40, (40, 56, 3)), 0, 255)
+            Image.fromarray(px.astype(np.uint8)).save(ws.library / name / f"{i:03d}.jpg")
+    for i in range(12):
+        base = list(colours.values())[i % 3]
+        px = np.clip(np.array(base) + rng.normal(0, 40, (40, 56, 3)), 0, 255)
+        Image.fromarray(px.astype(np.uint8)).save(ws.inbox / f"in_{i:02d}.jpg")
+    return ws
+
+
+def test_every_notebook_runs_with_its_defaults_on_a_plain_workspace(tmp_path):
+    ws = _plain_workspace(tmp_path / "zoo")
+    done = {}
+    for name in ("01_curate", "02_train", "03_evaluate", "04_bulk_identify", "05_report"):
+        done[name] = pipeline.run_notebook(name, tmp_path / "reports" / name,
+                                           {"WORKSPACE": str(ws.root)})
+    assert done["02_train"]["generation"] == "gen-0001"
+    assert done["02_train"]["classes"] == ["ibis", "kudu", "tapir"]
+    assert done["03_evaluate"]["deployed"] is None  # PROMOTE is off by default
+    assert models.read_deployed(ws) is None

@@ -56,6 +56,7 @@ LIBRARY_COUNTS = {"lion": 60, "zebra": 56, "elephant": 54, "flamingo": 50, "leop
                   "cheetah": 50, "penguin": 48, "okapi": 37}
 ADDED_CLASS = "giraffe"  # joins the library for generation 2
 INBOX_ONLY = "jaguar"  # a class the library never had: a leopard look-alike
+LOOKALIKE_OF = "leopard"  # the library class the jaguars are mistaken for
 BACKGROUNDS = [(120, 160, 80), (200, 180, 120), (110, 150, 190), (90, 120, 70),
                (170, 170, 150)]
 

@@ -88,14 +88,15 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     step("03_evaluate-gen1", "03_evaluate", PROMOTE=True)
     throwaway = step("02_train-throwaway", "02_train", INIT_FROM="last", MIN_IMAGES=35,
                      THROWAWAY=True)
-    step("04_bulk_identify-throwaway", "04_bulk_identify", GENERATION=throwaway["generation"])
+    step("04_bulk_identify-throwaway", "04_bulk_identify", GENERATION=throwaway["generation"],
+         LOOKALIKE_CLASS=demo.LOOKALIKE_OF)
     demo.add_class(ws)
     print(f"added class {demo.ADDED_CLASS!r} to the library")
     step("01_curate-gen2", "01_curate")
     step("02_train-gen2", "02_train", INIT_FROM="last")
     step("03_evaluate-gen2", "03_evaluate", PROMOTE=True)
     step("04_bulk_identify-gen2", "04_bulk_identify",
-         GENERATION=summary["02_train-gen2"]["generation"])
+         GENERATION=summary["02_train-gen2"]["generation"], LOOKALIKE_CLASS=demo.LOOKALIKE_OF)
     from .serving import simulate_traffic
 
     labels = json.loads((ws.root / "demo_truth.json").read_text())["inbox"]

@@ -1,36 +1,11 @@
-"""Prediction frames, figures, evaluating a trained generation, lineage."""
+"""Figures, evaluating a trained generation, lineage."""
 import json
-import math
 import shutil
 
 import numpy as np
 import pytest
 
 from zoolib import evaluate, library, metrics, models, splits
-
-CLASSES = ["a", "b", "c"]
-
-
-@pytest.fixture
-def tiny():
-    """Five known images and one of a class the model lacks; values worked out by hand."""
-    probs = [[0.75, 0.15, 0.10],   # a -> a  right, confidence .75
-             [0.25, 0.65, 0.10],   # a -> b  wrong, .65
-             [0.05, 0.85, 0.10],   # b -> b  right, .85
-             [0.20, 0.25, 0.55],   # b -> c  wrong, .55
-             [0.05, 0.10, 0.85],   # c -> c  right, .85
-             [0.40, 0.35, 0.25]]   # x: not in the class list
-    return evaluate.frame_from_probs(
-        ["a", "a", "b", "b", "c", "x"], probs, CLASSES, path=[f"p{i}" for i in range(6)],
-        source=["real", "staged", "real", "synthetic", "staged", "real"])
-
-
-def test_frame_columns(tiny):
-    assert list(tiny["pred"]) == ["a", "b", "b", "c", "c", "a"]
-    assert list(tiny["correct"]) == [True, False, True, False, True, False]
-    assert tiny["loss"].iloc[0] == pytest.approx(-math.log(0.75))
-    assert tiny["loss"].iloc[3] == pytest.approx(-math.log(0.25))
-    assert math.isnan(tiny["loss"].iloc[5])
 
 
 def _sixty():

@@ -1,4 +1,4 @@
-"""The numbers of one generation, on hand-computed predictions."""
+"""Prediction frames and the numbers of one generation, on hand-computed predictions."""
 import math
 
 import pytest
@@ -20,6 +20,14 @@ def tiny():
     return evaluate.frame_from_probs(
         ["a", "a", "b", "b", "c", "x"], probs, CLASSES, path=[f"p{i}" for i in range(6)],
         source=["real", "staged", "real", "synthetic", "staged", "real"])
+
+
+def test_frame_columns(tiny):
+    assert list(tiny["pred"]) == ["a", "b", "b", "c", "c", "a"]
+    assert list(tiny["correct"]) == [True, False, True, False, True, False]
+    assert tiny["loss"].iloc[0] == pytest.approx(-math.log(0.75))
+    assert tiny["loss"].iloc[3] == pytest.approx(-math.log(0.25))
+    assert math.isnan(tiny["loss"].iloc[5])
 
 
 def test_metrics_by_hand(tiny):

@@ -62,3 +62,14 @@ def test_every_notebook_runs_with_its_defaults_on_a_plain_workspace(tmp_path):
     assert done["02_train"]["classes"] == ["ibis", "kudu", "tapir"]
     assert done["03_evaluate"]["deployed"] is None  # PROMOTE is off by default
     assert models.read_deployed(ws) is None
+
+
+def test_01_curate_with_its_defaults_puts_near_duplicates_in_one_split(demo_ws, tmp_path):
+    from zoolib import curate, library
+
+    m = library.scan(demo_ws, progress=False)
+    pairs = curate.near_duplicate_pairs(m, 4)  # NEAR_DISTANCE's default
+    assert curate.leakage(demo_ws, m, pairs)["train_leak"].any()  # the demo plants some
+    metrics = pipeline.run_notebook("01_curate", tmp_path / "c", {"WORKSPACE": str(demo_ws.root)})
+    assert metrics["train_leaks"] > 0  # found, then pinned (PIN_LEAKS is on by default)
+    assert not curate.leakage(demo_ws, m, pairs)["train_leak"].any()

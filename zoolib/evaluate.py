@@ -97,6 +97,13 @@ def split_rows(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
     return data[data["split"] == split].reset_index(drop=True)
 
 
+def _keyed(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Readable, non-discarded manifest rows with their split `key`, by which saved
+    splits and the benchmark find an image again after a rewrite."""
+    ok = manifest[manifest["readable"] & ~manifest["path"].isin(library.discarded_paths(ws))]
+    return ok.assign(key=splits.split_key(ws, ok["hash"]))
+
+
 def test_rows(ws: Workspace, generation: str, manifest: pd.DataFrame,
               classes: list[str]) -> pd.DataFrame:
     """The generation's own test split, from the splits.parquet it was trained with.
@@ -108,8 +115,7 @@ def test_rows(ws: Workspace, generation: str, manifest: pd.DataFrame,
     saved = models.read_splits(ws, generation)
     if saved is None:
         return split_rows(ws, manifest, classes)
-    ok = manifest[manifest["readable"] & ~manifest["path"].isin(library.discarded_paths(ws))]
-    ok = ok.assign(key=splits.split_key(ws, ok["hash"]))  # found again after a rewrite
+    ok = _keyed(ws, manifest)
     test = pd.DataFrame({"key": splits.split_key(ws, saved.loc[saved["split"] == "test", "hash"])})
     return (test.drop_duplicates().merge(ok, on="key").drop(columns="key")
             .sort_values("path", ignore_index=True))
@@ -140,11 +146,8 @@ def benchmark_rows(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
 
     Labels of every class are returned; a generation scores those in its class list.
     """
-    frozen = splits.read_benchmark(ws)
-    ok = manifest[manifest["readable"] & ~manifest["path"].isin(library.discarded_paths(ws))]
-    ok = ok.drop_duplicates("hash")
-    ok = ok.assign(key=splits.split_key(ws, ok["hash"]))  # a rewritten image stays in
-    frozen = frozen[["hash"]].rename(columns={"hash": "key"})
+    ok = _keyed(ws, manifest).drop_duplicates("hash")
+    frozen = splits.read_benchmark(ws)[["hash"]].rename(columns={"hash": "key"})
     return (frozen.merge(ok, on="key").drop(columns="key")
             .sort_values("path", ignore_index=True))
 
@@ -294,8 +297,7 @@ def _save_to_model_json(ws: Workspace, name: str, metrics: dict) -> None:
 def lineage(workspace) -> pd.DataFrame:
     """One row per generation: parent, classes added, head init, plateau, accuracies, flags."""
     ws = open_workspace(workspace)
-    record = models.read_deployed(ws)
-    current = record["generation"] if record else None
+    current = models.deployed_name(ws)
     rows = []
     for name in models.generation_names(ws):
         info = models.read_info(ws, name)

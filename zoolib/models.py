@@ -227,6 +227,12 @@ def read_deployed(ws: Workspace) -> dict | None:
     return json.loads(ws.deployed_json.read_text())
 
 
+def deployed_name(ws: Workspace) -> str | None:
+    """The deployed generation's name, or None."""
+    record = read_deployed(ws)
+    return record["generation"] if record else None
+
+
 def write_deployed(ws: Workspace, name: str, **details) -> dict:
     """Make `name` the deployed generation (atomic write of deployed.json).
 

@@ -31,6 +31,7 @@ from scipy.stats import binomtest
 
 from . import journal, library, models
 from .evaluate import benchmark_rows, drop_trained, predict_rows, trained_hashes
+from .models import deployed_name
 from .plots import save
 from .workspace import Workspace, ZoolibError, open_workspace
 
@@ -180,12 +181,6 @@ def compare_frames(candidate: pd.DataFrame, candidate_classes: list[str], candid
     return Comparison(candidate_name, baseline_name, shared, new, removed, per_class,
                       new_classes, acc("correct_b"), acc("correct_c"), int(len(on_shared)),
                       int(on_shared["win"].sum()), int(on_shared["loss"].sum()))
-
-
-def deployed_name(ws: Workspace) -> str | None:
-    """The deployed generation's name, or None."""
-    record = models.read_deployed(ws)
-    return record["generation"] if record else None
 
 
 def compare(workspace, candidate: str = "last", baseline: str = "deployed",

@@ -118,9 +118,10 @@ def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
         raise ZoolibError(f"cannot warm-start a {arch} from {parent_name}, which is a "
                           f"{p_info['arch']}: set ARCH={p_info['arch']!r} or INIT_FROM='scratch'")
     child = create_model(arch, len(classes))
-    fresh = {k: v.clone() for k, v in child.state_dict().items()}
+    perturbed = shrink != 1.0 or perturb != 0.0
+    fresh = {k: v.clone() for k, v in child.state_dict().items()} if perturbed else {}
     copied = transfer_body(parent, child)
-    if shrink != 1.0 or perturb != 0.0:
+    if perturbed:
         shrink_perturb(child, fresh, copied, shrink, perturb)
     carried = carry_head_rows(parent, p_info["classes"], child, classes) if carry_rows else []
     record = {

@@ -43,3 +43,31 @@ def test_plain_names_pass(name):
 def test_bad_names_rejected_with_reason(name, why):
     with pytest.raises(ZoolibError, match=why):
         check_class_name(name)
+
+
+def test_write_atomic_writes_text_bytes_and_through_a_writer(tmp_path):
+    from zoolib.workspace import write_atomic
+
+    write_atomic(tmp_path / "a.txt", "hé")
+    write_atomic(tmp_path / "b.bin", b"\x00\x01", fsync=True)
+    write_atomic(tmp_path / "c.csv", write=lambda p: p.write_text("x\n1\n"))
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "hé"
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "c.csv").read_text() == "x\n1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "c.csv"]
+
+
+def test_write_atomic_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from zoolib.workspace import write_atomic
+
+    target = tmp_path / "t.csv"
+    target.write_text("old")
+
+    def broken(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, write=broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # no temporary left behind

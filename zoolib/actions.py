@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import journal
-from .workspace import Workspace, ZoolibError, check_class_name
+from .workspace import Workspace, ZoolibError, check_class_name, write_atomic
 
 ADD = "add_to_library"  # journal action of an image copied (or moved) into a class
 DISCARD = "trash"  # the journal's own trash action, so curation discards count too
@@ -199,9 +199,7 @@ def export_csv(rows: pd.DataFrame, path: str | Path) -> Path:
             out[col] = out[col].map(_join)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    out.to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_atomic(path, write=lambda p: out.to_csv(p, index=False))
     return path
 
 

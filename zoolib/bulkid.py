@@ -63,7 +63,7 @@ from . import inference, neighbours
 from .images import RESAMPLE, content_hash, read_file, squished_pixels
 from .library import class_counts
 from .models import resolve_generation
-from .workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
+from .workspace import UNKNOWN, Workspace, ZoolibError, open_workspace, write_atomic
 
 RESULT_COLUMNS = ["path", "rel", "hash", "pred", "confidence", "top5", "top5_prob", "margin",
                   "entropy", "ood", "knn", "embedding", "generation", "error"]
@@ -268,9 +268,7 @@ def _open_run(ws: Workspace, name: str, loaded: inference.Loaded) -> Path:
                               "choose another name")
     else:
         (run_dir / "parts").mkdir(parents=True, exist_ok=True)
-        tmp = run_json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(run_json)
+        write_atomic(run_json, json.dumps(meta, indent=2))
     return run_dir
 
 
@@ -491,11 +489,10 @@ class _PartWriter:
     def flush(self) -> None:
         if self.pending:
             path = self.dir / f"part-{self.next:05d}.parquet"
-            tmp = path.with_suffix(".tmp")
-            pq.write_table(pa.concat_tables(self.pending).replace_schema_metadata(
-                self.schema.metadata), tmp, use_dictionary=_DICT_COLUMNS,
-                compression=_COMPRESSION)
-            tmp.replace(path)
+            table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
+            # fsync: a part counts as done for resume, so it must survive a power cut
+            write_atomic(path, write=lambda p: pq.write_table(
+                table, p, use_dictionary=_DICT_COLUMNS, compression=_COMPRESSION), fsync=True)
             self.next += 1
         self.pending, self.rows, self.last = [], 0, time.monotonic()
 
@@ -505,6 +502,19 @@ def _sources(run_dir: Path) -> list[Path]:
     main = run_dir / "results.parquet"
     parts = sorted((run_dir / "parts").glob("part-*.parquet"))
     return ([main] if main.exists() else []) + parts
+
+
+def _merge(sources: list[Path], out_path: Path, schema: pa.Schema) -> None:
+    """Stream `sources` into one Parquet file, keeping the first row of each path."""
+    seen: set[str] = set()
+    with pq.ParquetWriter(out_path, schema, use_dictionary=_DICT_COLUMNS,
+                          compression=_COMPRESSION) as out:
+        for src in sources:
+            for batch in pq.ParquetFile(src).iter_batches(batch_size=FLUSH_ROWS):
+                paths = batch.column("path").to_pylist()
+                keep = [p not in seen for p in paths]
+                seen.update(paths)
+                out.write_table(_upgrade(pa.Table.from_batches([batch]).filter(pa.array(keep))))
 
 
 def _consolidate(run_dir: Path) -> None:
@@ -522,18 +532,8 @@ def _consolidate(run_dir: Path) -> None:
     if sources == parts[:1]:  # a first run that fitted in one part: nothing to merge
         parts[0].replace(target)
         return
-    tmp = target.with_suffix(".tmp")
-    seen: set[str] = set()
     schema = SCHEMA.with_metadata(pq.read_schema(parts[-1]).metadata)
-    with pq.ParquetWriter(tmp, schema, use_dictionary=_DICT_COLUMNS,
-                          compression=_COMPRESSION) as out:
-        for src in sources:
-            for batch in pq.ParquetFile(src).iter_batches(batch_size=FLUSH_ROWS):
-                paths = batch.column("path").to_pylist()
-                keep = [p not in seen for p in paths]
-                seen.update(paths)
-                out.write_table(_upgrade(pa.Table.from_batches([batch]).filter(pa.array(keep))))
-    tmp.replace(target)
+    write_atomic(target, write=lambda tmp: _merge(sources, tmp, schema), fsync=True)
     for p in parts:
         p.unlink()
 

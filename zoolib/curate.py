@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 from . import journal, library, splits
 from .images import content_hash
-from .workspace import UNKNOWN, Workspace, ZoolibError
+from .workspace import UNKNOWN, Workspace, ZoolibError, write_atomic
 
 _BANDS = 4  # multi-index hashing: a 64-bit hash is looked up by four 16-bit bands
 _CHUNK = 2_000_000  # candidate pairs verified at once (bounds memory)
@@ -362,9 +362,7 @@ def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:
-    tmp = path.with_suffix(".tmp")
-    table.reset_index().to_csv(tmp, index=False)
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    write_atomic(path, table.reset_index().to_csv(index=False))
 
 
 def _check_paths(ws: Workspace, paths) -> list[str]:

@@ -12,7 +12,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .images import content_hash, is_candidate, probe, read_file
-from .workspace import UNKNOWN, Workspace, ZoolibError, class_folders, open_workspace
+from .workspace import (UNKNOWN, Workspace, ZoolibError, class_folders, open_workspace,
+                        write_atomic)
 
 SOURCES = ("real", "staged", "synthetic")
 MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "mode", "format", "bytes",
@@ -146,9 +147,7 @@ def _load_cache(ws: Workspace) -> dict[str, dict]:
 def _save_cache(ws: Workspace, files: pd.DataFrame) -> None:
     path = _cache_path(ws)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    files.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    write_atomic(path, write=lambda p: files.to_parquet(p, index=False))
 
 
 def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:

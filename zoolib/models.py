@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import archs  # noqa: F401 - registers zoo_cnn* in timm's registry before any lookup
-from .workspace import Workspace, ZoolibError
+from .workspace import Workspace, ZoolibError, write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,9 +214,7 @@ def update_info(ws: Workspace, name: str, **fields) -> dict:
     """Merge fields into a generation's model.json (written atomically)."""
     info = {**read_info(ws, name), **fields}
     path = ws.models / name / "model.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(info, indent=2, default=str), fsync=True)
     return info
 
 
@@ -244,7 +242,5 @@ def write_deployed(ws: Workspace, name: str, **details) -> dict:
         raise ZoolibError(f"{name} is a throw-away generation and can never be deployed")
     record = {"generation": name, "deployed_at": datetime.now(timezone.utc).isoformat(),
               **details}
-    tmp = ws.deployed_json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(ws.deployed_json)
+    write_atomic(ws.deployed_json, json.dumps(record, indent=2, default=str), fsync=True)
     return record

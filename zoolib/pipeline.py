@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from .workspace import write_atomic
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -23,9 +25,7 @@ def report_dir(path: str | Path) -> Path:
 def write_metrics(folder: str | Path, metrics: dict) -> Path:
     """Write `metrics.json` into a report folder (atomically) and return its path."""
     path = report_dir(folder) / "metrics.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(metrics, indent=2, default=str))
     return path
 
 

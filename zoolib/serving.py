@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 
 from . import inference, models, translog
 from .images import content_hash, load_rgb
-from .workspace import Workspace, ZoolibError, open_workspace
+from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 10 * 2**20  # largest upload accepted over HTTP
@@ -211,9 +211,7 @@ class Predictor:
         path = translog.served_images(self.ws) / digest[:2] / f"{digest}{suffix}"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{digest}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            write_atomic(path, data)
         return path.relative_to(self.ws.root).as_posix()
 
     def predict(self, image, source: str | None = None) -> Prediction:

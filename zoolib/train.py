@@ -457,9 +457,8 @@ def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
 def _save_kept(ckpt: Path, learn: Learner) -> None:
     """Save the weights a run keeps (the averaged ones when averaging) to kept.pth."""
     model = learn.ema.average.module if hasattr(learn, "ema") else learn.model
-    tmp = ckpt / "kept.pth.tmp"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(ckpt / "kept.pth")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_atomic(ckpt / "kept.pth", write=lambda p: torch.save(state, p))
 
 
 class _quiet:

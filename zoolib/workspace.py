@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,28 +166,55 @@ def check_class_name(name: str) -> str:
     return name
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
+def write_atomic(path: str | Path, data: str | bytes | None = None, *,
+                 write: Callable[[Path], object] | None = None, fsync: bool = False) -> Path:
     """Write a whole file or nothing: a temporary sibling, then an atomic rename.
 
-    A crash mid-write leaves the old file (or none), never half a file. The
-    temporary name is unique per process, so two writers never share one.
+    The one helper every writer in zoolib uses. A crash mid-write leaves the old
+    file (or none), never half a file. The temporary name is unique per process
+    and thread, so two writers never share one, and it starts with a dot, so
+    scans and globs skip it.
 
     Args:
         path: the file to write.
-        data: text (written as UTF-8) or bytes.
+        data: text (written as UTF-8) or bytes; or None when `write` is given.
+        write: a function writing the file at the path it is given (for
+            example ``lambda p: frame.to_parquet(p)``), for writers that need a path.
+        fsync: flush the file and its folder to disk before returning, where a
+            power cut must not lose a file the caller already reported written.
 
     Returns:
         The path written.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if (data is None) == (write is None):
+        raise TypeError("write_atomic needs exactly one of data or write")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        if isinstance(data, bytes):
+        if write is not None:
+            write(tmp)
+        elif isinstance(data, (bytes, bytearray, memoryview)):
             tmp.write_bytes(data)
         else:
             tmp.write_text(data, encoding="utf-8")
+        if fsync:
+            _fsync(tmp)
         tmp.replace(path)
+        if fsync:
+            _fsync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; folders cannot be opened on Windows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

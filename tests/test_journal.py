@@ -35,7 +35,7 @@ def test_copy_never_overwrites_and_undo_keeps_the_copy_in_trash(demo_ws):
 def test_trash_outside_workspace_refused(demo_ws, tmp_path):
     outside = tmp_path / "x.jpg"
     outside.write_bytes(b"x")
-    with pytest.raises(ZoolibError, match="not a file inside workspace"):
+    with pytest.raises(ZoolibError, match="outside the workspace"):
         journal.trash(demo_ws, outside)
     with pytest.raises(ZoolibError, match="no event 99"):
         journal.undo(demo_ws, 99)

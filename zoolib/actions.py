@@ -12,7 +12,6 @@ the workspace root when inside it, else its absolute path.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from . import journal
-from .workspace import Workspace, ZoolibError, check_class_name, write_atomic
+from .workspace import (Workspace, ZoolibError, check_class_name, check_user_file, lock,
+                        write_atomic)
 
 ADD = "add_to_library"  # journal action of an image copied (or moved) into a class
 DISCARD = "trash"  # the journal's own trash action, so curation discards count too
@@ -33,10 +33,9 @@ _LIST_COLUMNS = ("top5", "top5_prob")
 
 
 def file_key(ws: Workspace, path: str | Path) -> str:
-    """How the journal names a file: relative to the workspace root, else absolute."""
-    p = Path(path)
-    p = (p if p.is_absolute() else ws.root / p).resolve()
-    return p.relative_to(ws.root).as_posix() if ws.root in p.parents else str(p)
+    """How the journal names a file: relative to the workspace root, else absolute
+    (a symbolic link names itself, never its target)."""
+    return journal._rel(ws, Path(path))
 
 
 def _abs(ws: Workspace, key: str) -> str:
@@ -77,21 +76,43 @@ def _files(ws: Workspace, paths: Iterable[str | Path]) -> list[str]:
     return keys
 
 
-def _batch(ws: Workspace, kind: str, events: list[int], **details) -> None:
-    if events:
-        journal.record(ws, BATCH, kind=kind, events=events, **details)
+def _batch(ws: Workspace, kind: str, todo: list[str], act, **details) -> list[int]:
+    """Run `act(key) -> event id` on each file, then journal the batch row.
+
+    The files were all checked before the first one moves. If one still fails
+    (a disk error), the batch row is written for the files already done, so
+    undo reverses exactly those, and the error is raised.
+    """
+    events: list[int] = []
+    try:
+        for key in todo:
+            events.append(act(key))
+    finally:
+        if events:
+            journal.record(ws, BATCH, kind=kind, events=events, complete=len(events) == len(todo),
+                           **details)
+    return events
+
+
+def _check(ws: Workspace, key: str, links: bool) -> None:
+    """Refuse a file actions may not touch, before any file of the batch moves."""
+    check_user_file(ws, _abs(ws, key), links=links)
 
 
 def add_to_library(ws: Workspace, paths: Iterable[str | Path], cls: str, move: bool = False,
                    run: str = "") -> list[int]:
     """Copy (or move) images into `library/<cls>/`, never overwriting; journaled.
 
-    Files already added to the same class are skipped, so a repeated click does
-    not copy twice. A file added to another class must be undone first.
+    Idempotent: files already added to the same class are skipped, so a repeated
+    click (or two processes adding the same files) gives one copy. A file added
+    to another class must be undone first. All files are checked before the
+    first is copied, under the workspace lock.
 
     Args:
         ws: the workspace.
-        paths: image files (absolute, or relative to the workspace root).
+        paths: image files (absolute, or relative to the workspace root): inbox
+            or library images, or files outside the workspace; never a symbolic
+            link or a workspace internal.
         cls: the class name; a new name creates the class folder.
         move: move instead of copy (the inbox file then leaves the inbox).
         run: the bulk-identification run the images came from, for the journal.
@@ -100,27 +121,29 @@ def add_to_library(ws: Workspace, paths: Iterable[str | Path], cls: str, move: b
         The journal ids of the new add events.
 
     Raises:
-        ZoolibError: the class name is not a plain folder name, nothing is
-            selected, a file is missing, discarded or added to another class.
+        ZoolibError: the class name is not a plain folder name (or differs from
+            an existing class only by case), nothing is selected, a file is
+            missing, a link, a workspace internal, discarded or added to another class.
     """
-    check_class_name(cls)
+    cls = check_class_name(cls, ws)
     keys = _files(ws, paths)
-    current = marks(ws).set_index("key")
-    todo = []
-    for key in keys:
-        if key in current.index:
-            mark = current.loc[key]
-            if mark["status"] == ADDED and mark["label"] == cls:
-                continue
-            raise ZoolibError(f"{key} is already {mark['status']}"
-                              f"{' to ' + mark['label'] if mark['label'] else ''}: undo that first")
-        if not Path(_abs(ws, key)).is_file():
-            raise ZoolibError(f"{key} is not a file")
-        todo.append(key)
-    events = [journal.copy_into(ws, _abs(ws, k), ws.library / cls, action=ADD, label=cls,
-                                move=move) for k in todo]
-    _batch(ws, ADD, events, label=cls, run=run, moved=move)
-    return events
+    with lock(ws):
+        journal.recover(ws)
+        current = marks(ws).set_index("key")
+        todo = []
+        for key in keys:
+            if key in current.index:
+                mark = current.loc[key]
+                if mark["status"] == ADDED and mark["label"] == cls:
+                    continue
+                raise ZoolibError(f"{key} is already {mark['status']}"
+                                  f"{' to ' + mark['label'] if mark['label'] else ''}: undo that "
+                                  "first")
+            _check(ws, key, links=False)
+            todo.append(key)
+        return _batch(ws, ADD, todo, lambda k: journal.copy_into(
+            ws, _abs(ws, k), ws.library / cls, action=ADD, label=cls, move=move),
+            label=cls, run=run, moved=move)
 
 
 def discard(ws: Workspace, paths: Iterable[str | Path], reason: str = "discarded in bulk "
@@ -128,37 +151,36 @@ def discard(ws: Workspace, paths: Iterable[str | Path], reason: str = "discarded
     """Move images to the workspace's `_trash/` (journaled); already discarded ones are skipped.
 
     Files outside the workspace (an external inbox) go to `_trash/external/` under
-    their absolute path, so an undo can put them back.
+    their absolute path, so an undo can put them back. A symbolic link is moved
+    itself; its target is never touched. All files are checked before the first
+    moves, under the workspace lock, so two processes discarding the same files
+    move each once.
 
     Returns:
         The journal ids of the new trash events.
 
     Raises:
-        ZoolibError: nothing selected or a file is missing.
+        ZoolibError: nothing selected, a file is missing, or a file is not an image
+            of the library's class folders, the inbox or an external inbox (the
+            database, models, splits and side tables are refused).
     """
     keys = _files(ws, paths)
-    current = marks(ws).set_index("key")
-    todo = [k for k in keys if not (k in current.index
-                                    and current.loc[k, "status"] == DISCARDED)]
-    for key in todo:
-        if not Path(_abs(ws, key)).is_file():
-            raise ZoolibError(f"{key} is not a file")
-    events = [journal.trash(ws, k, reason=reason) if not Path(k).is_absolute()
-              else _trash_external(ws, Path(k), reason) for k in todo]
-    _batch(ws, DISCARD, events, run=run)
-    return events
+    with lock(ws):
+        journal.recover(ws)
+        current = marks(ws).set_index("key")
+        todo = [k for k in keys if not (k in current.index
+                                        and current.loc[k, "status"] == DISCARDED)]
+        for key in todo:
+            _check(ws, key, links=True)
+        return _batch(ws, DISCARD, todo, lambda k: journal.trash(ws, k, reason=reason)
+                      if not Path(k).is_absolute() else _trash_external(ws, Path(k), reason),
+                      run=run)
 
 
 def _trash_external(ws: Workspace, src: Path, reason: str) -> int:
     """journal.trash for a file outside the workspace (journal.trash refuses those)."""
-    dest = ws.trash / "external" / src.relative_to(src.anchor)
-    n, free = 1, dest
-    while free.exists():  # never overwrite an earlier discard of the same name
-        free, n = dest.with_name(f"{dest.stem}~{n}{dest.suffix}"), n + 1
-    free.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(src, free)
-    return journal.record(ws, DISCARD, str(src), free.relative_to(ws.root).as_posix(),
-                          reason=reason)
+    dest = journal._free_path(ws.trash / "external" / src.relative_to(src.anchor))
+    return journal.move_journaled(ws, DISCARD, src, dest, reason=reason)
 
 
 def undo_last(ws: Workspace) -> list[int]:
@@ -167,13 +189,15 @@ def undo_last(ws: Workspace) -> list[int]:
     Returns:
         The journal ids of the undo events (empty when there is nothing to undo).
     """
-    rows = journal.read(ws)
-    undone = set(rows.loc[rows["undone"].astype(bool), "id"].astype(int))
-    for details in reversed(rows.loc[rows["action"] == BATCH, "details"].tolist()):
-        live = [e for e in json.loads(details)["events"] if e not in undone]
-        if live:
-            return [journal.undo(ws, e) for e in reversed(live)]
-    return []
+    with lock(ws):
+        journal.recover(ws)
+        rows = journal.read(ws)
+        undone = set(rows.loc[rows["undone"].astype(bool), "id"].astype(int))
+        for details in reversed(rows.loc[rows["action"] == BATCH, "details"].tolist()):
+            live = [e for e in json.loads(details)["events"] if e not in undone]
+            if live:
+                return [journal.undo(ws, e) for e in reversed(live)]
+        return []
 
 
 def undo_files(ws: Workspace, paths: Iterable[str | Path]) -> list[int]:
@@ -182,9 +206,11 @@ def undo_files(ws: Workspace, paths: Iterable[str | Path]) -> list[int]:
     Returns:
         The journal ids of the undo events; unmarked files are skipped.
     """
-    current = marks(ws).set_index("key")
-    keys = [k for k in _files(ws, paths) if k in current.index]
-    return [journal.undo(ws, int(current.loc[k, "event"])) for k in keys]
+    with lock(ws):
+        journal.recover(ws)
+        current = marks(ws).set_index("key")
+        keys = [k for k in _files(ws, paths) if k in current.index]
+        return [journal.undo(ws, int(current.loc[k, "event"])) for k in keys]
 
 
 def export_csv(rows: pd.DataFrame, path: str | Path) -> Path:

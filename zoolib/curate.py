@@ -25,8 +25,10 @@ the library, like `_meta.csv`.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,8 @@ from PIL import Image, ImageOps
 
 from . import journal, library, splits
 from .images import content_hash
-from .workspace import UNKNOWN, Workspace, ZoolibError, write_atomic
+from .workspace import (UNKNOWN, Workspace, ZoolibError, check_user_file, class_folders, lock,
+                        user_area, write_atomic)
 
 _BANDS = 4  # multi-index hashing: a 64-bit hash is looked up by four 16-bit bands
 _CHUNK = 2_000_000  # candidate pairs verified at once (bounds memory)
@@ -353,7 +356,8 @@ def pin_leaking_groups(ws: Workspace, manifest: pd.DataFrame, pairs: pd.DataFram
 # ---------------------------------------------------------------- table edits
 
 def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
-    table = (pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists()
+    holds = library.META_HOLDS if path.name == "_meta.csv" else library.FLAGS_HOLDS
+    table = (library._read_csv(path, holds) if path.exists()
              else pd.DataFrame(columns=["path"] + columns))
     for col in columns:
         if col not in table.columns:
@@ -366,27 +370,37 @@ def _write_table(path: Path, table: pd.DataFrame) -> None:
 
 
 def _check_paths(ws: Workspace, paths) -> list[str]:
+    """Library-relative image paths, each a real file under a class folder (no link,
+    no side table, nothing outside the library)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     for p in paths:
-        if not (ws.library / p).is_file():
-            raise ZoolibError(f"{p!r} is not an image in library {ws.library}")
+        if user_area(ws, ws.library / p) != "library":
+            raise ZoolibError(f"{p!r} is not an image in a class folder of library {ws.library}")
+        check_user_file(ws, ws.library / p, areas=("library",))
     return paths
 
 
 def _edit_table(ws: Workspace, path: Path, columns: list[str], action: str,
                 updates: dict[str, dict[str, str]]) -> int:
     """Set columns of rows keyed by image path, rewrite the table, journal old and new."""
-    table = _read_table(path, columns)
-    changes = []
-    for img, values in updates.items():
-        old = table.loc[img].to_dict() if img in table.index else None
-        row = dict(old or {c: "" for c in table.columns})
-        row.update(values)
-        table.loc[img] = pd.Series(row)
-        changes.append({"path": img, "old": old, "new": row})
-    _write_table(path, table)
-    return journal.record(ws, action, path=path.relative_to(ws.root).as_posix(),
-                          table=path.relative_to(ws.root).as_posix(), changes=changes)
+    with lock(ws):
+        table = _read_table(path, columns)
+        changes = []
+        for img, values in updates.items():
+            old = table.loc[img].to_dict() if img in table.index else None
+            row = None if values is None else {**(old or {c: "" for c in table.columns}),
+                                                **values}
+            if row is None:
+                table = table.drop(index=img, errors="ignore")
+            else:
+                table.loc[img] = pd.Series(row)
+            changes.append({"path": img, "old": old, "new": row})
+        # Row first: a kill before the rewrite leaves an undo that restores what
+        # is already there, never an edit without its row.
+        event = journal.record(ws, action, path=path.relative_to(ws.root).as_posix(),
+                               table=path.relative_to(ws.root).as_posix(), changes=changes)
+        _write_table(path, table)
+        return event
 
 
 def _undo_table(ws: Workspace, row: pd.Series, details: dict) -> int:
@@ -471,6 +485,17 @@ def _keep_split(ws: Workspace, rel: str, old: bytes, new: bytes) -> None:
     splits.record_rewrite(ws, content_hash(old), content_hash(new), rel)
 
 
+def _locked(action):
+    """Run a curation action under the workspace lock (one action at a time)."""
+    @functools.wraps(action)
+    def run(ws: Workspace, *args, **kwargs):
+        with lock(ws):
+            journal.recover(ws)
+            return action(ws, *args, **kwargs)
+    return run
+
+
+@_locked
 def rotate(ws: Workspace, path: str, degrees: int) -> int:
     """Rotate a library image clockwise by 90, 180 or 270 degrees, keeping the original.
 
@@ -539,6 +564,7 @@ def exif_disagreements(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
                                        "problem"])
 
 
+@_locked
 def strip_orientation(ws: Workspace, path: str) -> int:
     """Rewrite an image's stored pixels without its EXIF orientation tag (the fix
     for pixels that were already turned); the original goes to `_trash/`, undoable
@@ -558,8 +584,78 @@ def strip_orientation(ws: Workspace, path: str) -> int:
                           degrees=0, trash_event=trashed)
 
 
+# ---------------------------------------------------------------- class names
+
+MERGE = "merge"
+
+
+@_locked
+def merge_classes(ws: Workspace, source: str, into: str) -> int:
+    """Move every image of `library/<source>/` into `library/<into>/`, as one undoable event.
+
+    The fix for two folders that are one class to a person ("Lion" beside
+    "lion", see `library.name_issues`). Files keep their names (a counter is
+    added where `into` has the name already); their rows in `_meta.csv` and
+    `_flags.csv` move with them; the emptied folder is removed. Splits are
+    keyed by content, so no image changes split.
+
+    Returns:
+        The journal id of the merge (undo it with `undo`).
+
+    Raises:
+        ZoolibError: either folder is not a class folder, or they are the same.
+    """
+    folders = {f.name: f for f in class_folders(ws)}
+    for name in (source, into):
+        if name not in folders or folders[name].is_symlink():
+            raise ZoolibError(f"{name!r} is not a class folder of library {ws.library}")
+    if source == into:
+        raise ZoolibError(f"cannot merge class {source!r} into itself")
+    files = sorted(Path(top) / n for top, dirs, names in os.walk(folders[source])
+                   for n in names + [d for d in dirs if (Path(top) / d).is_symlink()])
+    for f in files:  # all checked before the first moves: a link stops the merge here
+        check_user_file(ws, f, areas=("library",))
+    events, moves = [], {}
+    for f in files:
+        event = journal.copy_into(ws, f, ws.library / into, action="merge_file", label=into,
+                                  move=True)
+        events.append(event)
+        moves[f.relative_to(ws.library).as_posix()] = \
+            journal.read(ws).set_index("id").loc[event, "dest"].removeprefix("library/")
+    tables = [_rekey(ws, table, columns, moves) for table, columns in
+              ((ws.meta_csv, ["source", "notes"]), (library.flags_csv(ws), library.FLAG_COLUMNS))]
+    for folder in sorted((p for p in folders[source].rglob("*") if p.is_dir()), reverse=True):
+        folder.rmdir()
+    folders[source].rmdir()
+    return journal.record(ws, MERGE, path=f"library/{source}", dest=f"library/{into}",
+                          label=into, events=events, tables=[t for t in tables if t])
+
+
+def _rekey(ws: Workspace, path: Path, columns: list[str], moves: dict[str, str]) -> int | None:
+    """Move a side table's rows from old to new image paths (one journaled edit)."""
+    if not path.exists():
+        return None
+    table = _read_table(path, columns)
+    updates: dict[str, dict | None] = {}
+    for old, new in moves.items():
+        if old in table.index:
+            updates[old] = None
+            updates[new] = table.loc[old].to_dict()
+    return _edit_table(ws, path, columns, "rekey", updates) if updates else None
+
+
+def _undo_merge(ws: Workspace, row: pd.Series, details: dict) -> int:
+    for table_event in reversed(details["tables"]):
+        table_row = journal.undoable_event(ws, table_event)
+        _undo_table(ws, table_row, json.loads(table_row["details"]))
+    for event in reversed(details["events"]):
+        journal.undo(ws, event)
+    return journal.record(ws, "undo", path=row["path"], undoes=int(row["id"]))
+
+
 # ---------------------------------------------------------------- undo and history
 
+@_locked
 def undo(ws: Workspace, event_id: int) -> int:
     """Reverse any curation event (rotation, table edit, trash, copy, move).
 
@@ -573,12 +669,14 @@ def undo(ws: Workspace, event_id: int) -> int:
     details = json.loads(row["details"] or "{}")
     if row["action"] == "rotate":
         return _undo_rotate(ws, row, details)
+    if row["action"] == MERGE:
+        return _undo_merge(ws, row, details)
     if "changes" in details:
         return _undo_table(ws, row, details)
     return journal.undo(ws, event_id)
 
 
-CURATION_ACTIONS = ("rotate", "discard", "undiscard", "pin", "unpin", "source", "trash")
+CURATION_ACTIONS = ("rotate", "discard", "undiscard", "pin", "unpin", "source", "trash", "merge")
 
 
 def history(ws: Workspace) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 try:
     import simplejpeg
@@ -68,6 +68,9 @@ def is_candidate(path: Path) -> bool:
 def probe(data: bytes) -> dict:
     """Decode an image fully and describe it; never raises for a bad file.
 
+    "Readable" means the bytes decode and convert to upright RGB through the same
+    functions training uses (`open_image`, `to_rgb`).
+
     Args:
         data: the file's bytes.
 
@@ -76,8 +79,6 @@ def probe(data: bytes) -> dict:
         phash (perceptual hash of the upright image, see `perceptual_hash`; empty
         when unreadable), readable and error (empty string when readable).
     """
-    import io
-
     info = {"width": 0, "height": 0, "mode": "", "format": "", "orientation": 1,
             "phash": "", "readable": False, "error": ""}
     if not data:
@@ -87,7 +88,7 @@ def probe(data: bytes) -> dict:
         with warnings.catch_warnings():
             # Pillow warns before it raises on oversized images; we want the error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(io.BytesIO(data)) as img:
                 info.update(width=img.width, height=img.height, mode=img.mode,
                             format=img.format or "")
                 info["orientation"] = int(img.getexif().get(0x0112, 1) or 1)
@@ -95,6 +96,7 @@ def probe(data: bytes) -> dict:
                 # coefficient is still entropy-decoded, so truncation is caught.
                 img.draft("L", (2 * _GRID, 2 * _GRID))
                 img.load()
+                to_rgb(img)  # the conversion training uses: "readable" means "trainable"
                 info["readable"] = True
                 info["phash"] = _phash_or_empty(img, info["orientation"])
     except Exception as exc:  # noqa: BLE001 - any decoder failure is reported, not raised
@@ -132,21 +134,92 @@ def perceptual_hash(img: Image.Image, orientation: int | None = None) -> str:
     return np.packbits(low.ravel() > np.median(low)).tobytes().hex()
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path | io.BytesIO) -> Image.Image:
     """Open an image as upright RGB: EXIF orientation applied, alpha dropped.
 
     Args:
-        path: the image file.
+        path: the image file (or a file-like object).
 
     Returns:
         A decoded RGB PIL image.
+
+    Raises:
+        UnreadableImageError: not an image Pillow can read (the format named where
+            it is known), or a mode with no RGB conversion (the mode named).
     """
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit greyscale: scale to 8 bits instead of clipping.
-            img = img.point(lambda v: v / 256).convert("L")
+    with open_image(path) as img:
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+class UnreadableImageError(ValueError):
+    """A file that is not an image zoolib can decode, with a message saying what it is."""
+
+
+# Leading bytes of common files Pillow cannot open, so the error says what the file is.
+_SIGNATURES = (
+    (b"ftypheic", 4, "a HEIC photo (iPhone): install pillow-heif or export it as JPEG"),
+    (b"ftypheix", 4, "a HEIC photo: install pillow-heif or export it as JPEG"),
+    (b"ftypmif1", 4, "a HEIF image: install pillow-heif or export it as JPEG"),
+    (b"ftypavif", 4, "an AVIF image: install pillow-avif-plugin or export it as JPEG"),
+    (b"ftypqt", 4, "a QuickTime video, not an image"),
+    (b"ftypisom", 4, "an MP4 video, not an image"),
+    (b"ftypmp4", 4, "an MP4 video, not an image"),
+    (b"%PDF", 0, "a PDF document, not an image"),
+    (b"PK\x03\x04", 0, "a ZIP archive, not an image"),
+    (b"<svg", 0, "an SVG drawing (vector), not a raster image"),
+    (b"<?xml", 0, "an XML file (an SVG drawing?), not a raster image"),
+    (b"<!DOCTYPE html", 0, "an HTML page, not an image"),
+    (b"<html", 0, "an HTML page, not an image"),
+)
+
+
+def what_is(data: bytes) -> str:
+    """A short description of a file Pillow cannot identify, from its first bytes."""
+    head = data[:64].lstrip()
+    for magic, offset, text in _SIGNATURES:
+        if head[offset:offset + len(magic)].lower() == magic.lower():
+            return text
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file, not an image"
+    return "not an image format Pillow can read"
+
+
+def open_image(source: str | Path | io.BytesIO) -> Image.Image:
+    """`Image.open`, with an error that says what a non-image file is (HEIC, PDF, ...).
+
+    Raises:
+        UnreadableImageError: Pillow cannot identify the file.
+    """
+    try:
+        return Image.open(source)
+    except UnidentifiedImageError:
+        if isinstance(source, io.BytesIO):
+            data = source.getvalue()
+        else:
+            with open(source, "rb") as f:
+                data = f.read(64)
+        raise UnreadableImageError(what_is(data)) from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB, the one conversion scan, training and inference share.
+
+    16- and 32-bit greyscale (I;16, I;16B, I;16L, I) are scaled to 8 bits by
+    dropping the low byte, as dividing by 256 did before (the same pixels for
+    old generations), instead of clipping; every other mode goes through
+    Pillow's own conversion.
+
+    Raises:
+        UnreadableImageError: a mode Pillow cannot convert to RGB (named).
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # Pillow's point() has no I;16B form; numpy reads every byte order.
+        deep = np.asarray(img).astype(np.int64) // 256
+        img = Image.fromarray(np.clip(deep, 0, 255).astype(np.uint8), mode="L")
+    try:
         return img.convert("RGB")
+    except ValueError as exc:
+        raise UnreadableImageError(f"image mode {img.mode} has no RGB conversion: {exc}") from exc
 
 
 def resample_filter(interpolation: str) -> int:

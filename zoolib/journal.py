@@ -7,7 +7,9 @@ names the row it reverses.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sqlite3
 from contextlib import closing
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .workspace import Workspace, ZoolibError
+from .workspace import Workspace, ZoolibError, check_user_file, lexical, user_area
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -79,41 +81,124 @@ def read(ws: Workspace, action: str | None = None) -> pd.DataFrame:
 
 
 def _rel(ws: Workspace, path: Path) -> str:
-    return path.resolve().relative_to(ws.root).as_posix()
+    """How the journal names a file: relative to the workspace root when inside it
+    (the file as named: a link is not followed), else its absolute path."""
+    p = lexical(ws, path)
+    return p.relative_to(ws.root).as_posix() if ws.root in p.parents else str(p)
 
 
 def _free_path(path: Path) -> Path:
     """`path`, or `path` with a counter added if it exists: nothing is overwritten."""
     n, candidate = 1, path
-    while candidate.exists():
+    while candidate.exists() or candidate.is_symlink():
         candidate = path.with_name(f"{path.stem}~{n}{path.suffix}")
         n += 1
     return candidate
 
 
-def trash(ws: Workspace, path: str | Path, reason: str = "") -> int:
-    """Move a workspace file to `_trash/` (same relative path) and journal it."""
-    src = (ws.root / path).resolve()
-    if not src.is_file() or ws.root not in src.parents:
-        raise ZoolibError(f"{path} is not a file inside workspace {ws.root}")
-    origin = _rel(ws, src)
-    dest = _free_path(ws.trash / origin)
+_PARTIAL = ".zoolib-partial-"  # prefix of a copy being written (hidden from scans)
+
+
+def _move(src: Path, dest: Path) -> None:
+    """Move a file (a link as itself) without ever leaving half a file at `dest`.
+
+    A rename where it can (same file system: atomic); else a copy into a hidden
+    sibling, renamed into place once complete, and only then the source removed.
+    """
+    try:
+        os.rename(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy(src, dest)
+        os.unlink(src)
+
+
+def _copy(src: Path, dest: Path) -> None:
+    """Copy a file's content and times to `dest`, all or nothing (hidden partial first)."""
+    partial = dest.with_name(f"{_PARTIAL}{os.getpid()}-{dest.name}")
+    try:
+        shutil.copy2(src, partial, follow_symlinks=False)
+        os.replace(partial, dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def move_journaled(ws: Workspace, action: str, src: Path, dest: Path, copy: bool = False,
+                    **row) -> int:
+    """Journal a move (or copy) first, then do it; a failed one is journaled as reversed.
+
+    Row before file: a kill between the two leaves a row whose destination is
+    missing while its source is still there, which `recover` reverses; a file
+    is never moved without its row.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(src, dest)
-    return record(ws, "trash", origin, _rel(ws, dest), reason=reason)
+    event = record(ws, action, _rel(ws, src), _rel(ws, dest), row_first=True, **row)
+    try:
+        (_copy if copy else _move)(src, dest)
+    except BaseException as exc:
+        record(ws, "abandoned", _rel(ws, src), undoes=event, reason=f"{type(exc).__name__}: {exc}")
+        raise
+    return event
+
+
+def trash(ws: Workspace, path: str | Path, reason: str = "") -> int:
+    """Move a user file (a library or inbox image) to `_trash/` and journal it.
+
+    Raises:
+        ZoolibError: not a file in the library's class folders or the inbox (the
+            database, models, splits and side tables are never trashed).
+    """
+    src = check_user_file(ws, path, areas=("library", "inbox"), links=True)
+    dest = _free_path(ws.trash / src.relative_to(ws.root))
+    return move_journaled(ws, "trash", src, dest, reason=reason)
 
 
 def copy_into(ws: Workspace, path: str | Path, folder: Path, action: str = "copy",
               label: str | None = None, move: bool = False) -> int:
-    """Copy (or move) a file into a workspace folder, never overwriting; journaled."""
-    src = Path(path).resolve()
-    if not src.is_file():
-        raise ZoolibError(f"{path} is not a file")
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = _free_path(folder / src.name)
-    (shutil.move if move else shutil.copy2)(src, dest)
-    origin = _rel(ws, src) if ws.root in src.parents else str(src)
-    return record(ws, action, origin, _rel(ws, dest), label=label, moved=move)
+    """Copy (or move) a file into a library class folder, never overwriting; journaled.
+
+    Raises:
+        ZoolibError: the file is a workspace internal or a link, or the folder is
+            not a library class folder.
+    """
+    src = check_user_file(ws, path)
+    if user_area(ws, Path(folder) / "x") != "library":
+        raise ZoolibError(f"{folder} is not a class folder of library {ws.library}")
+    dest = _free_path(Path(folder) / src.name)
+    return move_journaled(ws, action, src, dest, copy=not move, label=label, moved=move)
+
+
+def recover(ws: Workspace) -> list[int]:
+    """Reverse the rows of moves that a kill stopped before the file moved.
+
+    A live trash, copy or move row whose destination is missing while the file
+    is back at (or still at) its origin did not happen, or was undone by a
+    process killed before it journaled the undo: an "abandoned" row says so.
+    Hidden partial copies left beside such destinations are removed (their
+    source is intact). Library actions call this under the workspace lock.
+
+    Returns:
+        The ids of the rows written.
+    """
+    rows = read(ws)
+    if rows.empty:
+        return []
+    first = rows["details"].fillna("").str.contains('"row_first": true', regex=False)
+    live = rows[first & ~rows["undone"].astype(bool)]
+    written = []
+    for r in live.itertuples():
+        dest = ws.root / r.dest
+        origin = Path(r.path) if Path(r.path).is_absolute() else ws.root / r.path
+        if dest.exists() or dest.is_symlink() or not (origin.exists() or origin.is_symlink()):
+            continue
+        for partial in dest.parent.glob(f"{_PARTIAL}*-{dest.name}"):
+            partial.unlink(missing_ok=True)
+        written.append(record(ws, "abandoned", r.path, undoes=int(r.id),
+                              reason="interrupted before the file moved (or after it moved "
+                              "back): the file is at its origin"))
+    return written
 
 
 def undoable_event(ws: Workspace, event_id: int) -> pd.Series:
@@ -135,22 +220,24 @@ def undoable_event(ws: Workspace, event_id: int) -> pd.Series:
 def undo(ws: Workspace, event_id: int) -> int:
     """Reverse a trash, copy or move event and journal the undo.
 
+    A moved file goes back to its origin (under a new name if the origin is taken
+    again); a copy goes to the trash, so nothing is lost.
+
     Raises:
         ZoolibError: no such event, already undone, or its files are gone.
     """
     row = undoable_event(ws, event_id)
     dest = ws.root / row["dest"] if row["dest"] else None
-    if dest is None or not dest.exists():
+    if dest is None or not (dest.exists() or dest.is_symlink()):
         raise ZoolibError(f"cannot undo event {event_id} ({row['action']}): {dest} is missing")
     moved = row["action"] == "trash" or json.loads(row["details"] or "{}").get("moved")
     if moved:
         back = ws.root / row["path"] if not Path(row["path"]).is_absolute() else Path(row["path"])
-        back = _free_path(back)
-        back.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(dest, back)
     else:  # a copy: the undo removes the copy, into the trash so nothing is lost
-        back = _free_path(ws.trash / dest.relative_to(ws.root))
-        back.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(dest, back)
-    return record(ws, "undo", row["dest"], _rel(ws, back) if ws.root in back.resolve().parents
-                  else str(back), undoes=int(event_id))
+        back = ws.trash / dest.relative_to(ws.root)
+    back = _free_path(back)
+    back.parent.mkdir(parents=True, exist_ok=True)
+    # File first, row second: a kill between them leaves the row live with its
+    # destination missing and the file at its origin, which `recover` reverses.
+    _move(dest, back)
+    return record(ws, "undo", row["dest"], _rel(ws, back), undoes=int(event_id))

@@ -6,14 +6,16 @@ cached manifest is not opened again. The cache lives in the workspace
 """
 from __future__ import annotations
 
+import os
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from .images import content_hash, is_candidate, probe, read_file
-from .workspace import (UNKNOWN, Workspace, ZoolibError, class_folders, open_workspace,
-                        write_atomic)
+from .workspace import (Workspace, ZoolibError, class_folders, is_unknown,
+                        name_key, name_problems, open_workspace, write_atomic)
 
 SOURCES = ("real", "staged", "synthetic")
 MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "mode", "format", "bytes",
@@ -31,19 +33,53 @@ def _read_file(path: Path) -> bytes:
 
 
 def _describe(ws: Workspace, path: Path, stat) -> dict:
-    data = _read_file(path)
     row = {"path": path.relative_to(ws.library).as_posix(),
            "label": path.relative_to(ws.library).parts[0],
-           "hash": content_hash(data), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    row.update(probe(data))
+           "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if path.is_symlink():  # listed, never read: its target may lie outside the workspace
+        row.update(probe(b""), hash="", error=f"symbolic link to {os.readlink(path)}: zoolib "
+                   "never follows links; put the file itself in the library")
+        return row
+    data = _read_file(path)
+    row.update(probe(data), hash=content_hash(data))
     return row
 
 
 def _list_files(ws: Workspace) -> list[Path]:
+    """Every file and file link under the class folders; links are never followed.
+
+    Raises:
+        ZoolibError: a class folder is itself a symbolic link.
+    """
     files = []
     for folder in class_folders(ws):
-        files.extend(p for p in folder.rglob("*") if is_candidate(p))
+        if folder.is_symlink():
+            raise ZoolibError(f"library/{folder.name} is a symbolic link to "
+                              f"{os.readlink(folder)}: zoolib never follows links (its files "
+                              "lie outside the workspace); replace it with a real folder")
+        for top, dirs, names in os.walk(folder):  # followlinks=False: linked folders not entered
+            here = Path(top)
+            files.extend(here / n for n in names if is_candidate(here / n))
+            files.extend(here / d for d in dirs if (here / d).is_symlink())
     return sorted(files)
+
+
+def _read_csv(path: Path, holds: str) -> pd.DataFrame:
+    """A side table of the library as strings, or an error that names the file and the fix.
+
+    Args:
+        path: the CSV file.
+        holds: what the file holds and what deleting it would mean, for the message.
+    """
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ZoolibError(f"{path} is not a readable CSV ({type(exc).__name__}: {exc}). It "
+                          f"holds {holds}. Fix it in a text editor, or restore an earlier copy "
+                          "(the journal keeps every edit: curate.history)") from exc
+    if "path" not in table.columns:
+        raise ZoolibError(f"{path} has no 'path' column (it holds {holds})")
+    return table
 
 
 def read_meta(ws: Workspace) -> pd.DataFrame:
@@ -54,9 +90,7 @@ def read_meta(ws: Workspace) -> pd.DataFrame:
     """
     if not ws.meta_csv.exists():
         return pd.DataFrame(columns=["path", "source", "notes"])
-    meta = pd.read_csv(ws.meta_csv, dtype=str, keep_default_na=False)
-    if "path" not in meta.columns:
-        raise ZoolibError(f"{ws.meta_csv} has no 'path' column")
+    meta = _read_csv(ws.meta_csv, META_HOLDS)
     for col in ("source", "notes"):
         if col not in meta.columns:
             meta[col] = ""
@@ -70,6 +104,10 @@ def read_meta(ws: Workspace) -> pd.DataFrame:
 
 
 FLAG_COLUMNS = ["discard", "reason", "pin"]
+META_HOLDS = ("each image's source (real, staged, synthetic) and notes; without it every "
+              "image counts as real")
+FLAGS_HOLDS = ("discard flags and split pins; without it discarded images rejoin training and "
+               "pinned duplicate groups may leak across splits")
 
 
 def flags_csv(ws: Workspace) -> Path:
@@ -88,9 +126,7 @@ def read_flags(ws: Workspace) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame({"path": pd.Series(dtype=str), "discard": pd.Series(dtype=bool),
                              "reason": pd.Series(dtype=str), "pin": pd.Series(dtype=str)})
-    flags = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "path" not in flags.columns:
-        raise ZoolibError(f"{path} has no 'path' column")
+    flags = _read_csv(path, FLAGS_HOLDS)
     for col in FLAG_COLUMNS:
         if col not in flags.columns:
             flags[col] = ""
@@ -114,7 +150,7 @@ def scan(workspace, progress: bool = True) -> pd.DataFrame:
     rows, todo = [], []
     for path in _list_files(ws):
         rel = path.relative_to(ws.library).as_posix()
-        stat = path.stat()
+        stat = path.lstat()  # a link's own size and time: its target is never read
         hit = cached.get(rel)
         if hit and hit["bytes"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns:
             rows.append(hit)
@@ -148,6 +184,42 @@ def _save_cache(ws: Workspace, files: pd.DataFrame) -> None:
     path = _cache_path(ws)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, write=lambda p: files.to_parquet(p, index=False))
+
+
+def name_issues(labels) -> dict[str, str]:
+    """Class folders whose names cannot train: not plain names, or the same class as
+    another folder to a person (differing only by case or Unicode form).
+
+    `unknown` or `UNKNOWN` beside `Unknown` is reported as reserved, not as a
+    collision. Merge collisions with `curate.merge_classes`.
+
+    Of names that collide, the one to keep is in NFC form and has the most
+    images (then the first in sort order); the others are reported.
+
+    Args:
+        labels: one class name per image (a manifest's label column).
+
+    Returns:
+        label -> why, for each problem folder (empty when all are fine).
+    """
+    counts = pd.Series(list(labels), dtype=object).value_counts()
+    labels = sorted(counts.index, key=lambda n: (unicodedata.normalize("NFC", n) != n,
+                                                 -counts[n], n))
+    issues = {}
+    for label in labels:
+        problems = [] if is_unknown(label) else name_problems(label)  # reserved, not broken
+        if problems:
+            issues[label] = "is not a plain name: " + ", ".join(problems)
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        if not is_unknown(label):
+            groups.setdefault(name_key(label), []).append(label)
+    for names in groups.values():
+        for label in names[1:] if len(names) > 1 else []:
+            issues.setdefault(label, f"is the same class as {names[0]!r} (differs only by "
+                              f"case or accents): merge it with curate.merge_classes(ws, "
+                              f"{label!r}, {names[0]!r})")
+    return issues
 
 
 def class_counts(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -204,7 +276,9 @@ def cutoff_table(manifest: pd.DataFrame, min_images: int = 40,
     reason = pd.Series("", index=table.index)
     reason[table["short_by"] > 0] = "below cutoff"
     reason[table["readable"] == 0] = "no readable image"
-    reason[table["label"] == UNKNOWN] = "reserved: Unknown is never a training class"
+    reason[table["label"].map(is_unknown)] = "reserved: Unknown is never a training class"
+    for label, why in name_issues(manifest["label"]).items():
+        reason[table["label"] == label] = why
     table["reason"] = reason
     table["included"] = reason == ""
     return table[["label", "files", "readable", "unique", "eligible", "staged", "synthetic",
@@ -220,11 +294,15 @@ def training_classes(manifest: pd.DataFrame, min_images: int = 40,
             reaches the cutoff.
     """
     table = cutoff_table(manifest, min_images, discarded)
-    empty = table[(table["readable"] == 0) & (table["label"] != UNKNOWN)]
+    empty = table[(table["readable"] == 0) & ~table["label"].map(is_unknown)]
     if len(empty):
         names = ", ".join(f"{r.label!r} ({r.files} files)" for r in empty.itertuples())
         raise ZoolibError(f"class folder(s) with no readable image: {names}; "
                           "fix or remove them (see the curation notebook)")
+    issues = name_issues(manifest["label"])
+    if issues:
+        raise ZoolibError("class folder names to fix before training: " + "; ".join(
+            f"{label!r} {why}" for label, why in issues.items()))
     classes = sorted(table.loc[table["included"], "label"])
     if not classes:
         raise ZoolibError(f"no class has at least {min_images} unique, readable, non-discarded "

@@ -245,7 +245,12 @@ class _SquishLoader:
         self.size, self.interpolation = size, interpolation
 
     def __call__(self, row):
-        return squish(load_rgb(row["file"]), self.size, self.interpolation)
+        try:
+            return squish(load_rgb(row["file"]), self.size, self.interpolation)
+        except Exception as exc:  # noqa: BLE001 - say which file, whatever the decoder raised
+            raise ZoolibError(f"cannot decode training image {row['file']}: "
+                              f"{type(exc).__name__}: {exc}; rescan the library (01_curate) "
+                              "or move the file out") from exc
 
 
 def _workers(cfg: TrainConfig) -> dict:

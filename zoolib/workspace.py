@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 UNKNOWN = "Unknown"
 # Names that would collide with the workspace's own folders or with OS devices.
 _RESERVED = {"_trash", "_meta.csv", ".", "..", "con", "prn", "aux", "nul"}
@@ -92,6 +94,8 @@ def create(path: str | Path) -> Workspace:
         The workspace.
     """
     ws = Workspace(Path(path).expanduser().resolve())
+    if ws.root.is_file():
+        raise ZoolibError(f"workspace {ws.root} is a file, not a folder")
     for folder in (ws.library, ws.inbox, ws.models):
         folder.mkdir(parents=True, exist_ok=True)
     return ws
@@ -115,6 +119,9 @@ def open_workspace(path: str | Path | Workspace) -> Workspace:
     if not str(path).strip():
         raise ZoolibError("WORKSPACE is empty: pass the path of a workspace folder")
     ws = Workspace(Path(path).expanduser().resolve())
+    if ws.root.is_file():
+        raise ZoolibError(f"workspace {ws.root} is a file, not a folder: pass the folder "
+                          "that holds library/")
     if not ws.root.is_dir():
         raise ZoolibError(f"workspace {ws.root} does not exist")
     if not ws.library.is_dir():
@@ -133,37 +140,195 @@ def class_folders(ws: Workspace) -> list[Path]:
     )
 
 
-def check_class_name(name: str) -> str:
-    """Check that a class name is a plain folder name and return it.
+def _invisible(c: str) -> bool:
+    """Format characters (zero-width spaces and joiners, bidirectional overrides and
+    isolates, soft hyphens): they make two names look alike or display reversed."""
+    return unicodedata.category(c) == "Cf"
 
-    Args:
-        name: a class name typed by a user.
 
-    Returns:
-        The name, unchanged.
+def name_problems(name: str) -> list[str]:
+    """Why a class (folder) name is not a plain name; empty when it is.
 
-    Raises:
-        ZoolibError: the name is empty, has a path separator, control characters,
-            surrounding spaces, or is reserved.
+    The checks of `check_class_name`, as a list, so the library scan can report a
+    folder a user made by hand instead of refusing the whole library.
     """
-    if not isinstance(name, str) or not name:
-        raise ZoolibError(f"class name {name!r} is empty")
     problems = []
     if "/" in name or "\\" in name:
         problems.append("contains a path separator")
     if _CONTROL.search(name) or any(unicodedata.category(c) == "Cc" for c in name):
         problems.append("contains control characters")
+    if any(_invisible(c) for c in name):
+        problems.append("contains invisible or bidirectional control characters "
+                        f"({', '.join(sorted({f'U+{ord(c):04X}' for c in name if _invisible(c)}))})")
     if name != name.strip():
         problems.append("has leading or trailing spaces")
     if name.startswith("."):
         problems.append("starts with a dot")
     if name.lower() in _RESERVED or name.startswith("_"):
         problems.append("is reserved")
+    if is_unknown(name) and name != UNKNOWN:
+        problems.append(f"is reserved: spell it {UNKNOWN!r} (the class of images that are "
+                        "none of the others)")
     if len(name.encode()) > 200:
         problems.append("is longer than 200 bytes")
+    return problems
+
+
+def name_key(name: str) -> str:
+    """The identity of a class name: NFC-normalised and case-folded.
+
+    Two names with the same key ("Lion" and "lion", or "café" typed with a
+    combining accent and with a precomposed one) are the same class to a person,
+    so the library refuses to train on both (see `library.name_collisions`).
+    """
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def is_unknown(name: str) -> bool:
+    """Whether a name is the reserved Unknown class, in any case or Unicode form."""
+    return name_key(name) == UNKNOWN.casefold()
+
+
+def check_class_name(name: str, ws: Workspace | None = None) -> str:
+    """Check that a class name typed by a user is a plain folder name.
+
+    Args:
+        name: a class name typed by a user.
+        ws: when given, the name must not differ only by case or Unicode form
+            from an existing class folder (that folder's own name is fine).
+
+    Returns:
+        The name in NFC form (what becomes the folder name).
+
+    Raises:
+        ZoolibError: the name is empty, has a path separator, control or invisible
+            characters, surrounding spaces, is reserved (Unknown in another case
+            included), or collides with an existing class.
+    """
+    if not isinstance(name, str) or not name:
+        raise ZoolibError(f"class name {name!r} is empty")
+    name = unicodedata.normalize("NFC", name)
+    problems = name_problems(name)
     if problems:
         raise ZoolibError(f"class name {name!r} is not a plain folder name: {', '.join(problems)}")
+    if ws is not None and ws.library.is_dir():
+        for folder in class_folders(ws):
+            if folder.name != name and name_key(folder.name) == name_key(name):
+                raise ZoolibError(f"class name {name!r} differs from the existing class "
+                                  f"{folder.name!r} only by case or accents: use {folder.name!r}")
     return name
+
+
+# ---------------------------------------------------------------- user files and internals
+
+def lexical(ws: Workspace, path: str | Path) -> Path:
+    """The absolute path of a file as named: folders resolved, the last part not followed.
+
+    A symbolic link is then the link itself, never its target, so a move or a
+    trash acts on the link (relative paths are taken from the workspace root).
+    """
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else ws.root / p
+    return p.parent.resolve() / p.name
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder == path or folder in path.parents
+
+
+def user_area(ws: Workspace, path: str | Path) -> str:
+    """Where a file lies: "library" (under a class folder), "inbox", "outside" (not in
+    the workspace), or "internal" (any other workspace file: the database, models,
+    splits, results, the trash, the scan cache, library side files)."""
+    p = lexical(ws, path)
+    if not _inside(p, ws.root):
+        return "outside"
+    if _inside(p, ws.inbox) and p != ws.inbox:
+        return "inbox"
+    if ws.library in p.parents and p.parent != ws.library:
+        top = p.relative_to(ws.library).parts[0]
+        if not top.startswith((".", "_")):
+            return "library"
+    return "internal"
+
+
+def check_user_file(ws: Workspace, path: str | Path, areas=("library", "inbox", "outside"),
+                    links: bool = False) -> Path:
+    """A file that library actions may move or copy: the file as named, checked.
+
+    Args:
+        ws: the workspace.
+        path: the file (absolute, or relative to the workspace root).
+        areas: where the file may lie (see `user_area`); workspace internals never.
+        links: accept a symbolic link (it is then acted on itself, never its target).
+
+    Returns:
+        The file's absolute path (see `lexical`).
+
+    Raises:
+        ZoolibError: a workspace internal, an area not allowed, a link when links
+            are not accepted, or not a file.
+    """
+    p, area = lexical(ws, path), user_area(ws, path)
+    if area == "internal":
+        raise ZoolibError(f"{path} is a workspace internal ({p.relative_to(ws.root).as_posix()}"
+                          "): library actions only touch images in library/<class>/ and the "
+                          "inbox")
+    if area not in areas:
+        where = {"outside": "outside the workspace", "inbox": "in the inbox",
+                 "library": "in the library"}
+        raise ZoolibError(f"{path} is {where[area]}, where this action does not apply "
+                          f"(it takes files {', '.join(where[a] for a in areas)})")
+    if p.is_symlink():
+        if not links:
+            raise ZoolibError(f"{path} is a symbolic link: zoolib never follows links; "
+                              "copy the file it points to instead")
+    elif not p.is_file():
+        raise ZoolibError(f"{path} is not a file" + (" (a folder)" if p.is_dir() else ""))
+    return p
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+_LOCKS: dict[Path, FileLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def lock(ws: Workspace, timeout: float = 60):
+    """The workspace's action lock: one library action (a batch) at a time, across
+    processes and threads (a file lock from `filelock` in `.zoolib/`).
+
+    Re-entrant within a thread, so an action may call another. Use as
+    ``with lock(ws): ...``.
+
+    Raises:
+        ZoolibError (on entry): another process held the lock for `timeout` seconds.
+    """
+    ws.cache.mkdir(parents=True, exist_ok=True)
+    path = ws.cache / "actions.lock"
+    with _LOCKS_GUARD:
+        held = _LOCKS.get(path)
+        if held is None:  # one object per file: filelock counts re-entries per thread
+            held = _LOCKS[path] = FileLock(path, timeout=timeout)
+    return _Held(held, path)
+
+
+class _Held:
+    """A context manager over a FileLock that says which workspace is busy on timeout."""
+
+    def __init__(self, held, path: Path):
+        self.held, self.path = held, path
+
+    def __enter__(self):
+        try:
+            self.held.acquire()
+        except Timeout as exc:
+            raise ZoolibError(f"the workspace is busy: another process holds {self.path} "
+                              "(a library action is running); try again") from exc
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.held.release()
 
 
 def write_atomic(path: str | Path, data: str | bytes | None = None, *,

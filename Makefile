@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m zoolib.demo run --workspace build/demo-workspace --reports reports/demo
+	$(BIN)/python -m zoolib.pipeline demo --workspace build/demo-workspace --reports reports/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,8 +1,12 @@
+import ast
 import hashlib
+import json
+import shutil
+from pathlib import Path
 
 from PIL import Image
 
-from zoolib import demo
+from zoolib import demo, translog
 
 
 def _digest(root):
@@ -43,3 +47,34 @@ def test_demo_holds_every_situation(demo_ws, truth):
 def test_add_class(demo_ws):
     paths = demo.add_class(demo_ws)
     assert len(paths) == 50 and all(p.parent.name == demo.ADDED_CLASS for p in paths)
+
+
+def test_demo_imports_nothing_from_pipeline():
+    """pipeline calls demo; demo importing pipeline would close a circle."""
+    names = []  # every module path an import statement names, e.g. ".pipeline", "zoolib.pipeline"
+    for node in ast.walk(ast.parse(Path(demo.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            names += [module] + [f"{module}.{alias.name}" for alias in node.names]
+    assert not [n for n in names if n.rsplit(".", 1)[-1] == "pipeline"], names
+
+
+def test_simulate_traffic(trained_ws, truth):
+    shutil.copytree(trained_ws.models / "gen-0001", trained_ws.models / "gen-0002")
+    info = trained_ws.models / "gen-0002" / "model.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "name": "gen-0002"}))
+    counts = demo.simulate_traffic(trained_ws, truth["inbox"], per_generation=8,
+                                   eval_share=0.5, days=14, seed=3)
+    tx = translog.joined(trained_ws)
+    assert list(counts) == ["gen-0001", "gen-0002"]
+    assert tx.groupby("generation").size().to_dict() == {"gen-0001": 8, "gen-0002": 8}
+    assert tx["evaluated"].sum() == sum(c["evaluations"] for c in counts.values()) > 0
+    assert tx["time"].is_monotonic_increasing
+    assert (tx["time"].max() - tx["time"].min()).days >= 5  # spread over simulated days
+    ev = tx[tx["evaluated"]]
+    assert (ev["evaluated_at"] > ev["time"]).all()
+    assert set(ev["true_class"]) <= set(truth["inbox"].values())
+    assert (ev["correct"] == (ev["true_class"] == ev["predicted"])).all()
+    assert not trained_ws.deployed_json.exists()  # the user's deployment is untouched

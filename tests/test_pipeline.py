@@ -1,6 +1,7 @@
 """The notebooks run by papermill: with parameters, and with their defaults on a
 workspace that is not the demo."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,16 @@ def test_write_and_read_metrics(tmp_path):
     pipeline.write_metrics(tmp_path / "a", {"x": 1})
     assert pipeline.read_metrics(tmp_path / "a") == {"x": 1}
     assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def test_pipeline_demo_command_runs_the_demo_job_as_make_demo_does(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda ws, reports: calls.append((ws, reports)))
+    pipeline.main(["demo", "--workspace", "w", "--reports", "r"])
+    pipeline.main(["demo"])
+    assert calls == [("w", "r"), ("build/demo-workspace", "reports/demo")]
+    makefile = (Path(pipeline.__file__).parent.parent / "Makefile").read_text()
+    assert "-m zoolib.pipeline demo --workspace build/demo-workspace" in makefile
 
 
 def _plain_workspace(root):

@@ -5,8 +5,11 @@ every situation the workflow exists for: a class just under the cutoff, staged
 and synthetic images, look-alike classes, an Unknown folder, exact and near
 duplicates, unreadable and empty files, a rotated image and an inbox holding a
 class the library lacks. The answer key is `demo_truth.json` in the workspace.
+`simulate_traffic` then serves some of the inbox through the real Predictor on a
+simulated clock, so the report has days of traffic to show.
 
-Only the demo pipeline and the tests use this module; the workflow never does.
+Only the demo pipeline (`zoolib.pipeline`) and the tests use this module; the
+workflow never does, and this module never imports `pipeline` (no circle).
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ import json
 import random
 import shutil
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from .workspace import Workspace, create
+from .workspace import Workspace, ZoolibError, create, open_workspace
 
 SIZE = 64
 
@@ -279,23 +283,92 @@ def add_class(workspace: Workspace, name: str = ADDED_CLASS, count: int = 50,
     return _draw_class(workspace.library / name, name, count, random.Random(seed))
 
 
+def _recent_generations(ws: Workspace, n: int = 2) -> list[str]:
+    """The newest `n` generations that are not throw-away runs, oldest first."""
+    from . import models
+
+    names = [g for g in models.generation_names(ws)
+             if not models.read_info(ws, g).get("throwaway", False)]
+    if not names:
+        raise ZoolibError(f"{ws.models} holds no generation to serve")
+    return names[-n:]
+
+
+def simulate_traffic(workspace, labels: dict[str, str], generations: list[str] | None = None,
+                     per_generation: int = 60, eval_share: float = 0.4, days: int = 21,
+                     reviewer: str = "demo-reviewer", seed: int = 0) -> dict:
+    """Serve inbox images through the Predictor for several generations and review some.
+
+    Real predictions and log rows, on a simulated clock: the generations serve
+    one after the other over the last `days` days (oldest generation first), so
+    the report has days and weeks to show. Reviews come 1-48 hours after the
+    prediction, with the true class from `labels`. deployed.json is not touched:
+    each generation is pinned.
+
+    Args:
+        workspace: the workspace.
+        labels: inbox-relative image path -> true class (the demo's
+            `demo_truth.json["inbox"]`); entries that are not images are skipped.
+        generations: generations to serve, in order; the last two by default.
+        per_generation: predictions per generation.
+        eval_share: share of predictions that get a manual evaluation.
+        days: length of the simulated period, ending now.
+        reviewer: name stored with the evaluations.
+        seed: random seed.
+
+    Returns:
+        Counts per generation: {"gen-0001": {"predictions": n, "evaluations": m}, ...}.
+
+    Raises:
+        ZoolibError: no generation to serve, or no labelled inbox image.
+    """
+    # Imported here: building the demo workspace needs neither torch nor the log.
+    from . import translog
+    from .serving import Predictor
+
+    ws = open_workspace(workspace)
+    rng = random.Random(seed)
+    generations = generations or _recent_generations(ws)
+    images = sorted(p for p, c in labels.items() if c != "unreadable"
+                    and (ws.inbox / p).is_file())
+    if not images:
+        raise ZoolibError(f"no labelled inbox image of {ws.inbox} is in `labels`")
+    end = translog.now()
+    span = timedelta(days=days) / len(generations)
+    summary = {}
+    for k, gen in enumerate(generations):
+        start = end - span * (len(generations) - k)
+        times = iter(sorted(start + span * rng.random() for _ in range(per_generation)))
+        predictor = Predictor(ws, generation=gen, source="demo-traffic", clock=lambda: next(times))
+        n_eval = 0
+        try:
+            for _ in range(per_generation):
+                path = rng.choice(images)
+                pred = predictor.predict(ws.inbox / path)
+                if rng.random() < eval_share:
+                    when = min(datetime.fromisoformat(pred.time) +
+                               timedelta(hours=rng.uniform(1, 48)), end)
+                    translog.record_evaluation(ws, pred.transaction_id, reviewer,
+                                               true_class=labels[path], time=when)
+                    n_eval += 1
+        finally:
+            predictor.close()
+        summary[gen] = {"predictions": per_generation, "evaluations": n_eval}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m zoolib.demo build PATH` or `... run` (the demo pipeline)."""
+    """Command line: `python -m zoolib.demo build PATH [--seed N]`.
+
+    The whole demo job is `python -m zoolib.pipeline demo` (`make demo`).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write the demo workspace")
     b.add_argument("path")
     b.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("run", help="build the demo workspace and run the notebooks on it")
-    r.add_argument("--workspace", default="build/demo-workspace")
-    r.add_argument("--reports", default="reports/demo")
     args = parser.parse_args(argv)
-    if args.cmd == "build":
-        print(f"demo workspace written to {build(args.path, args.seed).root}")
-    else:
-        from .pipeline import run_demo
-
-        run_demo(args.workspace, args.reports)
+    print(f"demo workspace written to {build(args.path, args.seed).root}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,18 @@
 Every notebook takes a `REPORT_DIR` parameter and writes its figures and a
 `metrics.json` there; `run_notebook` executes one into that folder and returns
 its metrics, so pipelines (the demo, sweeps) chain notebooks in batch.
+
+The demo job (`make demo`) is `python -m zoolib.pipeline demo --workspace W --reports R`.
+This module calls `demo`; `demo` never imports this one.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 
+from . import demo
 from .workspace import write_atomic
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -69,8 +74,6 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     warm-started from 1 and compared with it; bulk identification of the inbox;
     real traffic through the Predictor; the usage and accuracy report.
     """
-    from . import demo
-
     started = time.perf_counter()
     ws = demo.build(workspace)
     reports = report_dir(reports)
@@ -97,15 +100,13 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     step("03_evaluate-gen2", "03_evaluate", PROMOTE=True)
     step("04_bulk_identify-gen2", "04_bulk_identify",
          GENERATION=summary["02_train-gen2"]["generation"], LOOKALIKE_CLASS=demo.LOOKALIKE_OF)
-    from .serving import simulate_traffic
-
     labels = json.loads((ws.root / "demo_truth.json").read_text())["inbox"]
-    summary["traffic"] = simulate_traffic(ws, labels)
+    summary["traffic"] = demo.simulate_traffic(ws, labels)
     print(f"served demo traffic through the Predictor: {summary['traffic']}")
     step("05_report", "05_report")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_metrics(reports, summary)
-    (reports / "summary.md").write_text(_demo_markdown(summary))
+    write_atomic(reports / "summary.md", _demo_markdown(summary))
     print((reports / "summary.md").read_text())
     return summary
 
@@ -135,3 +136,23 @@ def _demo_markdown(summary: dict) -> str:
         lines.append(f"\nServed traffic: {summary['traffic']}")
     lines.append(f"\nWhole run: {summary['seconds']} s.")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python -m zoolib.pipeline demo [--workspace W] [--reports R]`.
+
+    `demo` builds the demo workspace at W (replacing it) and runs the main job
+    on it, with the reports in R; `make demo` runs it with the defaults.
+    """
+    parser = argparse.ArgumentParser(description="Run notebook pipelines in batch.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="build the demo workspace and run the notebooks on it")
+    d.add_argument("--workspace", default="build/demo-workspace",
+                   help="where to build the demo workspace (an existing one is replaced)")
+    d.add_argument("--reports", default="reports/demo", help="report folder of the run")
+    args = parser.parse_args(argv)
+    run_demo(args.workspace, args.reports)
+
+
+if __name__ == "__main__":
+    main()

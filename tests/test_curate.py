@@ -291,13 +291,13 @@ def test_exif_orientation_disagreement_flagged(demo_ws):
 
 
 def test_widget_actions_are_journaled_and_undoable(demo_ws, truth):
-    from zoolib.curate_widget import CurationWidget
+    from zoolib.widgets import CurationWidget
 
     m = _scan(demo_ws)
     groups = curate.near_duplicates(m, curate.near_duplicate_pairs(m, 2))
     w = CurationWidget(demo_ws, {"near duplicates": groups, "unreadable": curate.unreadable(m)})
-    assert len(w.pictures.children) == len(w.current()) == groups["count"].iloc[0]
-    assert w.selected.value == tuple(w.current()[1:])  # non-keepers preselected
+    assert len(w.grid.items) == len(w.current()) == min(groups["count"].iloc[0], 12)
+    assert w.selected == w.current()[1:]  # non-keepers preselected
     w.reason.value = "blurred"
     discard = next(b for b in w.buttons if b.description == "discard")
     discard.click()

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from zoolib import reports, translog
-from zoolib.review_widget import ReviewWidget
+from zoolib.widgets import ReviewWidget, thumbnail
 
 MON = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)  # a Monday
 
@@ -142,10 +142,11 @@ def test_review_widget_marks_transactions(demo_ws):
     first = log(demo_ws, 0, "gen-0001", "lion", 0.9, image="served/x.png")
     second = log(demo_ws, 1, "gen-0001", "zebra", 0.5)
     widget = ReviewWidget(demo_ws, reviewer="anna", mode="recent")
-    assert f"#{second}" in widget.info.value and widget.image.value == b""
+    assert f"#{second}" in widget.info.value and widget.grid.items == []  # no image kept
     widget.true_class.value = "okapi"
     widget.wrong.click()
-    assert f"#{first}" in widget.info.value and widget.image.value == img.read_bytes()
+    assert f"#{first}" in widget.info.value
+    assert widget.grid.tiles[0].image.value == thumbnail(str(img), 224)  # the shared grid
     widget.correct.click()
     assert widget.correct.disabled
     ev = translog.joined(demo_ws).set_index("id")

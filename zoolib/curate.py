@@ -37,8 +37,8 @@ from PIL import Image, ImageOps
 
 from . import journal, library, splits
 from .images import content_hash
-from .workspace import (UNKNOWN, Workspace, ZoolibError, check_user_file, class_folders, lock,
-                        user_area, write_atomic)
+from .workspace import (UNKNOWN, Workspace, ZoolibError, check_class_name, check_user_file,
+                        class_folders, lock, user_area, write_atomic)
 
 _BANDS = 4  # multi-index hashing: a 64-bit hash is looked up by four 16-bit bands
 _CHUNK = 2_000_000  # candidate pairs verified at once (bounds memory)
@@ -615,20 +615,62 @@ def merge_classes(ws: Workspace, source: str, into: str) -> int:
                    for n in names + [d for d in dirs if (Path(top) / d).is_symlink()])
     for f in files:  # all checked before the first moves: a link stops the merge here
         check_user_file(ws, f, areas=("library",))
+    events, tables = _move_images(ws, files, into)
+    for folder in sorted((p for p in folders[source].rglob("*") if p.is_dir()), reverse=True):
+        folder.rmdir()
+    folders[source].rmdir()
+    return journal.record(ws, MERGE, path=f"library/{source}", dest=f"library/{into}",
+                          label=into, events=events, tables=tables)
+
+
+RELABEL = "relabel"
+
+
+@_locked
+def relabel(ws: Workspace, paths, cls: str) -> int:
+    """Move library images to another class folder (a label fix), as one undoable event.
+
+    Their `_meta.csv` and `_flags.csv` rows move with them; the content hash,
+    and so the split, stays. A new class name creates the folder.
+
+    Args:
+        ws: the workspace.
+        paths: library-relative image paths ("lion/x.jpg").
+        cls: the class they belong to.
+
+    Returns:
+        The journal id of the relabel (undo it with `undo`).
+
+    Raises:
+        ZoolibError: a path is not a library image, or the class name is not plain
+            (or differs from an existing class only by case).
+    """
+    cls = check_class_name(cls, ws)
+    paths = _check_paths(ws, paths)
+    same = [p for p in paths if p.split("/", 1)[0] == cls]
+    if same:
+        raise ZoolibError(f"{same[0]!r} is already in class {cls!r}")
+    events, tables = _move_images(ws, [ws.library / p for p in paths], cls)
+    return journal.record(ws, RELABEL, path=paths[0], dest=f"library/{cls}", label=cls,
+                          paths=paths, events=events, tables=tables)
+
+
+def _move_images(ws: Workspace, files: list[Path], into: str) -> tuple[list[int], list[int]]:
+    """Move checked library files into class `into` with their side-table rows.
+
+    Returns:
+        The journal ids of the file moves and of the side-table edits.
+    """
     events, moves = [], {}
     for f in files:
-        event = journal.copy_into(ws, f, ws.library / into, action="merge_file", label=into,
+        event = journal.copy_into(ws, f, ws.library / into, action="move_image", label=into,
                                   move=True)
         events.append(event)
         moves[f.relative_to(ws.library).as_posix()] = \
             journal.read(ws).set_index("id").loc[event, "dest"].removeprefix("library/")
     tables = [_rekey(ws, table, columns, moves) for table, columns in
               ((ws.meta_csv, ["source", "notes"]), (library.flags_csv(ws), library.FLAG_COLUMNS))]
-    for folder in sorted((p for p in folders[source].rglob("*") if p.is_dir()), reverse=True):
-        folder.rmdir()
-    folders[source].rmdir()
-    return journal.record(ws, MERGE, path=f"library/{source}", dest=f"library/{into}",
-                          label=into, events=events, tables=[t for t in tables if t])
+    return events, [t for t in tables if t]
 
 
 def _rekey(ws: Workspace, path: Path, columns: list[str], moves: dict[str, str]) -> int | None:
@@ -644,13 +686,37 @@ def _rekey(ws: Workspace, path: Path, columns: list[str], moves: dict[str, str])
     return _edit_table(ws, path, columns, "rekey", updates) if updates else None
 
 
-def _undo_merge(ws: Workspace, row: pd.Series, details: dict) -> int:
+def _undo_moves(ws: Workspace, row: pd.Series, details: dict) -> int:
+    """Undo a merge or relabel: side tables first, then the files, newest first."""
     for table_event in reversed(details["tables"]):
         table_row = journal.undoable_event(ws, table_event)
         _undo_table(ws, table_row, json.loads(table_row["details"]))
     for event in reversed(details["events"]):
         journal.undo(ws, event)
     return journal.record(ws, "undo", path=row["path"], undoes=int(row["id"]))
+
+
+CHECKED = "checked"
+
+
+def mark_checked(ws: Workspace, paths) -> int:
+    """Mark library images as checked by a person: label-issue lists leave them out.
+
+    One journal row (undoable), so the marks survive kernels and follow the journal.
+
+    Returns:
+        The journal id of the mark.
+    """
+    paths = _check_paths(ws, paths)
+    with lock(ws):
+        return journal.record(ws, CHECKED, path=paths[0], paths=paths)
+
+
+def checked_paths(ws: Workspace) -> set[str]:
+    """Library paths marked checked (marks that were undone are not)."""
+    rows = journal.read(ws, CHECKED)
+    live = rows[~rows["undone"].astype(bool)]
+    return {p for details in live["details"] for p in json.loads(details)["paths"]}
 
 
 # ---------------------------------------------------------------- undo and history
@@ -669,14 +735,17 @@ def undo(ws: Workspace, event_id: int) -> int:
     details = json.loads(row["details"] or "{}")
     if row["action"] == "rotate":
         return _undo_rotate(ws, row, details)
-    if row["action"] == MERGE:
-        return _undo_merge(ws, row, details)
+    if row["action"] in (MERGE, RELABEL):
+        return _undo_moves(ws, row, details)
+    if row["action"] == CHECKED:  # a mark only: the undo row is the whole undo
+        return journal.record(ws, "undo", path=row["path"], undoes=int(row["id"]))
     if "changes" in details:
         return _undo_table(ws, row, details)
     return journal.undo(ws, event_id)
 
 
-CURATION_ACTIONS = ("rotate", "discard", "undiscard", "pin", "unpin", "source", "trash", "merge")
+CURATION_ACTIONS = ("rotate", "discard", "undiscard", "pin", "unpin", "source", "trash", "merge",
+                    "relabel", "checked")
 
 
 def history(ws: Workspace) -> pd.DataFrame:

@@ -64,7 +64,7 @@ def status(df: pd.DataFrame) -> str:
     n_eval = int(df["evaluated"].sum())
     if n_eval == 0:
         return (f"{len(df)} transactions from {gens} generation(s), {span}. No manual "
-                "evaluations yet: accuracy needs reviews (zoolib.review_widget or POST "
+                "evaluations yet: accuracy needs reviews (zoolib.widgets.ReviewWidget or POST "
                 "/evaluations); usage and confidence are shown.")
     text = (f"{len(df)} transactions from {gens} generation(s), {span}; {n_eval} evaluated "
             f"({n_eval / len(df):.0%}).")

@@ -1,25 +1,24 @@
 """The curation widget: browse each problem list with thumbnails and fix it, with undo.
 
-A thin ipywidgets layer over `curate`: every button calls one tested function
-there (rotate, discard, pin, set_source, journal.trash for non-keepers, undo),
-so every action lands in the workspace journal. Nothing in zoolib imports it.
+A thin ipywidgets layer over `curate` and `cleaning`: every button calls one
+tested function there (rotate, discard, pin, set_source, relabel, mark checked,
+journal.trash for non-keepers, undo), so every action lands in the workspace
+journal. Nothing in zoolib imports it.
 
-    w = CurationWidget(ws, {"near duplicates": groups, "leakage": leaks})
+    w = CurationWidget(ws, {"label issues": issues, "near duplicates": groups})
     w.show()
 """
 from __future__ import annotations
 
-import io
-
 import ipywidgets as W
 import pandas as pd
-from PIL import Image
 
-from . import curate, journal
-from .images import load_rgb
-from .workspace import Workspace
+from .. import curate, journal
+from ..workspace import Workspace, class_folders
+from .grid import Item, ThumbGrid
 
 THUMB = 128
+MAX_TILES = 12  # a problem item (a duplicate group) shows at most this many images
 
 
 def item_paths(row: pd.Series) -> list[str]:
@@ -31,16 +30,11 @@ def item_paths(row: pd.Series) -> list[str]:
     return [row["path"]]
 
 
-def thumbnail(ws: Workspace, path: str, size: int = THUMB) -> bytes:
-    """PNG bytes of an upright thumbnail (a grey square when the file cannot be read)."""
-    try:
-        img = load_rgb(ws.library / path)
-        img.thumbnail((size, size))
-    except Exception:  # noqa: BLE001 - unreadable files are a problem list too
-        img = Image.new("RGB", (size, size), (128, 128, 128))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
+def _caption(row: pd.Series, path: str, keeper: bool) -> str:
+    """A tile's text: the file name, and for a label issue the given and suggested class."""
+    if "suggested" in row and "path" in row and row["path"] == path:
+        return f"{row['label']} → {row['suggested']}?"
+    return path.rsplit("/", 1)[-1] + (" (keeper)" if keeper else "")
 
 
 class CurationWidget:
@@ -48,20 +42,23 @@ class CurationWidget:
 
     Args:
         ws: the workspace.
-        lists: problem lists by name (DataFrames from curate: near_duplicates,
-            leakage, exif_disagreements, unreadable, or any frame with a path column).
+        lists: problem lists by name (DataFrames from curate or cleaning:
+            near_duplicates, leakage, exif_disagreements, unreadable,
+            label_issues, or any frame with a path column).
     """
 
     def __init__(self, ws: Workspace, lists: dict[str, pd.DataFrame]):
         self.ws, self.lists = ws, {k: v.reset_index(drop=True) for k, v in lists.items()}
         self.which = W.Dropdown(options=list(self.lists), description="list")
         self.index = W.BoundedIntText(min=0, max=0, description="item")
-        self.pictures = W.HBox()
-        self.selected = W.SelectMultiple(description="images", rows=4)
+        self.grid = ThumbGrid(MAX_TILES, THUMB, columns=6)
+        self.pictures = self.grid.widget
         self.reason = W.Text(value="subject too small to zoom", description="reason")
         self.split = W.Dropdown(options=["train", "valid", "test"], value="test",
                                 description="pin to")
         self.source = W.Dropdown(options=["real", "staged", "synthetic"], description="source")
+        self.relabel_to = W.Combobox(options=[f.name for f in class_folders(ws)],
+                                     description="class", ensure_option=False)
         self.log = W.Output()
         buttons = [("rotate 90", lambda p: [curate.rotate(ws, x, 90) for x in p]),
                    ("rotate 180", lambda p: [curate.rotate(ws, x, 180) for x in p]),
@@ -70,6 +67,8 @@ class CurationWidget:
                    ("undiscard", lambda p: [curate.undiscard(ws, p)]),
                    ("pin", lambda p: [curate.pin(ws, p, self.split.value)]),
                    ("set source", lambda p: [curate.set_source(ws, p, self.source.value)]),
+                   ("relabel", lambda p: [curate.relabel(ws, p, self.relabel_to.value)]),
+                   ("checked", lambda p: [curate.mark_checked(ws, p)]),
                    ("trash", lambda p: [journal.trash(ws, f"library/{x}", "curation")
                                         for x in p])]
         self.buttons = [self._button(name, act) for name, act in buttons]
@@ -78,14 +77,20 @@ class CurationWidget:
         self.buttons.append(undo)
         self.which.observe(lambda _: self._reset(), "value")
         self.index.observe(lambda _: self._render(), "value")
-        self.box = W.VBox([W.HBox([self.which, self.index]), self.pictures, self.selected,
-                           W.HBox([self.reason, self.split, self.source]),
-                           W.HBox(self.buttons), self.log])
+        self.box = W.VBox([W.HBox([self.which, self.index]), self.pictures,
+                           W.HBox([self.reason, self.split, self.source, self.relabel_to]),
+                           W.HBox(self.buttons, layout=W.Layout(flex_flow="row wrap")),
+                           self.log])
         self._reset()
+
+    @property
+    def selected(self) -> list[str]:
+        """The selected library paths, in the order they are shown."""
+        return [p for p in self.current() if p in self.grid.selected]
 
     def _button(self, name, act) -> W.Button:
         button = W.Button(description=name)
-        button.on_click(lambda _: self._run(lambda: act(list(self.selected.value))))
+        button.on_click(lambda _: self._run(lambda: act(self.selected)))
         return button
 
     def _last_event(self) -> int:
@@ -104,10 +109,15 @@ class CurationWidget:
                 print(f"error: {exc}")
         self._render()
 
+    def row(self) -> pd.Series | None:
+        """The problem row on screen (None for an empty list)."""
+        table = self.lists[self.which.value]
+        return table.iloc[self.index.value] if len(table) else None
+
     def current(self) -> list[str]:
         """Paths of the item on screen."""
-        table = self.lists[self.which.value]
-        return item_paths(table.iloc[self.index.value]) if len(table) else []
+        row = self.row()
+        return item_paths(row)[:MAX_TILES] if row is not None else []
 
     def _reset(self) -> None:
         self.index.max = max(len(self.lists[self.which.value]) - 1, 0)
@@ -115,14 +125,14 @@ class CurationWidget:
         self._render()
 
     def _render(self) -> None:
-        paths = self.current()
-        self.pictures.children = [
-            W.VBox([W.Image(value=thumbnail(self.ws, p), format="png"),
-                    W.Label(p + (" (keeper)" if k == 0 and len(paths) > 1 else ""))])
-            for k, p in enumerate(paths)]
-        self.selected.options = paths
-        self.selected.value = tuple(paths[1:] if self.which.value.startswith("near")
-                                    else paths[:1])
+        row, paths = self.row(), self.current()
+        self.grid.selected.clear()  # preselect: non-keepers of a group, else the image itself
+        self.grid.selected.update(paths[1:] if self.which.value.startswith("near") else paths[:1])
+        if row is not None and "suggested" in row:
+            self.relabel_to.value = str(row["suggested"])
+        self.grid.show([Item(p, str(self.ws.library / p), _caption(row, p, k == 0 and
+                                                                     len(paths) > 1), tip=p)
+                        for k, p in enumerate(paths)])
 
     def show(self):
         """The widget, for display in a notebook cell."""

@@ -9,18 +9,16 @@ survive re-filtering and restarting the kernel.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import ipywidgets as w
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 
-from . import actions, bulkid, library
-from .workspace import Workspace, ZoolibError
+from .. import actions, bulkid, library
+from ..workspace import Workspace, ZoolibError
+from .grid import Item, ThumbGrid
 
 ANY_CLASS = "(any class)"
 STATUSES = ("open", "all", "added", "discarded")  # "open": not yet added or discarded
@@ -189,32 +187,6 @@ def page_of(rows: np.ndarray, page: int, page_size: int) -> np.ndarray:
     return rows[page * page_size:(page + 1) * page_size]
 
 
-@lru_cache(maxsize=1)
-def _placeholder(size: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), (200, 200, 200)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-@lru_cache(maxsize=8192)
-def thumbnail(path: str, size: int = 96) -> bytes:
-    """Small JPEG bytes of an image (upright), cached; a grey square if unreadable.
-
-    JPEG draft mode decodes at a reduced scale, so a large photo costs little more
-    than a small one.
-    """
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size, size))
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=80)
-            return buf.getvalue()
-    except Exception:  # noqa: BLE001 - a broken file gets the placeholder, never an error
-        return _placeholder(size)
-
-
 def caption(row, status: str) -> str:
     """The text under a thumbnail: predicted class and confidence, and the mark."""
     if row["error"]:
@@ -222,29 +194,6 @@ def caption(row, status: str) -> str:
     else:
         text = f"{row['pred']} {row['confidence']:.2f}"
     return {"added": "✓ ", "discarded": "✗ "}.get(status, "") + text
-
-
-class _Tile:
-    """One grid cell: a thumbnail and a toggle that selects it."""
-
-    def __init__(self, size: int, on_toggle):
-        self.path = ""
-        self.image = w.Image(format="jpeg", width=size, height=size)
-        self.toggle = w.ToggleButton(layout=w.Layout(width=f"{size + 24}px"))
-        self.toggle.observe(lambda change: on_toggle(self, change["new"]), "value")
-        self.box = w.VBox([self.image, self.toggle], layout=w.Layout(align_items="center"))
-        self.box.add_class("zoolib-tile")
-
-    def show(self, path: str, image: bytes, text: str, tip: str, style: str, selected: bool):
-        self.path = path
-        self.image.value = image
-        self.toggle.description, self.toggle.tooltip = text, tip
-        self.toggle.button_style, self.toggle.value = style, selected
-        self.box.layout.display = None
-
-    def hide(self):
-        self.path = ""
-        self.box.layout.display = "none"
 
 
 class BulkView:
@@ -268,14 +217,12 @@ class BulkView:
         self.results = results.reset_index(drop=True)
         self.masks = {k: v.reset_index(drop=True) for k, v in masks.items()}
         self.keys = sort_keys(self.results)
-        self.selected: set[str] = set()
         self.state = ViewState(page_size=page_size)
         self._busy = False
         self._build_controls(classes or sorted(self.results["pred"].dropna().unique()))
-        self.tiles = [_Tile(thumb_size, self._toggled) for _ in range(page_size)]
-        self.grid = w.GridBox([t.box for t in self.tiles], layout=w.Layout(
-            grid_template_columns=f"repeat({columns}, {thumb_size + 32}px)"))
-        self.grid.add_class("zoolib-grid")
+        self.thumbs = ThumbGrid(page_size, thumb_size, columns, on_change=self._update_label)
+        self.selected, self.tiles, self.grid = (self.thumbs.selected, self.thumbs.tiles,
+                                                self.thumbs.widget)
         self.widget = w.VBox([self.filters, self.paging, self.grid, self.action_bar,
                               self.message])
         self.reload_marks()
@@ -358,18 +305,13 @@ class BulkView:
         return self.results.iloc[page_of(self.rows, self.state.page, self.state.page_size)]
 
     def _draw(self) -> None:
-        page = self.page_rows()
         styles = {"added": "success", "discarded": "danger"}
-        self._busy = True
-        try:
-            for tile, (pos, row) in zip(self.tiles, page.iterrows()):
-                status = self.status_col.iat[pos]
-                tile.show(row["path"], self._thumb(row["path"]), caption(row, status),
-                          row["rel"], styles.get(status, ""), row["path"] in self.selected)
-            for tile in self.tiles[len(page):]:
-                tile.hide()
-        finally:
-            self._busy = False
+        items = []
+        for pos, row in self.page_rows().iterrows():
+            status = self.status_col.iat[pos]
+            items.append(Item(row["path"], self._where(row["path"]), caption(row, status),
+                              row["rel"], styles.get(status, "")))
+        self.thumbs.show(items)
         self._update_label()
 
     def _update_label(self) -> None:
@@ -377,31 +319,23 @@ class BulkView:
                                  f"{n_pages(len(self.rows), self.state.page_size)} · "
                                  f"{len(self.rows)} images · {len(self.selected)} selected")
 
-    def _thumb(self, path: str) -> bytes:
-        """Thumbnail of a file where it is now (a discarded file is in the trash)."""
+    def _where(self, path: str) -> str:
+        """Where a file is now (a discarded file is in the trash)."""
         if not Path(path).exists() and path in self.dest:
-            return thumbnail(str(self.ws.root / self.dest[path]), self.thumb_size)
-        return thumbnail(path, self.thumb_size)
+            return str(self.ws.root / self.dest[path])
+        return path
 
-    # ---- selection ---------------------------------------------------------------------
-    def _toggled(self, tile: _Tile, on: bool) -> None:
-        if self._busy or not tile.path:
-            return
-        (self.selected.add if on else self.selected.discard)(tile.path)
-        self._update_label()
-
+    # ---- selection (kept by the grid across pages) --------------------------------------
     def select(self, paths) -> None:
         """Add files (absolute paths) to the selection."""
-        self.selected.update(map(str, paths))
-        self._draw()
+        self.thumbs.select(paths)
 
     def select_page(self) -> None:
         """Select every image on the current page."""
-        self.select(self.page_rows()["path"])
+        self.thumbs.select_shown()
 
     def clear_selection(self) -> None:
-        self.selected.clear()
-        self._draw()
+        self.thumbs.clear()
 
     # ---- actions (each one journaled by zoolib.actions) ---------------------------------
     def _act(self, handler) -> None:

@@ -4,7 +4,7 @@ A thin ipywidgets layer over `translog.pick_for_review` and
 `translog.record_evaluation`: each mark is one evaluation row attached to the
 original transaction, however long after the prediction it is made.
 
-    from zoolib.review_widget import ReviewWidget
+    from zoolib.widgets import ReviewWidget
     ReviewWidget(WORKSPACE, reviewer="anna", mode="unreviewed")
 """
 from __future__ import annotations
@@ -12,8 +12,11 @@ from __future__ import annotations
 import ipywidgets as w
 import pandas as pd
 
-from . import translog
-from .workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
+from .. import translog
+from ..workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
+from .grid import Item, ThumbGrid
+
+SIZE = 224
 
 
 class ReviewWidget(w.VBox):
@@ -36,7 +39,7 @@ class ReviewWidget(w.VBox):
         self.position = 0
         choices = classes or sorted({c for top in self.rows["top5"] for c, _ in top})
         self.reviewer = w.Text(value=reviewer, description="reviewer")
-        self.image = w.Image(width=224, height=224)
+        self.grid = ThumbGrid(1, SIZE, columns=1)  # the shared grid, one large tile
         self.info = w.HTML()
         self.true_class = w.Combobox(options=choices + [UNKNOWN], description="true class",
                                      placeholder="type or pick")
@@ -48,7 +51,8 @@ class ReviewWidget(w.VBox):
         self.wrong.on_click(lambda _: self.mark(False))
         self.skip.on_click(lambda _: self.show(self.position + 1))
         buttons = w.HBox([self.correct, self.true_class, self.wrong, self.skip])
-        super().__init__([self.reviewer, w.HBox([self.image, self.info]), buttons, self.status])
+        super().__init__([self.reviewer, w.HBox([self.grid.widget, self.info]), buttons,
+                          self.status])
         self.show(0)
 
     def show(self, position: int) -> None:
@@ -62,9 +66,11 @@ class ReviewWidget(w.VBox):
             return
         row = self.rows.iloc[position]
         path = self.ws.root / row["image"] if isinstance(row["image"], str) else None
-        self.image.value = path.read_bytes() if path is not None and path.is_file() else b""
+        kept = path is not None and path.is_file()
+        self.grid.show([Item(str(row["id"]), str(path), f"#{row['id']}: {row['predicted']}")]
+                       if kept else [])
         top = "".join(f"<li>{c}: {p:.2f}</li>" for c, p in row["top5"])
-        seen = " (no image kept)" if not self.image.value else ""
+        seen = "" if kept else " (no image kept)"
         self.info.value = (f"<b>#{row['id']}</b> {row['time']:%Y-%m-%d %H:%M} UTC, "
                            f"{row['generation']}, source {row['source']}{seen}<br>"
                            f"predicted <b>{row['predicted']}</b> ({row['confidence']:.2f})"

@@ -1,0 +1,399 @@
+"""Clean the library with the model: label issues, overlapping classes, out-of-distribution
+images and an embedding map, from out-of-fold predictions (cleanlab does the estimating).
+
+The estimators need predictions of each image by a model that did not train on
+it. `out_of_fold` trains k throw-away fold generations (the `FOLDS`/`FOLD`
+machinery of training: fold i of the train+valid pool is held out) and keeps,
+for every image of the training classes, the probabilities of the fold model
+that held it out; test and benchmark images, which no fold trains on, get the
+mean of all fold models. The table is stored in the workspace
+(`cleaning/oof.parquet`), so the other calls and a later kernel reuse it.
+
+cleanlab then finds the label issues (`filter.find_label_issues`, ranked by
+`rank.get_label_quality_scores`), the overlapping classes
+(`dataset.find_overlapping_classes`) and the out-of-distribution images
+(`outlier.OutOfDistribution`, per class on the generation's features). Writing
+our own estimators would only repeat theirs.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import curate, inference, library, models, neighbours, plots
+from .evaluate import predict_rows
+from .images import load_rgb
+from .train import TrainConfig, train
+from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
+
+OOF_FILE = "oof.parquet"
+ISSUE_COLUMNS = ["path", "label", "suggested", "label_quality", "given_prob", "suggested_prob",
+                 "split"]
+
+
+def folder(ws: Workspace) -> Path:
+    """`WORKSPACE/cleaning/`: derived tables of the cleaning step (rebuilt by re-running)."""
+    return ws.root / "cleaning"
+
+
+# --------------------------------------------------------------------------- out of fold
+
+def out_of_fold(workspace, cfg: TrainConfig, folds: int = 4, tta: bool = False,
+                progress: bool = True) -> pd.DataFrame:
+    """Train `folds` throw-away generations and predict each image with a model that
+    did not train on it.
+
+    Args:
+        workspace: the workspace.
+        cfg: the fold runs' settings: the budget (EPOCHS, PATIENCE) and the start
+            (INIT_FROM: "last" warm-starts every fold from the newest generation,
+            cheaper; "scratch" never saw any image). FOLDS, FOLD and THROWAWAY
+            are set here.
+        folds: k, at least 2.
+        tta: average each prediction with that of the mirrored image.
+        progress: progress bars of training and prediction.
+
+    Returns:
+        One row per image of the training classes: path, hash, label, split
+        ("train"/"valid" pool, or "test"/"benchmark"), fold (-1 for test and
+        benchmark images), generation (the model that predicted it, or "mean"),
+        probs (an array over `attrs["classes"]`), pred, confidence. Also saved
+        as `cleaning/oof.parquet`.
+
+    Raises:
+        ZoolibError: fewer than 2 folds, or the fold runs disagree on the classes.
+    """
+    ws = open_workspace(workspace)
+    if int(folds) < 2:
+        raise ZoolibError(f"FOLDS must be at least 2 for out-of-fold predictions, got {folds}")
+    parts, held, classes, names = [], [], None, []
+    for fold in tqdm(range(int(folds)), desc="fold models", disable=not progress):
+        result = train(ws, replace(cfg, folds=int(folds), fold=fold, throwaway=True),
+                       progress=progress)
+        names.append(result.name)
+        loaded = inference.load(ws, result.name)
+        if classes is not None and loaded.classes != classes:
+            raise ZoolibError(f"fold {fold} trained on classes {loaded.classes}, fold 0 on "
+                              f"{classes}: the library changed during the run; run it again")
+        classes = loaded.classes
+        rows = result.splits
+        valid = rows[rows["split"] == "valid"]
+        parts.append(_predicted(ws, loaded, valid, tta).assign(fold=fold, split="pool",
+                                                               generation=result.name))
+        held.append(_predicted(ws, loaded, rows[rows["split"].isin(["test", "benchmark"])], tta))
+    table = pd.concat(parts + [_mean_of(held)], ignore_index=True)
+    table.attrs.update(classes=classes, generations=names, folds=int(folds),
+                       init=cfg.init_from)
+    save_oof(ws, table)
+    return table
+
+
+def _predicted(ws: Workspace, loaded: inference.Loaded, rows: pd.DataFrame, tta: bool
+               ) -> pd.DataFrame:
+    """Prediction frame of split rows (hash, path, label, split) by one fold model."""
+    rows = rows.drop_duplicates("path").reset_index(drop=True)
+    frame = predict_rows(ws, loaded.name, rows, loaded=loaded, tta=tta)
+    return frame.assign(hash=rows["hash"].to_numpy(), split=rows["split"].to_numpy())
+
+
+def _mean_of(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Test and benchmark rows: every fold model held them out, so average them all."""
+    first = frames[0].set_index("path")
+    probs = np.mean([np.stack(f.set_index("path").loc[first.index, "probs"]) for f in frames],
+                    axis=0)
+    out = first.reset_index()[["path", "hash", "label", "split"]]
+    out["probs"] = list(probs)
+    return out.assign(fold=-1, generation="mean")
+
+
+def save_oof(ws: Workspace, table: pd.DataFrame) -> Path:
+    """Write the out-of-fold table (probabilities as lists, classes in the metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    classes = table.attrs["classes"]
+    out = table[["path", "hash", "label", "split", "fold", "generation"]].copy()
+    out["probs"] = [np.asarray(p, dtype=np.float32).tolist() for p in table["probs"]]
+    meta = {"classes": "\x1f".join(classes),
+            "generations": "\x1f".join(table.attrs.get("generations", [])),
+            "folds": str(table.attrs.get("folds", "")), "init": table.attrs.get("init", "")}
+    arrow = pa.Table.from_pandas(out, preserve_index=False).replace_schema_metadata(meta)
+    path = folder(ws) / OOF_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, write=lambda p: pq.write_table(arrow, p))
+
+
+def load_oof(workspace) -> pd.DataFrame:
+    """The stored out-of-fold table (see `out_of_fold`), with pred and confidence.
+
+    Raises:
+        ZoolibError: none stored yet, or the file is not readable.
+    """
+    import pyarrow.parquet as pq
+
+    ws = open_workspace(workspace)
+    path = folder(ws) / OOF_FILE
+    if not path.exists():
+        raise ZoolibError(f"no out-of-fold predictions in {path}: run cleaning.out_of_fold "
+                          "(06_clean) first")
+    try:
+        arrow = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any parquet failure means "re-run it"
+        raise ZoolibError(f"{path} is not readable ({exc}): delete it and run "
+                          "cleaning.out_of_fold again") from exc
+    meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
+    table = arrow.to_pandas()
+    table["probs"] = [np.asarray(p, dtype=np.float64) for p in table["probs"]]
+    return _with_prediction(table, meta["classes"].split("\x1f"),
+                            generations=meta["generations"].split("\x1f"),
+                            folds=int(meta["folds"] or 0), init=meta.get("init", ""))
+
+
+def _with_prediction(table: pd.DataFrame, classes: list[str], **attrs) -> pd.DataFrame:
+    probs = np.stack(table["probs"]) if len(table) else np.zeros((0, len(classes)))
+    table["pred"] = [classes[i] for i in probs.argmax(axis=1)]
+    table["confidence"] = probs.max(axis=1) if len(table) else []
+    table.attrs.update(classes=classes, **attrs)
+    return table
+
+
+def _labels_and_probs(table: pd.DataFrame, classes: list[str] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Integer labels and the probability matrix of rows whose label is a class."""
+    classes = classes or table.attrs["classes"]
+    index = {c: i for i, c in enumerate(classes)}
+    known = table[table["label"].isin(index)]
+    if known.empty:
+        raise ZoolibError("no row has a label among the classes: nothing to clean")
+    labels = known["label"].map(index).to_numpy(dtype=int)
+    probs = np.stack(known["probs"]).astype(np.float64)
+    return labels, probs / probs.sum(axis=1, keepdims=True), classes
+
+
+# --------------------------------------------------------------------------- label issues
+
+def label_issues(ws: Workspace, table: pd.DataFrame, filter_by: str = "prune_by_noise_rate",
+                 include_checked: bool = False) -> pd.DataFrame:
+    """Library images whose label is likely wrong, worst first (cleanlab).
+
+    Args:
+        ws: the workspace (to leave out images a person marked checked).
+        table: out-of-fold predictions (`out_of_fold` / `load_oof`).
+        filter_by: cleanlab's `find_label_issues` method; its default.
+        include_checked: also list images already marked checked.
+
+    Returns:
+        Columns ISSUE_COLUMNS: the given label, the suggested one (the most likely
+        other class), cleanlab's label quality score (low: likely wrong) and
+        the two probabilities; sorted by label quality, lowest first.
+    """
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labels, probs, classes = _labels_and_probs(table)
+    known = table[table["label"].isin(classes)].reset_index(drop=True)
+    flagged = find_label_issues(labels, probs, filter_by=filter_by)
+    quality = get_label_quality_scores(labels, probs)
+    other = probs.copy()
+    other[np.arange(len(labels)), labels] = -1  # the suggestion is another class
+    best = other.argmax(axis=1)
+    issues = pd.DataFrame({
+        "path": known["path"], "label": known["label"],
+        "suggested": [classes[i] for i in best], "label_quality": quality.round(4),
+        "given_prob": probs[np.arange(len(labels)), labels].round(4),
+        "suggested_prob": probs[np.arange(len(labels)), best].round(4),
+        "split": known["split"]})[flagged]
+    if not include_checked:
+        issues = issues[~issues["path"].isin(curate.checked_paths(ws))]
+    return issues.sort_values("label_quality", ignore_index=True)[ISSUE_COLUMNS]
+
+
+# --------------------------------------------------------------------------- overlap
+
+def overlapping_classes(frame: pd.DataFrame, classes: list[str] | None = None,
+                        top: int = 10) -> pd.DataFrame:
+    """Pairs of classes the model cannot tell apart (cleanlab), most overlapping first.
+
+    Args:
+        frame: predictions with label and probs columns: the out-of-fold table, or
+            a generation's test predictions (evaluate's frames).
+        classes: the class order of `probs` (default: `frame.attrs["classes"]`).
+        top: pairs to keep.
+
+    Returns:
+        Columns class_a, class_b, overlapping (estimated images of one labelled
+        as the other), joint_probability.
+    """
+    from cleanlab.dataset import find_overlapping_classes
+
+    labels, probs, classes = _labels_and_probs(frame, classes)
+    found = find_overlapping_classes(labels=labels, pred_probs=probs, class_names=classes)
+    found = found.rename(columns={"Class Name A": "class_a", "Class Name B": "class_b",
+                                  "Num Overlapping Examples": "overlapping",
+                                  "Joint Probability": "joint_probability"})
+    columns = ["class_a", "class_b", "overlapping", "joint_probability"]
+    return found[columns].head(top).reset_index(drop=True)
+
+
+def plot_overlaps(pairs: pd.DataFrame, path: str | Path | None = None, title: str = ""):
+    """Horizontal bars of the overlapping pairs (estimated images mixed up)."""
+    fig, ax = plt.subplots(figsize=(6, 0.35 * max(len(pairs), 1) + 1))
+    names = [f"{a} / {b}" for a, b in zip(pairs["class_a"], pairs["class_b"])]
+    ax.barh(names[::-1], pairs["overlapping"].to_numpy()[::-1], color="tab:orange")
+    ax.set_xlabel("images estimated to be mislabelled between the two")
+    ax.set_title(title or "overlapping classes (cleanlab)")
+    return plots.save(fig, path)
+
+
+# --------------------------------------------------------------------------- features
+
+@torch.inference_mode()
+def library_features(ws: Workspace, generation: str, rows: pd.DataFrame, batch_size: int = 128,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Features of library images (path column) under a generation, in one pass each.
+
+    Returns:
+        (stage, embedding): the unit-length pooled features of the stage before
+        the last (`neighbours.features`, which describe what is in the picture
+        beyond the classes) and the pre-logit embedding (as bulk identification
+        stores it), both float32 with one row per row of `rows`.
+    """
+    loaded = inference.load(ws, generation)
+    stage, emb = [], []
+    paths = list(rows["path"])
+    for i in tqdm(range(0, len(paths), batch_size), desc="library features",
+                  disable=not progress):
+        x = torch.stack([inference.to_tensor(load_rgb(ws.library / p), loaded.info)
+                         for p in paths[i:i + batch_size]]).to(loaded.device)
+        final, pooled = neighbours.features(loaded.model, x)
+        stage.append(pooled.float().cpu().numpy())
+        emb.append(loaded.model.forward_head(final, pre_logits=True).float().cpu().numpy())
+    width = len(loaded.classes)
+    return (np.concatenate(stage) if stage else np.zeros((0, width), np.float32),
+            np.concatenate(emb) if emb else np.zeros((0, width), np.float32))
+
+
+def out_of_distribution(ws: Workspace, generation: str = "last", k: int = 10,
+                        progress: bool = True) -> pd.DataFrame:
+    """Library images least like the rest of their class, most unusual first (cleanlab).
+
+    cleanlab's `OutOfDistribution` scores each image by its mean distance to its
+    k nearest neighbours in feature space; fitted per class here, so the score
+    says how unlike its own class an image is (a feeder photo filed as
+    flamingo, a blank frame). Features: see `library_features`.
+
+    Returns:
+        Columns path, label, ood_score (cleanlab's: low = unusual), rank_in_class.
+    """
+    from cleanlab.outlier import OutOfDistribution
+
+    name = models.resolve_generation(ws, generation, include_throwaway=True)
+    classes = models.read_info(ws, name)["classes"]
+    manifest = library.scan(ws, progress=False)
+    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)]
+    rows = rows.drop_duplicates("hash").reset_index(drop=True)
+    stage, _ = library_features(ws, name, rows, progress=progress)
+    scores = np.full(len(rows), np.nan)
+    for label, idx in rows.groupby("label").indices.items():
+        if len(idx) > k + 1:  # cleanlab needs more images than neighbours
+            ood = OutOfDistribution(params={"k": k})
+            scores[idx] = ood.fit_score(features=stage[idx], verbose=False)
+    out = rows[["path", "label"]].assign(ood_score=scores.round(5))
+    out["rank_in_class"] = out.groupby("label")["ood_score"].rank(method="first").astype("Int64")
+    return out.sort_values("ood_score", ignore_index=True, na_position="last")
+
+
+# --------------------------------------------------------------------------- the map
+
+def embedding_map(points: np.ndarray, seed: int = 0, max_points: int = 5000) -> np.ndarray:
+    """2-D coordinates of embeddings by scikit-learn's t-SNE (cosine distance).
+
+    t-SNE rather than UMAP: scikit-learn is already here, it needs no numba
+    compilation (umap-learn's first call takes longer than a demo-sized map),
+    and at a few thousand points it runs in well under a minute on 2 cores.
+    Larger sets are subsampled (seeded) to `max_points`; the rest get NaN.
+
+    Returns:
+        (n, 2) float array.
+    """
+    from sklearn.manifold import TSNE
+
+    points = np.asarray(points, dtype=np.float32)
+    xy = np.full((len(points), 2), np.nan)
+    if len(points) < 5:
+        return xy
+    keep = np.arange(len(points))
+    if len(points) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(points), max_points, False))
+    perplexity = float(min(30, max(2, (len(keep) - 1) // 3)))
+    xy[keep] = TSNE(2, perplexity=perplexity, metric="cosine", init="pca",
+                    random_state=seed).fit_transform(points[keep])
+    return xy
+
+
+def map_frame(ws: Workspace, generation: str = "last", results: pd.DataFrame | None = None,
+              marks: dict[str, set[str]] | None = None, seed: int = 0,
+              progress: bool = True) -> pd.DataFrame:
+    """Library (and inbox) images placed on one 2-D map of the generation's embeddings.
+
+    Args:
+        ws: the workspace.
+        generation: the generation whose embedding space is mapped.
+        results: a bulk-identification table of the same generation (its
+            `embedding` column) to map the inbox beside the library; optional.
+        marks: name -> library paths or inbox files to mark ("label issue", "ood").
+        seed: t-SNE's seed.
+
+    Returns:
+        Columns path (library-relative, or the inbox file), where ("library" or
+        "inbox"), label (the class, or the predicted class for inbox rows), x, y
+        and mark ("" or the first name in `marks` that holds the path).
+    """
+    name = models.resolve_generation(ws, generation, include_throwaway=True)
+    classes = models.read_info(ws, name)["classes"]
+    manifest = library.scan(ws, progress=False)
+    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)]
+    rows = rows.drop_duplicates("hash").reset_index(drop=True)
+    _, emb = library_features(ws, name, rows, progress=progress)
+    frame = pd.DataFrame({"path": rows["path"], "where": "library", "label": rows["label"]})
+    if results is not None and len(results):
+        ok = results[results["error"].fillna("") == ""]
+        emb = np.concatenate([emb, np.stack(ok["embedding"]).astype(np.float32)])
+        frame = pd.concat([frame, pd.DataFrame({"path": ok["path"], "where": "inbox",
+                                                "label": ok["pred"]})], ignore_index=True)
+    xy = embedding_map(emb, seed)
+    frame["x"], frame["y"] = xy[:, 0], xy[:, 1]
+    frame["mark"] = ""
+    for mark, paths in reversed(list((marks or {}).items())):  # the first name wins
+        frame.loc[frame["path"].isin(set(paths)), "mark"] = mark
+    return frame
+
+
+def plot_map(frame: pd.DataFrame, path: str | Path | None = None, title: str = ""):
+    """The embedding map: a colour per class, inbox images hollow, marked images ringed."""
+    fig, ax = plt.subplots(figsize=(8, 7))
+    cmap = plt.get_cmap("tab20")
+    for k, (label, group) in enumerate(frame.groupby("label")):
+        lib, inbox = group[group["where"] == "library"], group[group["where"] == "inbox"]
+        ax.scatter(lib["x"], lib["y"], s=8, color=cmap(k % 20), label=label, alpha=0.7)
+        ax.scatter(inbox["x"], inbox["y"], s=12, facecolors="none",
+                   edgecolors=[cmap(k % 20)], alpha=0.7)
+    for mark, style in zip(sorted(set(frame["mark"]) - {""}), ("x", "D", "*", "^")):
+        rows = frame[frame["mark"] == mark]
+        ax.scatter(rows["x"], rows["y"], s=40, marker=style, color="black", label=mark)
+    ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=2)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title or "embedding map (t-SNE): library filled, inbox hollow")
+    return plots.save(fig, path)
+
+
+def region(frame: pd.DataFrame, x: tuple[float, float], y: tuple[float, float]) -> pd.DataFrame:
+    """The map's rows inside a rectangle (x and y ranges, inclusive)."""
+    inside = frame["x"].between(*x) & frame["y"].between(*y)
+    return frame[inside].reset_index(drop=True)

@@ -1,0 +1,20 @@
+"""The notebook views: bulk identification, curation and review, on one thumbnail grid.
+
+Thin ipywidgets layers over tested functions (`zoolib.actions`, `curate`,
+`cleaning`, `translog`); nothing in zoolib imports this package.
+
+    from zoolib import widgets
+    widgets.BulkView(ws, results, widgets.filter_sets(results, manifest))
+    widgets.CurationWidget(ws, {"label issues": issues})
+    widgets.ReviewWidget(ws, reviewer="anna")
+"""
+from .bulk import (ANY_CLASS, FILTER_TITLES, SORTS, STATUSES, BulkView, ViewState, caption,
+                   filter_sets, n_pages, page_of, rare_classes, select_rows, sort_keys)
+from .curate import CurationWidget, item_paths
+from .grid import Item, ThumbGrid, thumbnail
+from .review import ReviewWidget
+
+__all__ = ["ANY_CLASS", "FILTER_TITLES", "SORTS", "STATUSES", "BulkView", "CurationWidget",
+           "Item", "ReviewWidget", "ThumbGrid", "ViewState", "caption", "filter_sets",
+           "item_paths", "n_pages", "page_of", "rare_classes", "select_rows", "sort_keys",
+           "thumbnail"]

@@ -1,4 +1,5 @@
-"""CIFAR-10 workspaces for the benchmarks: samples symlinked, never copied.
+"""CIFAR-10 workspaces for the benchmarks: samples hard-linked (or copied) into a temporary
+workspace, never into the repository.
 
 Shared by bench/train_recipe.py and bench/replicate.py. The six animal classes
 (bird cat deer dog frog horse) form a small real zoo; the four vehicle classes
@@ -6,8 +7,10 @@ are junk for an inbox. `cifar10/test` is read only for final figures.
 """
 from __future__ import annotations
 
+import os
 import random
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -38,18 +41,30 @@ def shuffled(data: Path, cls: str, need: int, seed: int) -> list[Path]:
     return files
 
 
+def place(src: Path, dest: Path) -> None:
+    """A hard link to `src` at `dest` (no space used), or a copy across file systems.
+
+    Not a symbolic link: zoolib never follows links (a library link scans as
+    unreadable, an inbox link is an error row), as a user's workspace would.
+    """
+    if dest.exists():
+        return
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
 def link_library(ws: workspace.Workspace, cls: str, files: list[Path]) -> None:
-    """Symlink `files` into library/<cls>/ (the dataset is never copied)."""
+    """Place `files` into library/<cls>/ (see `place`)."""
     folder = ws.library / workspace.check_class_name(cls)
     folder.mkdir(parents=True, exist_ok=True)
     for f in files:
-        link = folder / f.name
-        if not link.is_symlink():
-            link.symlink_to(f.resolve())
+        place(f.resolve(), folder / f.name)
 
 
 def link_inbox(ws: workspace.Workspace, inbox: dict[str, list[Path]], seed: int) -> pd.DataFrame:
-    """Symlink the inbox under opaque shuffled names; return the answer key.
+    """Place the inbox under opaque shuffled names (see `place`); return the answer key.
 
     Returns:
         Columns path (absolute inbox path, as bulkid keys rows), label, junk, source.
@@ -59,7 +74,7 @@ def link_inbox(ws: workspace.Workspace, inbox: dict[str, list[Path]], seed: int)
     rows = []
     for i, (cls, f) in enumerate(items):
         link = ws.inbox / f"{i:06d}.jpg"
-        link.symlink_to(f.resolve())
+        place(f.resolve(), link)
         rows.append({"path": str(link), "label": cls, "junk": cls in VEHICLES, "source": str(f)})
     return pd.DataFrame(rows)
 

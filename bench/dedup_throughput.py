@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageEnhance
 
+from cifar import place
 from zoolib import curate, library
 from zoolib.workspace import create
 
@@ -64,7 +65,7 @@ def _link_workspace(tmp: Path, data: Path, limit: int | None) -> Path:
     for f in files:
         dest = ws.library / f.parent.name / f.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.symlink_to(f)
+        place(f, dest)
     return ws.root
 
 

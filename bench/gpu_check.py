@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cifar import ANIMALS, DATA, VEHICLES, link_library, shuffled
+from cifar import ANIMALS, DATA, VEHICLES, link_library, place, shuffled
 
 from zoolib import bulkid, inference, models, workspace
 from zoolib.images import load_rgb
@@ -46,7 +46,7 @@ def build(root: Path, data: Path, per_class: int, inbox: int) -> workspace.Works
             link_library(ws, cls, files[:per_class])
         rest += files[per_class:per_class + inbox // 10 + 1]
     for i, f in enumerate(rest[:inbox]):
-        (ws.inbox / f"{i:05d}.jpg").symlink_to(f.resolve())
+        place(f.resolve(), ws.inbox / f"{i:05d}.jpg")
     return ws
 
 

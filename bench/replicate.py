@@ -26,7 +26,7 @@ them (so a generation keeps every image of the one before), the held-out class
 arrives at generation 2 with `--new-class` images; the inbox takes the last
 `--inbox-per-class` of every class, never in the library. Splits are by content
 hash, so an image keeps its split in every generation and both runs of a
-generation see the same splits. Images are symlinked, never copied; the inbox gets
+generation see the same splits. Images are hard-linked (copied across file systems); the inbox gets
 opaque shuffled names and its answer key lives beside the workspace.
 
     python bench/replicate.py --quick                       # smoke run, a few minutes

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from cifar import place
 from zoolib import demo, library, models, splits, workspace
 from zoolib.images import load_rgb
 from zoolib.train import INPROGRESS, TrainConfig, build_learner
@@ -34,7 +35,7 @@ ANIMALS = ["bird", "cat", "deer", "dog", "frog", "horse"]
 
 
 def make_workspace(root: Path, per_class: int) -> workspace.Workspace:
-    """A workspace of CIFAR-10 animal JPEGs (symlinked), or the demo if absent."""
+    """A workspace of CIFAR-10 animal JPEGs (hard-linked), or the demo if absent."""
     if not CIFAR.is_dir():
         print("../shared/datasets/cifar10 not found: using the demo workspace")
         return demo.build(root / "ws")
@@ -42,7 +43,7 @@ def make_workspace(root: Path, per_class: int) -> workspace.Workspace:
     for cls in ANIMALS:
         (ws.library / cls).mkdir()
         for f in sorted((CIFAR / cls).glob("*.jpg"))[:per_class]:
-            (ws.library / cls / f.name).symlink_to(f)
+            place(f, ws.library / cls / f.name)
     return ws
 
 

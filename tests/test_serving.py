@@ -1,6 +1,7 @@
 """Serving: the logging Predictor, redeployment, the HTTP endpoint, a killed server."""
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -122,23 +123,6 @@ def test_redeployment_is_picked_up_without_losing_requests(trained_ws):
     assert sorted(tx["id"]) == sorted([r.transaction_id for r in results] + [after.transaction_id])
 
 
-def test_simulate_traffic(trained_ws, truth):
-    second_generation(trained_ws)
-    counts = serving.simulate_traffic(trained_ws, truth["inbox"], per_generation=8,
-                                      eval_share=0.5, days=14, seed=3)
-    tx = translog.joined(trained_ws)
-    assert list(counts) == ["gen-0001", "gen-0002"]
-    assert tx.groupby("generation").size().to_dict() == {"gen-0001": 8, "gen-0002": 8}
-    assert tx["evaluated"].sum() == sum(c["evaluations"] for c in counts.values()) > 0
-    assert tx["time"].is_monotonic_increasing
-    assert (tx["time"].max() - tx["time"].min()).days >= 5  # spread over simulated days
-    ev = tx[tx["evaluated"]]
-    assert (ev["evaluated_at"] > ev["time"]).all()
-    assert set(ev["true_class"]) <= set(truth["inbox"].values())
-    assert (ev["correct"] == (ev["true_class"] == ev["predicted"])).all()
-    assert not trained_ws.deployed_json.exists()  # the user's deployment is untouched
-
-
 @pytest.fixture
 def client(trained_ws):
     models.write_deployed(trained_ws, "gen-0001")
@@ -148,8 +132,9 @@ def client(trained_ws):
 
 
 def test_http_predict_and_evaluate(client, trained_ws):
-    assert client.get("/health").json() == {"status": "ok", "generation": "gen-0001",
-                                            "log": True}
+    assert client.get("/health").json() == {
+        "status": "ok", "generation": "gen-0001", "deployed": "gen-0001", "deploy_error": None,
+        "pinned": False, "log": True}
     path = inbox_images(trained_ws, 1)[0]
     r = client.post("/predict", files={"file": ("a.jpg", path.read_bytes(), "image/jpeg")},
                     data={"source": "pytest"})
@@ -198,6 +183,154 @@ def test_http_bad_requests_get_4xx_and_serving_goes_on(client, trained_ws):
     assert translog.transactions(trained_ws).empty
     r = client.post("/predict", files={"file": ("a.jpg", good, "image/jpeg")})
     assert r.status_code == 200 and r.json()["transaction_id"] == 1
+
+
+def test_evaluation_fields_out_of_range_get_400_naming_the_field(client, trained_ws):
+    r = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+    tid = r.json()["transaction_id"]  # an existing transaction: checks come before the log
+    base = {"transaction_id": tid, "reviewer": "anna", "correct": True}
+    cases = [
+        ({**base, "transaction_id": 2**70}, "'transaction_id'"),  # too large for SQLite
+        ({**base, "transaction_id": 2**63}, "'transaction_id'"),
+        ({**base, "transaction_id": 0}, "'transaction_id'"),
+        ({**base, "time": "not a date"}, "'time'"),
+        ({**base, "time": "2024-05-01T12:00:00"}, "time zone"),
+        ({**base, "time": "9999-12-31T23:59:59-14:00"}, "out of range"),  # after UTC's last
+        ({**base, "reviewer": "\ud800"}, "'reviewer'"),  # a lone surrogate SQLite refuses
+        ({**base, "notes": "x" * 10_001}, "'notes'"),
+    ]
+    for body, field in cases:
+        r = client.post("/evaluations", content=json.dumps(body),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 400 and field in r.json()["error"], (body, r.text)
+    r = client.post("/evaluations", content=b"[" * 100_000,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    assert translog.evaluations(trained_ws).empty
+    assert client.post("/evaluations", json={**base, "time": "2024-05-01T12:00:00Z"}
+                       ).status_code == 201
+
+
+def test_error_answers_name_no_absolute_path_of_the_server(client, trained_ws):
+    r = client.post("/evaluations", json={"transaction_id": 777, "reviewer": "a",
+                                          "correct": True})
+    assert r.status_code == 404
+    assert r.json()["error"] == "transaction 777 does not exist in WORKSPACE/zoo.sqlite"
+    assert str(trained_ws.root) not in r.text
+    root = trained_ws.root
+    message = (f"prediction not logged to {root / 'zoo.sqlite'}: disk I/O error; see "
+               f"'{root}' and /var/lib/zoo/x.db, multipart/form-data, POST /predict, "
+               "<_io.BytesIO object at 0x7f01ab>")
+    assert serving._public(message, root) == (
+        "prediction not logged to WORKSPACE/zoo.sqlite: disk I/O error; see 'WORKSPACE' and "
+        "<path>, multipart/form-data, POST /predict, <object>")
+
+
+def test_health_reports_a_failed_redeployment_as_degraded(client, trained_ws):
+    broken = second_generation(trained_ws)
+    (trained_ws.models / broken / "weights.safetensors").write_bytes(b"not safetensors")
+    models.write_deployed(trained_ws, broken)
+    r = client.get("/health")
+    assert r.status_code == 200
+    state = r.json()
+    assert (state["status"], state["generation"], state["deployed"]) == (
+        "degraded", "gen-0001", "gen-0002")
+    assert "gen-0002" in state["deploy_error"] and "still serving gen-0001" in state["deploy_error"]
+    assert str(trained_ws.root) not in r.text
+    ok = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert ok.status_code == 200 and ok.json()["generation"] == "gen-0001"  # the old one serves
+    models.write_deployed(trained_ws, "gen-0001")  # a redeployment clears the sign
+    state = client.get("/health").json()
+    assert (state["status"], state["deployed"], state["deploy_error"]) == ("ok", "gen-0001", None)
+    trained_ws.deployed_json.unlink()
+    state = client.get("/health").json()
+    assert state["status"] == "degraded" and state["deployed"] is None
+    assert "deployed.json" in state["deploy_error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "99999 is not a port from 1 to 65535"),
+    (["--port", "0"], "0 is not a port from 1 to 65535"),
+    (["--port", "-1"], "-1 is not a port"),
+    (["--port", "http"], "'http' is not a port number"),
+    (["--max-mb", "-1"], "-1 MiB is not an upload limit"),
+    (["--max-mb", "0"], "0 MiB is not an upload limit"),
+    (["--max-mb", "nan"], "nan MiB is not an upload limit"),
+    (["--max-mb", "inf"], "inf MiB is not an upload limit"),
+    (["--max-mb", "5000"], "5000 MiB is not an upload limit"),
+    (["--max-mb", "ten"], "'ten' is not a number of MiB"),
+])
+def test_cli_refuses_out_of_range_numbers_with_exit_code_2(trained_ws, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        serving.main([str(trained_ws.root), *args])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_workspace_with_nothing_deployed_with_exit_code_2(trained_ws, capsys):
+    with pytest.raises(SystemExit) as stop:
+        serving.main([str(trained_ws.root), "--port", "8123"])
+    assert stop.value.code == 2
+    assert "no generation is deployed" in capsys.readouterr().err
+
+
+def test_pixel_budget_grants_in_arrival_order():
+    budget, order = serving.PixelBudget(10), []
+
+    def take(name, pixels, hold_s):
+        with budget.hold(pixels):
+            order.append(name)
+            time.sleep(hold_s)
+
+    first = threading.Thread(target=take, args=("a", 6, 0.3))
+    first.start()
+    time.sleep(0.05)
+    late = [threading.Thread(target=take, args=(n, p, 0)) for n, p in (("b", 6), ("c", 3))]
+    for t in late:
+        t.start()
+        time.sleep(0.05)
+    assert order == ["a"]  # c would fit beside a, but b came first and does not
+    for t in [first, *late]:
+        t.join()
+    assert order == ["a", "b", "c"] and budget.used == 0
+    with budget.hold(50):  # larger than the whole budget: decodes alone, never deadlocks
+        assert budget.used == 10
+
+
+# Run in a fresh process (one malloc arena, so the peak measures what the code holds at
+# once, not glibc keeping freed blocks per thread): 6 threads predict a 33 KB PNG that
+# decodes to 9 megapixels, with a budget of two such images.
+_MEMORY_PROBE = """
+import io, resource, sys, threading
+from PIL import Image
+from zoolib import serving
+side, budget = 3000, 2 * 3000 * 3000
+buf = io.BytesIO()
+Image.new("RGB", (side, side), (90, 140, 60)).save(buf, "PNG")
+pred = serving.Predictor(sys.argv[1], generation="gen-0001", log=False, keep_images=False,
+                         decode_pixels=budget)
+pred.predict(Image.new("RGB", (64, 64)))  # warm: the model's first call allocates
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
+threads = [threading.Thread(target=pred.predict, args=(buf.getvalue(),)) for _ in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+print((peak - rss) * 1024, budget)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss")
+def test_concurrent_decodes_stay_within_the_pixel_budget(trained_ws):
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(trained_ws.root)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MALLOC_ARENA_MAX": "1"}, check=True)
+    growth, budget = map(int, out.stdout.split()[-2:])
+    # A decode holds 4 RGB copies at its peak (the file's pixels, the upright copy,
+    # load_rgb's RGB copy, to_tensor's copy): 12 bytes a pixel; 25% for the rest.
+    bound = budget * 12 * 1.25
+    assert growth < bound, f"grew {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
 
 
 def _free_port() -> int:

@@ -5,29 +5,44 @@ and predicts one image (a path, bytes or a PIL image). Each call appends one
 row to the transaction log (`zoolib.translog`); if the row cannot be written
 the call raises. A new deployment is picked up on the next request: a cheap
 `stat` of deployed.json per call, and the model is swapped under a lock while
-other requests keep using the old one.
+other requests keep using the old one. A deployment that cannot be loaded
+leaves the old generation serving and is reported by `Predictor.status` (and
+`GET /health`) as "degraded" until deployed.json changes again.
+
+Memory: an upload's size says little about its decoded size (a 50 KB PNG can
+decode to 16 megapixels, ~180 MB with the copies decoding makes), so decodes
+share a pixel budget (`PixelBudget`, DECODE_PIXELS): requests whose images do
+not fit wait their turn, in arrival order, instead of decoding all at once.
+The pixels a model sees are unchanged: every image is decoded in full through
+`images.load_rgb`, as training does.
 
 The HTTP endpoint (Starlette on uvicorn) is started with
 
-    python -m zoolib.serving WORKSPACE [--host 127.0.0.1] [--port 8000]
+    python -m zoolib.serving WORKSPACE [--host 127.0.0.1] [--port 8000] [--max-mb 10]
 
 and offers `POST /predict` (multipart field `file`, optional `source`),
-`POST /evaluations` (JSON) and `GET /health`.
+`POST /evaluations` (JSON) and `GET /health`. Error answers are JSON
+(`{"error": ...}`) with 4xx for a bad request, and never show the server's
+absolute paths: the workspace folder reads as WORKSPACE.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
+import math
 import os
-import random
+import re
 import threading
 import time
 import warnings
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from PIL import Image, ImageOps
 
@@ -35,9 +50,20 @@ from . import inference, models, translog
 from .images import content_hash, load_rgb
 from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 MAX_BYTES = 10 * 2**20  # largest upload accepted over HTTP
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+# Pixels decoded at once, all requests together: one image of the largest size, or
+# several smaller ones. Decoding holds about 12 bytes per pixel at its peak (the
+# file's pixels, an upright copy, the RGB copy and the resize's copy), ~0.5 GB here.
+DECODE_PIXELS = MAX_PIXELS
+MAX_UPLOAD_MB = 1024.0  # the CLI's ceiling for --max-mb: an upload is held in memory
+_INT64_MAX = 2**63 - 1  # SQLite's largest INTEGER: no transaction id is larger
+# Longest text accepted per evaluation field (true_class: check_class_name's 200 bytes).
+_TEXT_LIMITS = {"reviewer": 200, "true_class": 200, "time": 64, "notes": 10_000}
 
 
 class ImageTooLargeError(ZoolibError):
@@ -75,38 +101,61 @@ class Prediction:
         return out
 
 
-def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """Decode bytes to upright RGB (as `images.load_rgb`), refusing oversized images.
+def _positive(value: int, name: str) -> int:
+    """`value` when it is a positive integer (a limit), else a ZoolibError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ZoolibError(f"{name} must be a positive integer, not {value!r}")
+    return value
 
-    Returns:
-        The image and its file format ("jpeg", "png", ...).
+
+class PixelBudget:
+    """At most `limit` pixels held by decodes at once, granted in arrival order.
+
+    First come, first served, so a large image is never starved by a stream of
+    small ones. One image larger than the whole budget still decodes, alone.
+
+    Args:
+        limit: the pixels (width x height, summed) that may be decoded at once.
+
+    Raises:
+        ZoolibError: `limit` is not a positive integer.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-                (width, height), fmt = probe.size, (probe.format or "img").lower()
-            if width * height > max_pixels:
-                raise ImageTooLargeError(f"image is {width}x{height} pixels, more than the "
-                                         f"limit of {max_pixels} (a decompression bomb?)")
-            return load_rgb(io.BytesIO(data)), fmt
-    except ImageTooLargeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
-        raise ZoolibError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
+
+    def __init__(self, limit: int):
+        self.limit = _positive(limit, "decode_pixels")
+        self.used = 0
+        self._queue: deque[object] = deque()
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Wait until `pixels` fit in the budget (after earlier requests), hold them meanwhile."""
+        need = min(max(int(pixels), 1), self.limit)
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                self._cond.wait_for(lambda: self._queue[0] is ticket
+                                    and self.used + need <= self.limit)
+            except BaseException:  # interrupted: a ticket left in line would block everyone
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+                raise
+            self._queue.popleft()
+            self.used += need
+            self._cond.notify_all()  # the next in line may fit too
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self._cond.notify_all()
 
 
-def _decode(image, max_pixels: int) -> tuple[Image.Image, str, bytes, str]:
-    """Any accepted input -> (upright RGB image, content hash, bytes to keep, suffix)."""
+def _as_input(image) -> bytes | Image.Image:
+    """A path, bytes or PIL image -> the file's bytes, or the PIL image itself."""
     if isinstance(image, Image.Image):
-        # No file bytes: hash the upright pixels, keep a PNG of them.
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
-        buf = io.BytesIO()
-        rgb.save(buf, "PNG")
-        data = buf.getvalue()
-        return rgb, content_hash(data), data, ".png"
+        return image
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
@@ -118,8 +167,47 @@ def _decode(image, max_pixels: int) -> tuple[Image.Image, str, bytes, str]:
     data = bytes(image)
     if not data:
         raise ZoolibError("not a readable image: empty (0 bytes)")
-    rgb, fmt = _open_checked(data, max_pixels)
-    return rgb, content_hash(data), data, "." + fmt
+    return data
+
+
+def _header(data: bytes, max_pixels: int) -> tuple[int, str]:
+    """An image file's pixel count and format ("jpeg", "png", ...) from its header alone.
+
+    Raises:
+        ImageTooLargeError: more than `max_pixels`, or Pillow's decompression-bomb limit.
+        ZoolibError: not an image Pillow can open.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                (width, height), fmt = probe.size, (probe.format or "img").lower()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
+        raise ZoolibError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} pixels, more than the "
+                                 f"limit of {max_pixels} (a decompression bomb?)")
+    return width * height, fmt
+
+
+def _decode(image: bytes | Image.Image) -> tuple[Image.Image, bytes]:
+    """Upright RGB pixels (as `images.load_rgb`) and the bytes to hash and keep.
+
+    A PIL image has no file bytes: its upright pixels are hashed and kept as a PNG.
+    """
+    if isinstance(image, Image.Image):
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+        buf = io.BytesIO()
+        rgb.save(buf, "PNG")
+        return rgb, buf.getvalue()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return load_rgb(io.BytesIO(image)), image
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
+        raise ZoolibError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
 
 
 class Predictor:
@@ -136,28 +224,29 @@ class Predictor:
         max_pixels: larger images are refused.
         clock: returns the current UTC time (a simulation may pass its own).
         log_timeout: seconds a log write waits for a lock before failing.
+        decode_pixels: pixels all calls together may decode at once (see
+            `PixelBudget`); calls beyond it wait.
 
     Raises:
-        ZoolibError: nothing is deployed and no generation was given.
+        ZoolibError: nothing is deployed and no generation was given, or a
+            limit is not a positive integer.
     """
 
     def __init__(self, workspace, generation: str | None = None, log: bool = True,
                  keep_images: bool = True, source: str = "python", device: str | None = None,
                  max_pixels: int = MAX_PIXELS, clock: Callable[[], datetime] = translog.now,
-                 log_timeout: float = 30.0):
+                 log_timeout: float = 30.0, decode_pixels: int = DECODE_PIXELS):
         self.ws: Workspace = open_workspace(workspace)
         self.pinned = generation is not None
         self.keep_images, self.source, self.device = keep_images, source, device
-        self.max_pixels, self.clock = max_pixels, clock
+        self.max_pixels, self.clock = _positive(max_pixels, "max_pixels"), clock
+        self.decoding = PixelBudget(decode_pixels)
         self._swap = threading.Lock()
         self._key = self._deploy_key()
+        self._deploy_error: str | None = None
         if generation is None:
-            deployed = models.read_deployed(self.ws)
-            if deployed is None:
-                raise ZoolibError(f"no generation is deployed in {self.ws.models} (no "
-                                  "deployed.json): deploy one with models.write_deployed or "
-                                  "pass generation=")
-            generation = deployed["generation"]
+            generation = self._read_deployed()
+        self._deployed = None if self.pinned else generation
         self._loaded = inference.load(self.ws, generation, device)
         self._writer = translog.Writer(self.ws, log_timeout) if log else None
 
@@ -169,6 +258,43 @@ class Predictor:
     @property
     def classes(self) -> list[str]:
         return self._current().classes
+
+    def status(self) -> dict:
+        """How serving stands, after picking up a new deployment.
+
+        Returns:
+            {"status": "ok" or "degraded", "generation": the one serving,
+            "deployed": the one deployed.json names (None when it names none or
+            cannot be read), "deploy_error": why the deployed one is not serving
+            (None when fine), "pinned": whether deployed.json is ignored}.
+            "degraded" means deployed.json changed to something that could not be
+            loaded (or was removed) and the previous generation still answers.
+        """
+        served = self.generation
+        if self.pinned:
+            try:
+                deployed = self._read_deployed()
+            except Exception:  # noqa: BLE001 - a pinned server does not depend on it
+                deployed = None
+            return {"status": "ok", "generation": served, "deployed": deployed,
+                    "deploy_error": None, "pinned": True}
+        error = self._deploy_error
+        return {"status": "degraded" if error else "ok", "generation": served,
+                "deployed": self._deployed, "deploy_error": error, "pinned": False}
+
+    def _read_deployed(self) -> str:
+        """The generation deployed.json names.
+
+        Raises:
+            ZoolibError: there is no deployed.json.
+            Exception: it is not the JSON object `models.write_deployed` writes.
+        """
+        record = models.read_deployed(self.ws)
+        if record is None:
+            raise ZoolibError(f"no generation is deployed in {self.ws.models} (no "
+                              "deployed.json): deploy one with models.write_deployed or "
+                              "pass generation=")
+        return record["generation"]
 
     def _deploy_key(self):
         try:
@@ -194,16 +320,26 @@ class Predictor:
         return self._loaded
 
     def _follow(self, key) -> None:
-        if key == self._key or key is None:
-            self._key = key
+        """Serve what deployed.json now names; when that fails, keep serving and say why.
+
+        The failure stands until deployed.json changes again (a redeployment retries).
+        """
+        if key == self._key:
             return
+        name = None
         try:
-            name = models.read_deployed(self.ws)["generation"]
+            name = self._deployed = self._read_deployed()
             if name != self._loaded.name:
                 self._loaded = inference.load(self.ws, name, self.device)
                 log.info("now serving %s", name)
+            self._deploy_error = None
         except Exception as exc:  # noqa: BLE001 - a bad deployment must not stop serving
-            log.error("keeping %s: cannot load the new deployment: %s", self._loaded.name, exc)
+            if name is None:
+                self._deployed = None
+            what = f"the deployment of {name}" if name else "models/deployed.json"
+            self._deploy_error = (f"cannot load {what}: {type(exc).__name__}: {exc}; "
+                                  f"still serving {self._loaded.name}")
+            log.error("%s", self._deploy_error)
         self._key = key
 
     def _keep(self, digest: str, data: bytes, suffix: str) -> str:
@@ -213,6 +349,23 @@ class Predictor:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data)
         return path.relative_to(self.ws.root).as_posix()
+
+    def _batch(self, image: bytes | Image.Image, loaded: inference.Loaded
+               ) -> tuple[torch.Tensor, bytes, str]:
+        """One image -> (model input batch, bytes to hash and keep, file suffix).
+
+        The full-size decode is the big allocation of a request: it happens, and
+        is dropped, while the image's pixels are held in the decode budget.
+        """
+        if isinstance(image, Image.Image):
+            pixels, fmt = image.width * image.height, "png"
+        else:
+            pixels, fmt = _header(image, self.max_pixels)
+        with self.decoding.hold(pixels):
+            rgb, data = _decode(image)
+            batch = inference.to_tensor(rgb, loaded.info)[None]
+            del rgb  # free the full-size pixels before the budget lets the next one in
+        return batch, data, "." + fmt
 
     def predict(self, image, source: str | None = None) -> Prediction:
         """Classify one image and log the transaction.
@@ -226,9 +379,11 @@ class Predictor:
             translog.TransactionLogError: the transaction could not be logged.
         """
         start = time.perf_counter()
-        rgb, digest, data, suffix = _decode(image, self.max_pixels)
+        image = _as_input(image)
         loaded = self._current()
-        probs, _ = inference.forward(loaded, inference.to_tensor(rgb, loaded.info)[None])
+        batch, data, suffix = self._batch(image, loaded)
+        digest = content_hash(data)
+        probs, _ = inference.forward(loaded, batch)
         values, indices = probs[0].topk(min(5, probs.shape[1]))
         top5 = [(loaded.classes[i], round(float(v), 6)) for v, i in zip(values, indices)]
         latency = (time.perf_counter() - start) * 1000
@@ -244,70 +399,6 @@ class Predictor:
         """Close the log connection."""
         if self._writer:
             self._writer.close()
-
-
-def _recent_generations(ws: Workspace, n: int = 2) -> list[str]:
-    names = [g for g in models.generation_names(ws)
-             if not models.read_info(ws, g).get("throwaway", False)]
-    if not names:
-        raise ZoolibError(f"{ws.models} holds no generation to serve")
-    return names[-n:]
-
-
-def simulate_traffic(workspace, labels: dict[str, str], generations: list[str] | None = None,
-                     per_generation: int = 60, eval_share: float = 0.4, days: int = 21,
-                     reviewer: str = "demo-reviewer", seed: int = 0) -> dict:
-    """Serve inbox images through the Predictor for several generations and review some.
-
-    Real predictions and log rows, on a simulated clock: the generations serve
-    one after the other over the last `days` days (oldest generation first), so
-    the report has days and weeks to show. Reviews come 1-48 hours after the
-    prediction, with the true class from `labels`. deployed.json is not touched:
-    each generation is pinned.
-
-    Args:
-        workspace: the workspace.
-        labels: inbox-relative image path -> true class (the demo's
-            `demo_truth.json["inbox"]`); entries that are not images are skipped.
-        generations: generations to serve, in order; the last two by default.
-        per_generation: predictions per generation.
-        eval_share: share of predictions that get a manual evaluation.
-        days: length of the simulated period, ending now.
-        reviewer: name stored with the evaluations.
-        seed: random seed.
-
-    Returns:
-        Counts per generation: {"gen-0001": {"predictions": n, "evaluations": m}, ...}.
-    """
-    ws = open_workspace(workspace)
-    rng = random.Random(seed)
-    generations = generations or _recent_generations(ws)
-    images = sorted(p for p, c in labels.items() if c != "unreadable"
-                    and (ws.inbox / p).is_file())
-    if not images:
-        raise ZoolibError(f"no labelled inbox image of {ws.inbox} is in `labels`")
-    end = translog.now()
-    span = timedelta(days=days) / len(generations)
-    summary = {}
-    for k, gen in enumerate(generations):
-        start = end - span * (len(generations) - k)
-        times = iter(sorted(start + span * rng.random() for _ in range(per_generation)))
-        predictor = Predictor(ws, generation=gen, source="demo-traffic", clock=lambda: next(times))
-        n_eval = 0
-        try:
-            for _ in range(per_generation):
-                path = rng.choice(images)
-                pred = predictor.predict(ws.inbox / path)
-                if rng.random() < eval_share:
-                    when = min(datetime.fromisoformat(pred.time) +
-                               timedelta(hours=rng.uniform(1, 48)), end)
-                    translog.record_evaluation(ws, pred.transaction_id, reviewer,
-                                               true_class=labels[path], time=when)
-                    n_eval += 1
-        finally:
-            predictor.close()
-        summary[gen] = {"predictions": per_generation, "evaluations": n_eval}
-    return summary
 
 
 # --- HTTP ---------------------------------------------------------------------------
@@ -338,6 +429,24 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+# An absolute POSIX path of two parts or more, not inside a word, URL or MIME type
+# (punctuation after it is the message's, not the path's).
+_PATH_CHAR = r"[^\s/'\"<>,;()]"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.:/~-])/(?:{_PATH_CHAR}+/)+{_PATH_CHAR}*")
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # Pillow names its BytesIO
+
+
+def _public(message: str, root: Path) -> str:
+    """A message fit for a client: the workspace folder reads WORKSPACE, other absolute
+    paths read <path> and object reprs <object>, so an answer never maps the server's
+    disk or memory."""
+    for folder in {str(root), os.path.realpath(root)}:
+        message = re.sub(re.escape(folder) + rf"(?!{_PATH_CHAR})", "WORKSPACE", message)
+    return _OBJECT_REPR.sub("<object>", _ABSOLUTE_PATH.sub("<path>", message))
+
+
 def _error(status: int, message: str):
     from starlette.responses import JSONResponse
 
@@ -348,16 +457,16 @@ def _too_large(max_bytes: int):
     return _error(413, f"upload exceeds the limit of {max_bytes} bytes")
 
 
-def _handlers() -> dict:
+def _handlers(root: Path) -> dict:
     from starlette.exceptions import HTTPException
 
     def handle(status: int):
         async def handler(request, exc):
-            return _error(status, str(exc))
+            return _error(status, _public(str(exc), root))
         return handler
 
     async def http_error(request, exc):
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, _public(str(exc.detail), root))
 
     return {ImageTooLargeError: handle(413), translog.UnknownTransactionError: handle(404),
             ZoolibError: handle(400), translog.TransactionLogError: handle(503),
@@ -366,8 +475,16 @@ def _handlers() -> dict:
 
 def create_app(workspace, generation: str | None = None, log: bool = True,
                keep_images: bool = True, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS):
+               max_pixels: int = MAX_PIXELS, decode_pixels: int = DECODE_PIXELS):
     """The Starlette application serving one workspace.
+
+    `GET /health` answers 200 with `Predictor.status()` plus "log": "status" is
+    "ok", or "degraded" when a new deployment failed to load and the previous
+    generation still serves. Degraded stays 200, not 503, on purpose: the server
+    answers predictions correctly with the old generation, and every server of a
+    workspace sees the same broken deployment, so a 503 would let a load balancer
+    take the whole service down for a deployment mistake. Monitoring reads
+    "status" and "deploy_error".
 
     Args:
         workspace: the workspace.
@@ -376,6 +493,11 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
         keep_images: keep served images for review.
         max_bytes: largest request body accepted.
         max_pixels: largest image (width x height) accepted.
+        decode_pixels: pixels all requests together may decode at once.
+
+    Raises:
+        ZoolibError: nothing is deployed (and no generation given), or a limit is
+            not a positive integer.
     """
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -384,11 +506,15 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
     from starlette.routing import Route
 
     ws = open_workspace(workspace)
+    max_bytes = _positive(max_bytes, "max_bytes")
     predictor = Predictor(ws, generation, log=log, keep_images=keep_images, source="http",
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, decode_pixels=decode_pixels)
 
     async def health(request):
-        return JSONResponse({"status": "ok", "generation": predictor.generation, "log": log})
+        state = predictor.status()
+        if state["deploy_error"]:
+            state["deploy_error"] = _public(state["deploy_error"], ws.root)
+        return JSONResponse({**state, "log": log})
 
     async def predict(request):
         form = await request.form(max_files=1, max_fields=10)
@@ -401,10 +527,7 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
         return JSONResponse(result.as_dict())
 
     async def evaluate(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "POST /evaluations needs a JSON body")
+        body = _parse_json(await request.body())
         problem = _check_evaluation(body)
         if problem:
             return _error(400, problem)
@@ -418,46 +541,141 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
               Route("/predict", predict, methods=["POST"]),
               Route("/evaluations", evaluate, methods=["POST"])]
     app = Starlette(routes=routes, middleware=[Middleware(_BodyLimit, max_bytes=max_bytes)],
-                    exception_handlers=_handlers())
+                    exception_handlers=_handlers(ws.root))
     app.state.predictor = predictor
     return app
 
 
+def _parse_json(raw: bytes):
+    """A request body's JSON value.
+
+    Raises:
+        ZoolibError: not JSON (bad syntax, not UTF-8, an integer of more than 4300
+            digits) or nested too deeply for the parser (RecursionError).
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ZoolibError("POST /evaluations: the JSON body is nested too deeply") from None
+    except ValueError as exc:
+        raise ZoolibError(f"POST /evaluations needs a JSON body: {str(exc)[:200]}") from None
+
+
 def _check_evaluation(body) -> str:
-    """Why an evaluation request body is malformed ('' when it is fine)."""
+    """Why an evaluation request body is malformed ('' when it is fine).
+
+    Types and ranges only; whether the transaction exists is the log's to say (404).
+    """
     if not isinstance(body, dict):
-        return "the evaluation must be a JSON object"
+        return "the evaluation must be a JSON object, such as {\"transaction_id\": 1, ...}"
     tid = body.get("transaction_id")
     if not isinstance(tid, int) or isinstance(tid, bool):
-        return "'transaction_id' must be an integer"
+        return "'transaction_id' must be an integer (the id POST /predict answered)"
+    if not 1 <= tid <= _INT64_MAX:
+        return f"'transaction_id' must be from 1 to {_INT64_MAX}"
     if body.get("correct") is not None and not isinstance(body["correct"], bool):
         return "'correct' must be true or false"
-    for key in ("reviewer", "true_class", "time", "notes"):
-        if body.get(key) is not None and not isinstance(body[key], str):
-            return f"{key!r} must be a string"
+    for key, limit in _TEXT_LIMITS.items():
+        problem = _check_text(key, body.get(key), limit)
+        if problem:
+            return problem
+    return _check_time(body.get("time"))
+
+
+def _check_text(key: str, value, limit: int) -> str:
+    """Why an optional text field is malformed ('' when fine)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return f"{key!r} must be a string"
+    if len(value) > limit:
+        return f"{key!r} is longer than {limit} characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800": SQLite cannot store it
+        return f"{key!r} is not valid Unicode"
     return ""
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m zoolib.serving WORKSPACE [--host H] [--port P]`."""
-    import uvicorn
+def _check_time(value: str | None) -> str:
+    """Why an optional evaluation time is malformed ('' when fine)."""
+    if value is None:
+        return ""
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return f"'time' {value!r} is not an ISO 8601 time such as 2024-05-01T12:00:00Z"
+    if when.tzinfo is None:
+        return f"'time' {value!r} has no time zone: add Z (UTC) or an offset such as +02:00"
+    try:
+        when.astimezone(timezone.utc)  # the log stores UTC
+    except OverflowError:  # 9999-12-31T23:00-14:00 is after the last UTC time
+        return f"'time' {value!r} is out of range in UTC"
+    return ""
 
+
+# --- command line --------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port from 1 to 65535.
+
+    0 is refused: uvicorn would bind a random free port, and a server that logs
+    at warning level would never say which.
+    """
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port from 1 to 65535")
+    return port
+
+
+def _megabytes(text: str) -> float:
+    """argparse type: an upload limit in MiB, from 1 KiB (0.001) to MAX_UPLOAD_MB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not (math.isfinite(value) and 0.001 <= value <= MAX_UPLOAD_MB):
+        raise argparse.ArgumentTypeError(
+            f"{text} MiB is not an upload limit from 0.001 to {MAX_UPLOAD_MB:g}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the deployed generation over HTTP.")
     parser.add_argument("workspace")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (localhost only "
                         "by default; 0.0.0.0 exposes the server to the network)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535")
     parser.add_argument("--generation", default=None,
                         help="serve this generation instead of following deployed.json")
-    parser.add_argument("--max-mb", type=float, default=MAX_BYTES / 2**20,
-                        help="largest upload in MiB")
+    parser.add_argument("--max-mb", type=_megabytes, default=MAX_BYTES / 2**20,
+                        help=f"largest upload in MiB (0.001 to {MAX_UPLOAD_MB:g})")
     parser.add_argument("--no-keep-images", action="store_true",
                         help="do not keep served images for review")
     parser.add_argument("--no-log", action="store_true",
                         help="do not log transactions (benchmarks only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python -m zoolib.serving WORKSPACE [--host H] [--port P] [--max-mb M]`.
+
+    A bad option, workspace or generation exits with status 2 and says why.
+    """
+    import uvicorn
+
+    parser = _parser()
     args = parser.parse_args(argv)
-    app = create_app(args.workspace, args.generation, log=not args.no_log,
-                     keep_images=not args.no_keep_images, max_bytes=int(args.max_mb * 2**20))
+    try:
+        app = create_app(args.workspace, args.generation, log=not args.no_log,
+                         keep_images=not args.no_keep_images,
+                         max_bytes=int(args.max_mb * 2**20))
+    except ZoolibError as exc:
+        parser.error(str(exc))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -134,3 +134,18 @@ def test_ood_and_map_on_a_trained_generation(trained_ws):
     inside = cleaning.region(frame, (-np.inf, np.inf), (-np.inf, np.inf))
     assert len(inside) == len(frame)
     assert cleaning.plot_map(frame) is not None
+
+
+def test_map_region_opens_the_images_inside_the_rectangle(demo_ws):
+    from zoolib.widgets import MapRegion
+
+    lions = sorted(p.relative_to(demo_ws.library).as_posix()
+                   for p in (demo_ws.library / "lion").iterdir())[:4]
+    points = pd.DataFrame({"path": lions, "where": "library", "label": "lion",
+                           "x": [0.0, 1.0, 5.0, 9.0], "y": [0.0, 1.0, 5.0, 9.0],
+                           "mark": ["", "ood", "", ""]})
+    view = MapRegion(demo_ws, points)
+    view.x.value, view.y.value = (-0.5, 1.5), (-0.5, 1.5)
+    assert view.paths == [str(demo_ws.library / p) for p in lions[:2]]
+    assert [t.path for t in view.grid.tiles if t.path] == view.paths
+    assert view.grid.tiles[1].toggle.button_style == "warning"  # the marked image

@@ -10,9 +10,9 @@ from papermill.translators import PythonTranslator
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     assert [p.stem for p in NOTEBOOKS] == ["01_curate", "02_train", "03_evaluate",
-                                           "04_bulk_identify", "05_report"]
+                                           "04_bulk_identify", "05_report", "06_clean"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

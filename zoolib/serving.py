@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from PIL import Image, ImageOps
 
 from . import inference, models, translog
-from .images import content_hash, load_rgb
+from .images import content_hash, load_rgb, open_image, to_rgb
 from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def _header(data: bytes, max_pixels: int) -> tuple[int, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            with open_image(io.BytesIO(data)) as probe:  # header only; says what a non-image is
                 (width, height), fmt = probe.size, (probe.format or "img").lower()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
@@ -198,7 +198,7 @@ def _decode(image: bytes | Image.Image) -> tuple[Image.Image, bytes]:
     A PIL image has no file bytes: its upright pixels are hashed and kept as a PNG.
     """
     if isinstance(image, Image.Image):
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
+        rgb = to_rgb(ImageOps.exif_transpose(image))  # every mode, as files get
         buf = io.BytesIO()
         rgb.save(buf, "PNG")
         return rgb, buf.getvalue()

@@ -7,14 +7,16 @@ Thin ipywidgets layers over tested functions (`zoolib.actions`, `curate`,
     widgets.BulkView(ws, results, widgets.filter_sets(results, manifest))
     widgets.CurationWidget(ws, {"label issues": issues})
     widgets.ReviewWidget(ws, reviewer="anna")
+    widgets.MapRegion(ws, cleaning.map_frame(ws))
 """
 from .bulk import (ANY_CLASS, FILTER_TITLES, SORTS, STATUSES, BulkView, ViewState, caption,
                    filter_sets, n_pages, page_of, rare_classes, select_rows, sort_keys)
 from .curate import CurationWidget, item_paths
 from .grid import Item, ThumbGrid, thumbnail
+from .map import MapRegion
 from .review import ReviewWidget
 
 __all__ = ["ANY_CLASS", "FILTER_TITLES", "SORTS", "STATUSES", "BulkView", "CurationWidget",
-           "Item", "ReviewWidget", "ThumbGrid", "ViewState", "caption", "filter_sets",
+           "Item", "MapRegion", "ReviewWidget", "ThumbGrid", "ViewState", "caption", "filter_sets",
            "item_paths", "n_pages", "page_of", "rare_classes", "select_rows", "sort_keys",
            "thumbnail"]

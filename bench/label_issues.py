@@ -1,0 +1,114 @@
+"""Label issues on CIFAR animals with planted label errors: precision and recall.
+
+A workspace of the six CIFAR-10 animal classes (`cifar10/train` only) gets a
+seeded share of its images (5% by default) filed under a wrong class, recorded
+in `flipped.csv` beside it. `cleaning.out_of_fold` then trains k fold models
+(from scratch, or warm from a generation trained on the noisy library first),
+cleanlab's `find_label_issues` runs at its default threshold, and the flagged
+images are compared with the planted ones. Also printed: the overlap ranking's
+top pairs and the wall time (goal: precision and recall >= 0.6 within 30 minutes
+on 2 CPU cores).
+
+    python bench/label_issues.py                      # the defaults below
+    python bench/label_issues.py --per-class 500 --folds 2 --epochs 3   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar import ANIMALS, DATA, REPO, link_library, shuffled  # noqa: E402
+
+from zoolib import cleaning, workspace  # noqa: E402
+from zoolib.train import TrainConfig, train  # noqa: E402
+
+DEFAULTS = dict(per_class=1500, flip=0.05, folds=3, epochs=25, init="scratch", arch="zoo_cnn",
+                size=32, seed=0, tta=True)
+
+
+def build(root: Path, data: Path, per_class: int, flip: float, seed: int):
+    """The noisy library and its answer key (path as filed, true and given class)."""
+    ws = workspace.create(root)
+    files = {cls: shuffled(data, cls, per_class, seed)[:per_class] for cls in ANIMALS}
+    items = [(cls, f) for cls in ANIMALS for f in files[cls]]
+    rng = random.Random(f"flip-{seed}")
+    planted = set(rng.sample(range(len(items)), round(flip * len(items))))
+    placed: dict[str, list[Path]] = {cls: [] for cls in ANIMALS}
+    key = []
+    for i, (cls, f) in enumerate(items):
+        given = rng.choice([c for c in ANIMALS if c != cls]) if i in planted else cls
+        placed[given].append(f)
+        if i in planted:
+            key.append({"path": f"{given}/{f.name}", "true": cls, "given": given})
+    for cls, chosen in placed.items():
+        link_library(ws, cls, chosen)
+    return ws, key
+
+
+def run(args) -> dict:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="zoolib-labels-") as tmp:
+        ws, key = build(Path(tmp) / "ws", Path(args.data), args.per_class, args.flip, args.seed)
+        cfg = TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs, seed=args.seed,
+                          min_images=10)
+        parent = None
+        if args.init == "warm":  # the practitioner's last generation, trained on noisy labels
+            parent = train(ws, cfg, progress=False).name
+            cfg = TrainConfig(**{**cfg.__dict__, "init_from": parent})
+        built = time.perf_counter()
+        oof = cleaning.out_of_fold(ws, cfg, folds=args.folds, tta=args.tta, progress=False)
+        issues = cleaning.label_issues(ws, oof)
+        pairs = cleaning.overlapping_classes(oof)
+        flipped = {row["path"] for row in key}
+        found = set(issues["path"])
+        hits = len(found & flipped)
+        accuracy = float((oof["pred"] == oof["label"]).mean())
+        out = {"images": len(oof), "flipped": len(flipped), "flagged": len(found), "hits": hits,
+               "precision": round(hits / max(len(found), 1), 3),
+               "recall": round(hits / max(len(flipped), 1), 3),
+               "oof_accuracy_vs_given": round(accuracy, 3),
+               "top_pair": f"{pairs.loc[0, 'class_a']} / {pairs.loc[0, 'class_b']}",
+               "top_pairs": pairs.head(3).to_dict("records"), "init": args.init,
+               "parent": parent, "folds": args.folds, "per_class": args.per_class,
+               "epochs_budget": args.epochs, "tta": args.tta,
+               "fold_epochs": [len(pd.read_csv(ws.models / g / "history.csv"))
+                               for g in oof.attrs["generations"]],
+               "minutes_total": round((time.perf_counter() - start) / 60, 1),
+               "minutes_folds": round((time.perf_counter() - built) / 60, 1)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = DEFAULTS
+    ap.add_argument("--data", default=str(DATA), help="the cifar10 folder")
+    ap.add_argument("--per-class", type=int, default=d["per_class"], help="images per class")
+    ap.add_argument("--flip", type=float, default=d["flip"], help="share of labels flipped")
+    ap.add_argument("--folds", type=int, default=d["folds"], help="k of the out-of-fold runs")
+    ap.add_argument("--epochs", type=int, default=d["epochs"], help="epoch budget of each fold")
+    ap.add_argument("--init", choices=["scratch", "warm"], default=d["init"],
+                    help="fold models from scratch, or warm from a generation on the noisy data")
+    ap.add_argument("--arch", default=d["arch"], help="timm architecture")
+    ap.add_argument("--size", type=int, default=d["size"], help="input size")
+    ap.add_argument("--seed", type=int, default=d["seed"], help="sample, flips and training")
+    ap.add_argument("--no-tta", dest="tta", action="store_false", help="no mirror TTA")
+    ap.add_argument("--out", default=str(REPO / "reports" / "label_issues"),
+                    help="folder for metrics.json")
+    args = ap.parse_args()
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -72,7 +72,9 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     generation (cutoff 35) and its bulk identification, which surfaces inbox images
     of the class just under 40; a class labelled into the library; generation 2
     warm-started from 1 and compared with it; bulk identification of the inbox;
-    real traffic through the Predictor; the usage and accuracy report.
+    the library cleaned with out-of-fold predictions (label issues, overlapping
+    classes, the embedding map of library and inbox); real traffic through the
+    Predictor; the usage and accuracy report.
     """
     started = time.perf_counter()
     ws = demo.build(workspace)
@@ -100,6 +102,8 @@ def run_demo(workspace: str | Path, reports: str | Path) -> dict:
     step("03_evaluate-gen2", "03_evaluate", PROMOTE=True)
     step("04_bulk_identify-gen2", "04_bulk_identify",
          GENERATION=summary["02_train-gen2"]["generation"], LOOKALIKE_CLASS=demo.LOOKALIKE_OF)
+    step("06_clean-gen2", "06_clean", GENERATION=summary["02_train-gen2"]["generation"],
+         BULKID_RUN=summary["04_bulk_identify-gen2"]["run"])
     labels = json.loads((ws.root / "demo_truth.json").read_text())["inbox"]
     summary["traffic"] = demo.simulate_traffic(ws, labels)
     print(f"served demo traffic through the Predictor: {summary['traffic']}")

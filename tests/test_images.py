@@ -158,3 +158,60 @@ def test_the_resize_filter_of_model_json_is_the_one_used(photo, interpolation):
     assert np.array_equal(out, want) and not np.array_equal(out, _pillow(data, 40))
     with pytest.raises(ValueError, match="interpolation 'area'"):
         squished_pixels(data, 40, "area")
+
+
+# ---------------------------------------------------------------- reduced-size decoding
+
+@pytest.fixture(scope="module")
+def camera_photo():
+    """A 4032x3024 photo-like JPEG (smooth gradients plus texture), as phones take."""
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((4032, 3024), Image.BICUBIC)
+
+
+def _with_orientation(img: Image.Image, orientation: int, **kw) -> bytes:
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    return _jpeg(img, exif=exif.tobytes(), quality=90, **kw)
+
+
+@pytest.mark.parametrize("size", [32, 224, 299, 640])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_reduced_decode_is_the_same_on_both_decoders(camera_photo, monkeypatch, size,
+                                                     orientation):
+    data = _with_orientation(camera_photo, orientation)
+    fast = squished_pixels(data, size, decode="reduced")
+    monkeypatch.setattr(images, "simplejpeg", None)  # Pillow's draft path
+    slow = squished_pixels(data, size, decode="reduced")
+    reference = np.asarray(load_rgb(io.BytesIO(data), draft=size).resize((size, size),
+                                                                          Image.BILINEAR))
+    assert np.array_equal(fast, slow) and np.array_equal(fast, reference)
+    assert fast.shape == (size, size, 3)
+
+
+def test_reduced_decode_picks_the_smallest_scale_that_covers_the_size(camera_photo):
+    assert [images.dct_scale(4032, 3024, s) for s in (32, 224, 299, 400, 800, 1600, 3100)] \
+        == [8, 8, 8, 4, 2, 1, 1]
+    assert images.dct_scale(1000, 800, 250) == 2  # Pillow's draft rule, not libjpeg's 3/8
+    data = _jpeg(camera_photo.resize((1000, 800)), quality=90)
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (250, 250))
+        assert img.size == (500, 400)
+
+
+def test_full_decode_is_unchanged_and_differs_from_reduced(camera_photo):
+    data = _with_orientation(camera_photo, 6)
+    full = squished_pixels(data, 224)
+    assert np.array_equal(full, np.asarray(load_rgb(io.BytesIO(data)).resize(
+        (224, 224), Image.BILINEAR)))
+    assert not np.array_equal(full, squished_pixels(data, 224, decode="reduced"))
+    with pytest.raises(ValueError, match="decode"):
+        squished_pixels(data, 224, decode="fast")
+
+
+def test_reduced_decode_leaves_small_and_non_jpeg_files_alone(photo):
+    small = _jpeg(photo)  # 128x96: at 96 px no DCT reduction covers the size
+    assert np.array_equal(squished_pixels(small, 96, decode="reduced"), squished_pixels(small, 96))
+    png = _png(photo)
+    assert np.array_equal(squished_pixels(png, 32, decode="reduced"), squished_pixels(png, 32))

@@ -134,11 +134,13 @@ def perceptual_hash(img: Image.Image, orientation: int | None = None) -> str:
     return np.packbits(low.ravel() > np.median(low)).tobytes().hex()
 
 
-def load_rgb(path: str | Path | io.BytesIO) -> Image.Image:
+def load_rgb(path: str | Path | io.BytesIO, draft: int | None = None) -> Image.Image:
     """Open an image as upright RGB: EXIF orientation applied, alpha dropped.
 
     Args:
         path: the image file (or a file-like object).
+        draft: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
+            leaves both sides at least this long (Pillow's `draft`); None: full size.
 
     Returns:
         A decoded RGB PIL image.
@@ -148,6 +150,8 @@ def load_rgb(path: str | Path | io.BytesIO) -> Image.Image:
             it is known), or a mode with no RGB conversion (the mode named).
     """
     with open_image(path) as img:
+        if draft and img.format == "JPEG":
+            img.draft(img.mode if img.mode in ("CMYK", "L") else "RGB", (draft, draft))
         return to_rgb(ImageOps.exif_transpose(img))
 
 
@@ -238,31 +242,57 @@ def squish(img: Image.Image, size: int, interpolation: str = "bilinear") -> Imag
     return img.resize((size, size), resample_filter(interpolation))
 
 
-def squished_pixels(data: bytes, size: int, interpolation: str = "bilinear") -> np.ndarray:
+DECODES = ("full", "reduced")  # model.json "decode": how a generation's JPEGs are decoded
+
+
+def dct_scale(width: int, height: int, size: int) -> int:
+    """The JPEG DCT reduction (1, 2, 4 or 8) Pillow's `draft` picks for a `size` square:
+    the largest that leaves both sides at least `size` pixels."""
+    room = min(width // size, height // size)
+    return next((f for f in (8, 4, 2) if room >= f), 1)
+
+
+def squished_pixels(data: bytes, size: int, interpolation: str = "bilinear",
+                    decode: str = "full") -> np.ndarray:
     """A file's bytes -> upright RGB pixels squish-resized to `size`, as uint8 HWC.
 
-    Exactly ``np.asarray(squish(load_rgb(file), size, interpolation))``, the
-    pixels training and inference see. A plain JPEG (see `plain_jpeg_size`) is
-    decoded by simplejpeg (libjpeg-turbo with Pillow's settings: accurate IDCT,
-    smooth chroma upsampling) instead of Pillow, and turned upright by the EXIF or
-    XMP orientation as `ImageOps.exif_transpose` does: the same pixels (tests
-    check the equality); a 32 px file decodes in a sixth of Pillow's time, which
-    matters when it costs less to classify than to open. Anything else goes
-    through Pillow, decompression-bomb check included.
+    The one decode path of training, evaluation, bulk identification and
+    serving. With `decode="full"` it is exactly
+    ``np.asarray(squish(load_rgb(file), size, interpolation))``. With
+    `decode="reduced"` a JPEG is first decoded at the smallest DCT scale that
+    leaves both sides at least `size` (libjpeg's scaled IDCT: a 12-megapixel
+    photo costs a seventh of a full decode), then resized the same way; the
+    mode a generation trained with is stored in its model.json, so old
+    generations keep their pixels.
+
+    A plain JPEG (see `plain_jpeg_size`) is decoded by simplejpeg (libjpeg-turbo
+    with Pillow's settings: accurate IDCT, smooth chroma upsampling, the same
+    DCT scale) instead of Pillow, and turned upright by the EXIF or XMP
+    orientation as `ImageOps.exif_transpose` does: the same pixels (tests check
+    the equality); a 32 px file decodes in a sixth of Pillow's time. Anything
+    else goes through Pillow, decompression-bomb check included.
 
     Raises:
+        ValueError: `decode` is not one of DECODES.
         Image.DecompressionBombError: more than twice Pillow's MAX_IMAGE_PIXELS;
             between once and twice, the warning is raised as an error too.
         Exception: whatever the decoder raises for a broken or non-image file.
     """
+    if decode not in DECODES:
+        raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODES)}")
+    reduced = decode == "reduced"
     header = _plain_jpeg(data)
-    fast = _fast_jpeg(data, header[2]) if header is not None else None
+    fast = None
+    if header is not None:
+        width, height, app1 = header
+        scale = dct_scale(width, height, size) if reduced else 1
+        fast = _fast_jpeg(data, app1, -(-width // scale), -(-height // scale))
     if isinstance(fast, np.ndarray) and fast.shape[:2] == (size, size):
         return fast  # nothing to turn or resize (CIFAR-like files)
     if fast is None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = load_rgb(io.BytesIO(data))
+            img = load_rgb(io.BytesIO(data), draft=size if reduced else None)
     else:
         img = fast if isinstance(fast, Image.Image) else Image.fromarray(fast)
     return np.array(squish(img, size, interpolation), dtype=np.uint8)
@@ -275,7 +305,8 @@ _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE
                    8: Image.Transpose.ROTATE_90}
 
 
-def _fast_jpeg(data: bytes, app1: bool) -> np.ndarray | Image.Image | None:
+def _fast_jpeg(data: bytes, app1: bool, min_width: int = 0, min_height: int = 0
+               ) -> np.ndarray | Image.Image | None:
     """A plain JPEG's upright RGB pixels decoded by simplejpeg, or None to leave it to Pillow.
 
     Returns an HWC array, or a PIL image when it had to be turned. None when
@@ -286,6 +317,8 @@ def _fast_jpeg(data: bytes, app1: bool) -> np.ndarray | Image.Image | None:
     Args:
         data: the file's bytes.
         app1: the file has an APP1 block (EXIF or XMP), which may hold an orientation.
+        min_width, min_height: the DCT-scaled size to decode at (0: full size);
+            asking for exactly ceil(side / scale) makes libjpeg pick that scale.
     """
     if simplejpeg is None:
         return None
@@ -298,7 +331,8 @@ def _fast_jpeg(data: bytes, app1: bool) -> np.ndarray | Image.Image | None:
             return None
     try:
         hwc = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False,
-                                     fastupsample=False, strict=True)
+                                     fastupsample=False, strict=True, min_width=min_width,
+                                     min_height=min_height)
     except ValueError:
         return None
     return hwc if method is None else Image.fromarray(hwc).transpose(method)

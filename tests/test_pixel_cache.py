@@ -1,0 +1,67 @@
+"""The training image cache: decoded once, reused, invalidated by content, rebuilt, read-only."""
+import hashlib
+import shutil
+
+import numpy as np
+
+from zoolib import library
+from zoolib.images import read_file, squished_pixels
+from zoolib.pixel_cache import PixelCache
+
+
+def _library_inventory(ws) -> dict[str, str]:
+    return {p.relative_to(ws.library).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(ws.library.rglob("*")) if p.is_file()}
+
+
+def _rows(ws, n=12):
+    m = library.scan(ws, progress=False)
+    m = m[m["readable"]].drop_duplicates("hash").head(n)
+    return [str(ws.library / p) for p in m["path"]], m["hash"].tolist()
+
+
+def test_filled_once_then_hit_with_the_same_pixels(demo_ws):
+    files, digests = _rows(demo_ws)
+    before = _library_inventory(demo_ws)
+    cache = PixelCache(demo_ws, 32, "bilinear", "reduced")
+    assert cache.fill(files, digests, progress=False) == len(files)
+    assert cache.fill(files, digests, progress=False) == 0  # a second epoch decodes nothing
+    for f, d in zip(files, digests):
+        assert np.array_equal(cache.get(f, d), squished_pixels(read_file(f), 32, decode="reduced"))
+    assert cache.decodes == len(files)
+    assert _library_inventory(demo_ws) == before  # the library is only read
+    assert cache.folder.is_relative_to(demo_ws.cache)
+
+
+def test_changed_image_is_a_new_entry_and_a_deleted_cache_is_rebuilt(demo_ws):
+    files, digests = _rows(demo_ws, 3)
+    cache = PixelCache(demo_ws, 32)
+    cache.fill(files, digests, progress=False)
+    changed = demo_ws.library / "lion" / "changed.jpg"
+    shutil.copy(files[0], changed)
+    with open(changed, "ab") as f:
+        f.write(b"\0")  # new bytes, new content hash, new entry
+    m = library.scan(demo_ws, progress=False).set_index("path")
+    new_hash = m.loc["lion/changed.jpg", "hash"]
+    assert new_hash not in digests and not cache.path(new_hash).exists()
+    cache.get(str(changed), new_hash)
+    assert cache.path(new_hash).exists() and cache.decodes == 4
+    shutil.rmtree(demo_ws.cache / "pixels")
+    assert cache.fill(files, digests, progress=False) == 3  # rebuilt
+
+
+def test_a_broken_or_foreign_entry_is_decoded_again(demo_ws):
+    files, digests = _rows(demo_ws, 2)
+    cache = PixelCache(demo_ws, 32)
+    cache.fill(files, digests, progress=False)
+    cache.path(digests[0]).write_bytes(b"garbage")
+    np.save(cache.path(digests[1]).open("wb"), np.zeros((8, 8, 3), np.uint8))
+    decodes = cache.decodes
+    for f, d in zip(files, digests):
+        assert cache.get(f, d).shape == (32, 32, 3)
+    assert cache.decodes == decodes + 2
+
+
+def test_each_preprocessing_has_its_own_folder(demo_ws):
+    a, b = PixelCache(demo_ws, 32, "bilinear", "full"), PixelCache(demo_ws, 48, "bicubic", "reduced")
+    assert a.folder != b.folder and a.folder.name == "32-bilinear-full"

@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -6,6 +10,14 @@ import torch
 
 from zoolib import models
 from zoolib.workspace import ZoolibError
+
+
+def dead_pid() -> int:
+    """The id of a process that has finished (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
 
 INFO = {"arch": "resnet18", "img_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
         "classes": ["a", "b", "c"]}
@@ -97,3 +109,64 @@ def test_pretrained_models_take_their_timm_data_config():
     assert prep == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
     scratch = models.preprocessing(m, pretrained=False)
     assert scratch["mean"] == list(models.IMAGENET_MEAN) and scratch["interpolation"] == "bilinear"
+
+
+def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(demo_ws, monkeypatch,
+                                                                     capsys):
+    demo_ws.models.mkdir(exist_ok=True)
+    seen = []
+    real = models.save_file
+    monkeypatch.setattr(models, "save_file", lambda state, path: (seen.append(path.parent),
+                                                                  real(state, path)))
+    m = models.create_model("resnet18", 3)
+    models.save_generation(demo_ws, m, INFO)
+    assert seen[0].name.startswith(f".gen-0001.{os.getpid()}-") and seen[0].name.endswith(".tmp")
+    dead = demo_ws.models / f".gen-0002.{dead_pid()}-x1y2z3.tmp"  # as a killed save leaves it
+    live = demo_ws.models / f".gen-0002.{os.getpid()}-a1b2c3.tmp"  # a save still going on
+    old = demo_ws.models / ".gen-0002.k3j4h5g6"  # an older zoolib's, a day old
+    recent = demo_ws.models / ".gen-0003.q1w2e3r4"  # an older zoolib's, maybe still at work
+    for folder in (dead, live, old, recent):
+        folder.mkdir()
+        (folder / "weights.safetensors").write_bytes(b"half")
+    os.utime(old, (time.time() - 86400,) * 2)
+    capsys.readouterr()
+    assert models.save_generation(demo_ws, m, INFO) == "gen-0002"
+    said = capsys.readouterr().out
+    assert dead.name in said and str(old) in said
+    assert not dead.exists() and not old.exists() and live.exists() and recent.exists()
+    assert models.generation_names(demo_ws) == ["gen-0001", "gen-0002"]
+
+
+def test_only_dead_writers_temporaries_are_removed(tmp_path):
+    dead, live = dead_pid(), os.getpid()
+    names = [f".results.parquet.{dead}-140.tmp", f".results.parquet.{live}-140.tmp",
+             f"results.parquet.{dead}-140.tmp", f".results.parquet.{dead}.tmp", "part-1.parquet"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    assert models.process_alive(live) and not models.process_alive(dead)
+    assert models.remove_dead_temps(tmp_path) == [tmp_path / names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    assert models.remove_dead_temps(tmp_path / "nowhere") == []
+
+
+@pytest.mark.parametrize("garbage", [b"\x89PNG\r\n\x1a\n\x00\x00garbage", b"", b"[1, 2]"])
+def test_damaged_side_files_of_a_generation_are_named(demo_ws, garbage):
+    name = models.save_generation(demo_ws, models.create_model("resnet18", 3), INFO,
+                                  splits=pd.DataFrame({"hash": ["a"], "path": ["x"],
+                                                       "label": ["a"], "split": ["train"]}))
+    folder = demo_ws.models / name
+    (folder / "weights.safetensors").write_bytes(garbage)
+    with pytest.raises(ZoolibError, match=r"gen-0001/weights.safetensors is unreadable .*"
+                                          "restore gen-0001's folder from a backup"):
+        models.load_generation(demo_ws, name)
+    (folder / models.SPLITS_FILE).write_bytes(garbage)
+    with pytest.raises(ZoolibError, match=r"splits.parquet is not a readable Parquet table.*"
+                                          "restore it from a backup"):
+        models.read_splits(demo_ws, name)
+    (folder / "model.json").write_bytes(garbage)
+    with pytest.raises(ZoolibError, match=r"gen-0001/model.json (is not valid JSON|holds a "
+                                          r"JSON list).*restore the generation's folder"):
+        models.read_info(demo_ws, name)
+    demo_ws.deployed_json.write_bytes(garbage)
+    with pytest.raises(ZoolibError, match=r"models/deployed.json .*delete it and deploy"):
+        models.read_deployed(demo_ws)

@@ -3,15 +3,19 @@
 A generation is a folder `models/gen-NNNN/` with `weights.safetensors` (the timm
 model's state_dict), `model.json` (everything needed to rebuild and use it) and
 `history.csv`. It is written to a temporary folder and renamed into place, so a
-crash mid-save never leaves a half-written generation.
+crash mid-save never leaves a half-written generation. The temporary folder's
+name carries the writer's process id (`.gen-NNNN.<pid>-<random>.tmp`): one left
+by a killed process is removed by the next save (`remove_dead_temps`).
 """
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +30,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GEN = re.compile(r"^gen-(\d{4,})$")
 SPLITS_FILE = "splits.parquet"  # a generation's own train/valid/test/benchmark rows
+# A temporary of write_atomic (".<name>.<pid>-<thread>.tmp") or of save_generation
+# (".<name>.<pid>-<random>.tmp"): the writer's process id is the second-last field.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.tmp$")
+# Temporary folders of save_generation before they carried a process id (mkdtemp's
+# 8 random characters); removed once this old: no save takes an hour.
+_OLD_TEMP = re.compile(r"^\.gen-\d{4,}\.[a-z0-9_]{8}$")
+_OLD_TEMP_SECONDS = 3600.0
 
 
 def create_model(arch: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
@@ -117,7 +128,20 @@ def read_info(ws: Workspace, name: str) -> dict:
     if not path.exists():
         have = ", ".join(generation_names(ws)) or "none"
         raise ZoolibError(f"generation {name!r} does not exist in {ws.models} (saved: {have})")
-    return json.loads(path.read_text())
+    return _read_json(path, "restore the generation's folder from a backup: without its "
+                            "model.json the generation cannot be loaded, served or evaluated")
+
+
+def _read_json(path: Path, what_to_do: str) -> dict:
+    """A JSON object from a side file, or a ZoolibError naming the file and what to do."""
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ZoolibError(f"{path} is not valid JSON ({exc}): {what_to_do}") from exc
+    if not isinstance(data, dict):
+        raise ZoolibError(f"{path} holds a JSON {type(data).__name__}, not an object: "
+                          f"{what_to_do}")
+    return data
 
 
 def resolve_generation(ws: Workspace, name: str, include_throwaway: bool = False) -> str:
@@ -143,7 +167,12 @@ def load_generation(ws: Workspace, name: str) -> tuple[torch.nn.Module, dict]:
     """Rebuild a saved generation's model (eval mode) and return it with its info."""
     info = read_info(ws, name)
     path = ws.models / name / "weights.safetensors"
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ZoolibError(f"{path} is unreadable ({type(exc).__name__}: {exc}): the "
+                          f"generation's weights are damaged or missing; restore {name}'s "
+                          "folder from a backup, or train a new generation") from exc
     try:
         # Built on the meta device, the model skips a random initialisation that the
         # saved weights replace anyway (5-8x faster: bulkid and serving start sooner).
@@ -186,8 +215,10 @@ def save_generation(ws: Workspace, model: torch.nn.Module, info: dict,
     if final.exists():
         raise ZoolibError(f"generation {name} already exists in {ws.models}")
     ws.models.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(ws.models)
+    _remove_old_save_folders(ws)
     info = {**info, "name": name, "saved_at": datetime.now(timezone.utc).isoformat()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ws.models))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}-", suffix=".tmp", dir=ws.models))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / "weights.safetensors")
@@ -203,11 +234,81 @@ def save_generation(ws: Workspace, model: torch.nn.Module, info: dict,
     return name
 
 
+# ----------------------------------------------------------------------------- leftovers
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` is running on this machine.
+
+    True where that cannot be told (not POSIX): a leftover is then kept, never
+    removed under a live writer. A process of another machine sharing the
+    workspace folder looks dead here; zoolib assumes one machine per workspace.
+    """
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
+
+
+def remove_dead_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporaries in `folder` whose writing process is dead, and say so.
+
+    A process killed in the middle of `write_atomic` or `save_generation` leaves
+    its temporary behind (hidden, named with its process id); nothing else ever
+    removes it. Temporaries of live processes are kept: they may still be written.
+
+    Returns:
+        The removed paths (files and folders).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMP.match(entry.name)
+        if match and not process_alive(int(match.group("pid"))):
+            _remove(entry)
+            removed.append(entry)
+    if removed:
+        print(f"removed {len(removed)} leftover(s) of a killed process in {folder}: "
+              + ", ".join(p.name for p in removed))
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_old_save_folders(ws: Workspace) -> None:
+    """Remove temporary generation folders of zoolib versions that did not name the
+    writer's process id, once they are old enough to be certainly dead."""
+    now = time.time()
+    for entry in ws.models.iterdir():
+        if _OLD_TEMP.match(entry.name) and now - entry.stat().st_mtime > _OLD_TEMP_SECONDS:
+            shutil.rmtree(entry, ignore_errors=True)
+            print(f"removed the leftover of an interrupted save: {entry}")
+
+
 def read_splits(ws: Workspace, name: str) -> pd.DataFrame | None:
     """The rows a generation was trained with (hash, path, label, split), or None for a
     generation saved before splits were kept."""
     path = ws.models / name / SPLITS_FILE
-    return pd.read_parquet(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ZoolibError(f"{path} is not a readable Parquet table ({exc}): restore it from "
+                          f"a backup. Deleting it loses the record of what {name} trained on: "
+                          "it is then tested on today's test split, and its training images "
+                          "are no longer left out when its descendants are evaluated") from exc
 
 
 def update_info(ws: Workspace, name: str, **fields) -> dict:
@@ -222,7 +323,8 @@ def read_deployed(ws: Workspace) -> dict | None:
     """The content of `models/deployed.json` ({"generation": ..., ...}), or None."""
     if not ws.deployed_json.exists():
         return None
-    return json.loads(ws.deployed_json.read_text())
+    return _read_json(ws.deployed_json, "restore it from a backup, or delete it and deploy a "
+                                        "generation again (until then none is deployed)")
 
 
 def deployed_name(ws: Workspace) -> str | None:

@@ -1,6 +1,7 @@
 """Bulk identification: the streaming engine, resuming, odd files, and the filters."""
 import io
 import math
+import os
 import shutil
 import struct
 import zlib
@@ -11,11 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from zoolib import bulkid, inference, library, models
 from zoolib.images import content_hash, load_rgb
 from zoolib.workspace import ZoolibError
+
+from .test_models import dead_pid
 
 CLASSES = ["cheetah", "elephant", "flamingo", "leopard", "lion", "okapi", "penguin", "zebra"]
 
@@ -312,6 +316,151 @@ def test_bad_input(ws, tmp_path):
     models.update_info(ws, "gen-0002", resize="crop")
     with pytest.raises(ZoolibError, match="resize='crop'"):
         bulkid.run(ws, generation="gen-0002", progress=False)
+
+
+@pytest.mark.parametrize("where,match", [
+    ("", "is the workspace root"),
+    ("..", "contains the workspace /"),
+    ("library", "is the workspace's library/"),
+    ("library/lion", "is inside the workspace's library/"),
+    ("models", "is the workspace's models/"),
+    ("models/gen-0001", "is inside the workspace's models/"),
+    ("splits", "is the workspace's splits/"),
+    ("bulkid/old-run", "is inside the workspace's bulkid/"),
+    ("_trash", "is the workspace's _trash/"),
+    (".zoolib", "is the workspace's .zoolib/"),
+])
+def test_an_inbox_over_workspace_files_is_refused(ws, where, match):
+    """Discarding the error rows of such a run would move the database, models and side
+    tables to the trash."""
+    for folder in ("splits", "bulkid/old-run", "_trash", ".zoolib"):
+        (ws.root / folder).mkdir(parents=True, exist_ok=True)
+    (ws.root / "zoo.sqlite").write_bytes(b"")
+    folder = (ws.root / where).resolve()
+    with pytest.raises(ZoolibError, match=match) as err:
+        bulkid.run(ws, inbox=folder, num_workers=0, progress=False, knn=False)
+    assert f"inbox {folder} " in str(err.value)
+    assert not (ws.bulkid / "gen-0001-inbox").exists()  # refused before anything is written
+
+
+def test_an_inbox_linked_to_the_workspace_is_refused_and_others_are_fine(ws, tmp_path):
+    (tmp_path / "link").symlink_to(ws.root, target_is_directory=True)
+    with pytest.raises(ZoolibError, match="is the workspace root"):
+        bulkid.run(ws, inbox=tmp_path / "link", progress=False, knn=False)
+    (tmp_path / "linked-library").symlink_to(ws.library / "lion", target_is_directory=True)
+    with pytest.raises(ZoolibError, match="is inside the workspace's library/"):
+        bulkid.run(ws, inbox=tmp_path / "linked-library", progress=False, knn=False)
+    store = tmp_path / "store"  # the models kept elsewhere, linked into the workspace
+    store.mkdir()
+    ws.models.rename(store / "models")
+    ws.models.symlink_to(store / "models", target_is_directory=True)
+    with pytest.raises(ZoolibError, match=r"inbox .*/store contains the workspace's models/ "
+                                          r"\(linked from"):
+        bulkid.run(ws, inbox=store, progress=False, knn=False)
+    outside = tmp_path / "camera"  # beside the workspace, not holding it: fine
+    shutil.copytree(ws.inbox / "camera2", outside)
+    out = bulkid.run(ws, inbox=outside, name="outside", num_workers=0, progress=False, knn=False)
+    assert len(out) == len(bulkid.list_files(outside)) > 0
+
+
+def test_links_and_pipes_get_an_error_row_and_are_never_opened(ws, tmp_path):
+    inbox = tmp_path / "drop"
+    (inbox / "sub").mkdir(parents=True)
+    lion = sorted((ws.library / "lion").iterdir())[0]
+    shutil.copy(lion, inbox / "real.jpg")
+    (inbox / "to_library.jpg").symlink_to(lion)  # a file outside the inbox
+    (inbox / "to_database").symlink_to(ws.root / "zoo.sqlite")
+    (inbox / "to_folder").symlink_to(ws.library / "zebra", target_is_directory=True)
+    (inbox / "sub" / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    os.mkfifo(inbox / "pipe")  # opening it would block the run for ever
+    out = bulkid.run(ws, inbox=inbox, name="links", num_workers=0, progress=False, knn=False)
+    by = out.set_index(out["path"].map(lambda p: os.path.relpath(p, inbox)))
+    assert sorted(by.index) == ["pipe", "real.jpg", "sub/broken.jpg", "to_database",
+                                "to_folder", "to_library.jpg"]  # nothing skipped silently
+    for name in ("to_library.jpg", "to_database", "to_folder", "sub/broken.jpg"):
+        assert by.loc[name, "error"] == bulkid.LINK_ERROR and pd.isna(by.loc[name, "pred"])
+        assert by.loc[name, "hash"] == ""  # never read
+    assert by.loc["pipe", "error"] == bulkid.SPECIAL_ERROR
+    assert by.loc["real.jpg", "error"] == "" and by.loc["real.jpg", "pred"] in CLASSES
+    # Given as files, a link is not followed either.
+    out = bulkid.run(ws, files=[inbox / "to_library.jpg", inbox / "real.jpg"], name="given",
+                     num_workers=0, progress=False, knn=False)
+    assert out["error"].tolist() == [bulkid.LINK_ERROR, ""]
+
+
+def _temp(folder, name, pid):
+    """A temporary as write_atomic names it, of process `pid`."""
+    path = folder / f".{name}.{pid}-1.tmp"
+    path.write_bytes(b"half a file")
+    return path
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_on_the_next_run(ws, monkeypatch, capsys):
+    files = _inbox_files(ws)[:20]
+    monkeypatch.setattr(bulkid, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(bulkid, "_READ_BATCHES", 1)
+    monkeypatch.setattr(bulkid, "_consolidate", lambda run_dir: None)  # killed before merging
+    bulkid.run(ws, files=files, name="k", batch_size=4, num_workers=0, progress=False,
+               knn=False)
+    monkeypatch.undo()
+    run_dir = ws.bulkid / "k"
+    assert len(list((run_dir / "parts").glob("part-*.parquet"))) == 5
+    dead = [_temp(run_dir, "results.parquet", dead_pid()),
+            _temp(run_dir / "parts", "part-00006.parquet", dead_pid())]
+    live = _temp(run_dir, "results.parquet", os.getpid())  # a writer still at work: kept
+    capsys.readouterr()
+    out = bulkid.run(ws, files=files, name="k", num_workers=0, progress=False, knn=False)
+    said = capsys.readouterr().out
+    assert "merged 5 part(s) left by an interrupted run" in said
+    assert said.count("leftover(s) of a killed process") == 2 and dead[0].name in said
+    assert not any(p.exists() for p in dead) and live.exists()
+    assert not list((run_dir / "parts").iterdir()) and len(out) == 20
+    assert len(pq.read_table(run_dir / "results.parquet")) == 20
+
+
+def test_a_corrupt_results_table_is_named_then_set_aside_and_redone(ws, capsys):
+    files = _inbox_files(ws)[:12]
+    bulkid.run(ws, files=files, name="c", num_workers=0, progress=False, knn=False)
+    target = ws.bulkid / "c" / "results.parquet"
+    target.write_bytes(b"\x89PNG garbage, not parquet" * 10)
+    with pytest.raises(ZoolibError, match=r"results.parquet is not a readable results table "
+                                          r".*run bulk identification again with name='c'"):
+        bulkid.load_results(ws, "c")
+    calls = []
+    capsys.readouterr()
+    out = bulkid.run(ws, files=files, name="c", num_workers=0, progress=False, knn=False,
+                     on_batch=lambda done, total: calls.append(total))
+    assert "renamed it results.parquet.corrupt-" in capsys.readouterr().out
+    (aside,) = (ws.bulkid / "c").glob("results.parquet.corrupt-*")  # kept, never deleted
+    assert aside.read_bytes().startswith(b"\x89PNG garbage")
+    assert calls[-1] == 12 and len(out) == 12 and out["path"].is_unique
+
+
+def test_a_corrupt_table_with_parts_is_rebuilt_from_them(ws, monkeypatch):
+    files = _inbox_files(ws)[:12]
+    bulkid.run(ws, files=files[:4], name="p", num_workers=0, progress=False, knn=False)
+    monkeypatch.setattr(bulkid, "_consolidate", lambda run_dir: None)  # killed before merging
+    bulkid.run(ws, files=files[:8], name="p", num_workers=0, progress=False, knn=False)
+    monkeypatch.undo()
+    (ws.bulkid / "p" / "results.parquet").write_bytes(os.urandom(300))
+    calls = []
+    out = bulkid.run(ws, files=files, name="p", num_workers=0, progress=False, knn=False,
+                     on_batch=lambda done, total: calls.append(total))
+    assert calls[-1] == 8  # the 4 rows of the part stay; the corrupt file's 4 are redone
+    assert sorted(out["path"]) == sorted(map(str, files))
+
+
+def test_a_run_going_on_elsewhere_is_refused_and_a_damaged_run_json_named(ws):
+    files = _inbox_files(ws)[:2]
+    bulkid.run(ws, files=files, name="busy", num_workers=0, progress=False, knn=False)
+    with FileLock(ws.bulkid / "busy" / ".lock"):  # as if another process were running it
+        with pytest.raises(ZoolibError, match="'busy' is already going on in another process"):
+            bulkid.run(ws, files=files, name="busy", progress=False, knn=False)
+    (ws.bulkid / "busy" / "run.json").write_bytes(b"\x00\xff{")
+    with pytest.raises(ZoolibError, match=r"busy/run.json is unreadable .*delete the folder"):
+        bulkid.load_results(ws, "busy")
+    with pytest.raises(ZoolibError, match=r"busy/run.json is unreadable"):
+        bulkid.run(ws, files=files, name="busy", progress=False, knn=False)
 
 
 # ----------------------------------------------------------------------------- the filters

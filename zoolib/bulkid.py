@@ -23,7 +23,21 @@ How a run streams and resumes:
   and the parts are merged into a new results.parquet (atomic rename) and the
   parts removed. Even after a hard kill the table is valid: `load_results` reads
   results.parquet plus any parts, and every merge keeps one row per path.
-- Re-running with the same name skips every path already in the table.
+- Re-running with the same name skips every path already in the table. One
+  process at a time runs a given name (a lock file, `bulkid/<name>/.lock`); it
+  starts by cleaning up after a killed run: temporaries of dead processes are
+  removed, parts left over are merged, and a table that cannot be read is
+  renamed `results.parquet.corrupt-<time>` (never deleted) and its images
+  identified again. Each of these is said in a printed line.
+
+What is identified: every file under the inbox, any depth, except hidden ones
+(names starting with "."; hidden folders are not entered). Symbolic links are
+never followed: a link (to a file or a folder) gets a row with the error "is a
+symbolic link; zoolib does not follow links", and so does a pipe, socket or
+device, which is never opened; nothing is skipped silently. An inbox that is,
+holds or lies inside the workspace's own files (its root, library, models,
+splits, bulkid, _trash, .zoolib or zoo.sqlite) is refused: discarding its error
+rows would move the workspace's files to the trash.
 
 Scores:
 
@@ -48,7 +62,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -57,12 +74,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from . import inference, neighbours
 from .images import RESAMPLE, content_hash, read_file, squished_pixels
 from .library import class_counts
-from .models import resolve_generation
+from .models import remove_dead_temps, resolve_generation
 from .workspace import UNKNOWN, Workspace, ZoolibError, open_workspace, write_atomic
 
 RESULT_COLUMNS = ["path", "rel", "hash", "pred", "confidence", "top5", "top5_prob", "margin",
@@ -86,6 +104,8 @@ _EMBEDDING = np.dtype("<f2")  # float16, little-endian whatever the machine
 _DICT_COLUMNS = ["pred", "generation", "error"]
 # Snappy saves ~30 % on embeddings but makes writing them 2.5x slower; the rest is small.
 _COMPRESSION = {c: "none" if c == "embedding" else "snappy" for c in RESULT_COLUMNS}
+LINK_ERROR = "is a symbolic link; zoolib does not follow links"
+SPECIAL_ERROR = "is not a regular file (a pipe, socket or device); zoolib does not open it"
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -100,16 +120,21 @@ class ImageFiles(torch.utils.data.Dataset):
         paths: the files, in the order rows are produced.
         size: the square input size from model.json.
         interpolation: the resize filter from model.json.
+        refused: path -> error for files that must not be opened (links, pipes:
+            see `_not_regular`); they get that error without being read.
     """
 
-    def __init__(self, paths: list[str | Path], size: int, interpolation: str = "bilinear"):
+    def __init__(self, paths: list[str | Path], size: int, interpolation: str = "bilinear",
+                 refused: dict[str, str] | None = None):
         self.paths, self.size = [str(p) for p in paths], int(size)
-        self.interpolation = interpolation
+        self.interpolation, self.refused = interpolation, refused or {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        if self.refused and self.paths[i] in self.refused:
+            return self._blank(), "", self.refused[self.paths[i]]
         try:
             data = read_file(self.paths[i])
         except OSError as exc:
@@ -144,13 +169,65 @@ def normalise(batch: torch.Tensor, info: dict, device: torch.device | str = "cpu
 
 
 def list_files(folder: Path) -> list[Path]:
-    """Every non-hidden file under `folder` (any depth, hidden folders skipped), sorted."""
-    found = []
-    for top, dirs, names in os.walk(folder):  # os.walk: pathlib costs ~10x more per file
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(top, n) for n in names
-                     if not n.startswith(".") and os.path.isfile(os.path.join(top, n)))
-    return [Path(p) for p in sorted(found)]
+    """Every non-hidden entry under `folder` that is not a folder, sorted.
+
+    Any depth; hidden names (".") are skipped and hidden folders not entered.
+    Symbolic links (to files or folders, or broken) are listed as themselves and
+    never followed, and so are pipes, sockets, devices and folders that cannot be
+    listed: `run` gives each an error row (see `_scan`) without opening it, so no
+    file is ever left out silently.
+    """
+    return [Path(p) for p in _scan(folder)[0]]
+
+
+def _scan(folder: str | Path) -> tuple[list[str], dict[str, str]]:
+    """The entries `list_files` lists (as strings, sorted) and the error of each that
+    is not a regular file (a link, pipe, socket or device), from one directory walk.
+
+    os.scandir tells a link or a folder from the directory entry itself, with no
+    system call per file (os.walk plus os.path.isfile costs a stat per file).
+    """
+    top = os.fspath(folder)
+    found, refused, todo = [], {}, [top]
+    while todo:
+        where = todo.pop()
+        try:
+            entries = os.scandir(where)
+        except OSError as exc:
+            if where == top:
+                raise ZoolibError(f"cannot list the inbox {top}: {exc}") from exc
+            refused[where] = f"{type(exc).__name__}: {exc}; the folder's files were not listed"
+            found.append(where)
+            continue
+        with entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    refused[entry.path] = LINK_ERROR
+                elif entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                    continue
+                elif not entry.is_file(follow_symlinks=False):
+                    refused[entry.path] = SPECIAL_ERROR
+                found.append(entry.path)
+    return sorted(found), refused
+
+
+def _not_regular(paths: list[str]) -> dict[str, str]:
+    """The error of each given path that is a link, pipe, socket or device (one lstat
+    each); missing files are left to the reader, which reports them."""
+    refused = {}
+    for p in paths:
+        try:
+            mode = os.lstat(p).st_mode
+        except OSError:
+            continue
+        if stat.S_ISLNK(mode):
+            refused[p] = LINK_ERROR
+        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            refused[p] = SPECIAL_ERROR
+    return refused
 
 
 # ----------------------------------------------------------------------------- the run
@@ -159,7 +236,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         name: str | None = None, batch_size: int = 64, num_workers: int | None = None,
         progress: bool = True, files: list[Path] | None = None,
         on_batch: Callable[[int, int], None] | None = None, device: str | None = None,
-        knn: bool = True) -> pd.DataFrame:
+        knn: bool = True, runtime: str | None = None) -> pd.DataFrame:
     """Predict every file under an inbox folder into `bulkid/<name>/results.parquet`.
 
     Args:
@@ -180,29 +257,41 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         knn: score each image by its distance to the generation's training images
             (the `knn` column; see zoolib/neighbours.py). The first run of a
             generation embeds its training images once (cached).
+        runtime: "torch", "onnx" or "onnx-int8" (`inference.RUNTIMES`); None =
+            `inference.DEFAULT_RUNTIME` (torch on a GPU). The ONNX ones run on
+            the CPU and export the generation on first use (see zoolib/onnx_export.py).
+
+    Symbolic links, pipes, sockets and devices are never opened: each gets a row
+    with an error (`LINK_ERROR`, `SPECIAL_ERROR`), as unreadable files do. Hidden
+    files are not listed. See the module docstring for how a killed run is
+    cleaned up and resumed.
 
     Returns:
         The whole results table of the run (rows of earlier calls included), with
         columns RESULT_COLUMNS; `attrs` holds generation, classes and name.
 
     Raises:
-        ZoolibError: missing or empty inbox, unknown generation, bad name or
-            batch size, or a run of that name made with another generation.
+        ZoolibError: missing or empty inbox, an inbox that is, holds or lies inside
+            workspace internals, unknown generation, bad name or batch size, a run
+            of that name made with another generation or going on in another process.
     """
     ws = open_workspace(workspace)
     if int(batch_size) < 1:
         raise ZoolibError(f"batch_size must be at least 1, got {batch_size}")
-    loaded = inference.load(ws, generation, device=device)
+    loaded = inference.load(ws, generation, device=device,
+                            runtime=inference.resolve_runtime(runtime, device))
     _check_preprocessing(loaded)
-    paths = _input_files(ws, inbox, files)
+    paths, refused = _input_files(ws, inbox, files)
     name = name or f"{loaded.name}-{'inbox' if files is None else 'files'}"
-    run_dir = _open_run(ws, name, loaded)
-    done = set(_read_table(run_dir).column("path").to_pylist())
-    todo = [p for p in paths if p not in done]
-    if todo:
-        ref = neighbours.reference(ws, loaded) if knn else None
-        _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress, on_batch,
-                 ref)
+    run_dir = _run_dir(ws, name)
+    with _exclusive(run_dir, name):
+        _open_run(run_dir, name, loaded)
+        done = _recover(run_dir)
+        todo = [p for p in paths if p not in done]
+        if todo:
+            ref = neighbours.reference(ws, loaded) if knn else None
+            _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress,
+                     on_batch, ref, refused)
     return load_results(ws, name)
 
 
@@ -235,41 +324,150 @@ def _check_preprocessing(loaded: inference.Loaded) -> None:
 
 
 def _input_files(ws: Workspace, inbox: str | Path | None, files: list[Path] | None
-                 ) -> list[str]:
-    """Absolute file paths as strings (rows are keyed by them), without duplicates."""
+                 ) -> tuple[list[str], dict[str, str]]:
+    """Absolute file paths as strings (rows are keyed by them), without duplicates, and
+    the error of each that must not be opened (links, pipes: see `_scan`)."""
     if files is not None:
         paths = [os.path.abspath(os.path.expanduser(f)) for f in files]
         if not paths:
             raise ZoolibError("files is an empty list: nothing to identify")
-        return list(dict.fromkeys(paths))  # duplicates would duplicate rows
+        paths = list(dict.fromkeys(paths))  # duplicates would duplicate rows
+        return paths, _not_regular(paths)
     folder = Path(inbox).expanduser().resolve() if inbox is not None else ws.inbox
     if not folder.is_dir():
         raise ZoolibError(f"inbox {folder} does not exist or is not a folder")
-    paths = [str(p) for p in list_files(folder)]
+    _check_inbox(ws, folder)
+    paths, refused = _scan(folder)
     if not paths:
         raise ZoolibError(f"inbox {folder} is empty: no file to identify")
-    return paths
+    return paths, refused
 
 
-def _open_run(ws: Workspace, name: str, loaded: inference.Loaded) -> Path:
-    """Create or reopen `bulkid/<name>`, refusing to mix generations in one table."""
+def _internals(ws: Workspace) -> dict[str, Path]:
+    """The workspace's own files and folders, by name, with links resolved."""
+    named = {"library/": ws.library, "models/": ws.models, "splits/": ws.splits,
+             "bulkid/": ws.bulkid, "_trash/": ws.trash, ".zoolib/": ws.cache,
+             "zoo.sqlite": ws.journal_db}
+    return {k: Path(os.path.realpath(p)) for k, p in named.items()}
+
+
+def _check_inbox(ws: Workspace, folder: Path) -> None:
+    """Refuse an inbox that is the workspace root, holds it, is or lies inside one of
+    its internals, or holds one (linked from elsewhere). The workspace's own inbox/,
+    its other folders and folders outside it are fine.
+
+    Every file of an inbox gets a row, and discarding a run's error rows moves the
+    files to the trash: an inbox over the workspace would trash its database,
+    models and side tables (`library/_meta.csv`, `splits/benchmark.csv`).
+
+    Raises:
+        ZoolibError: naming the folder and the workspace files it is, holds or lies in.
+    """
+    real, root = Path(os.path.realpath(folder)), Path(os.path.realpath(ws.root))
+    why = ("bulk identification would list them as inbox files, and discarding their error "
+           "rows would move them to _trash/; point the inbox at a folder of new images: "
+           f"{ws.inbox} or a folder outside the workspace")
+    if real == root or real in root.parents:
+        what = "is the workspace root" if real == root else f"contains the workspace {root}"
+        raise ZoolibError(f"inbox {folder} {what}, with its library, models, splits and "
+                          f"database: {why}")
+    internals = _internals(ws)
+    for label, path in internals.items():
+        if real == path or path in real.parents:
+            where = "is" if real == path else "is inside"
+            raise ZoolibError(f"inbox {folder} {where} the workspace's {label} ({path}), "
+                              f"which holds workspace files, not new images: {why}")
+    held = [label for label, path in internals.items() if real in path.parents]
+    if held:
+        raise ZoolibError(f"inbox {folder} contains the workspace's {', '.join(held)} "
+                          f"(linked from {ws.root}): {why}")
+
+
+def _run_dir(ws: Workspace, name: str) -> Path:
+    """`bulkid/<name>`, created, for a valid run name."""
     if not _RUN_NAME.match(name):
         raise ZoolibError(f"bulk identification run name {name!r} must be letters, digits, "
                           "'.', '_' or '-' (it becomes a folder name)")
     run_dir = ws.bulkid / name
+    (run_dir / "parts").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@contextmanager
+def _exclusive(run_dir: Path, name: str):
+    """Hold the run's lock (`<run>/.lock`): a second process running the same name is
+    refused, so a run's own cleanup never touches the files of a live one.
+
+    The lock file stays (it is hidden): unlinking it on release would let a
+    process that opened the old file lock it while a third locks a new one.
+    """
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ZoolibError(f"bulk identification run {name!r} is already going on in another "
+                          f"process ({run_dir}); wait for it, or choose another name") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _read_run_json(run_dir: Path) -> dict:
+    """A run's run.json, or a ZoolibError naming it and what to do."""
+    path = run_dir / "run.json"
+    try:
+        meta = json.loads(path.read_bytes())
+        if not isinstance(meta, dict) or "generation" not in meta or "classes" not in meta:
+            raise ValueError("no generation and classes in it")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ZoolibError(f"{path} is unreadable ({exc}): it records which generation the "
+                          f"run's table comes from; delete the folder {run_dir} to start the "
+                          "run over, or choose another name") from exc
+    return meta
+
+
+def _open_run(run_dir: Path, name: str, loaded: inference.Loaded) -> None:
+    """Create or reopen a run's run.json, refusing to mix generations in one table."""
     meta = {"name": name, "generation": loaded.name, "classes": list(loaded.classes)}
-    run_json = run_dir / "run.json"
-    if run_json.exists():
-        old = json.loads(run_json.read_text())
+    if (run_dir / "run.json").exists():
+        old = _read_run_json(run_dir)
         if old.get("generation") != loaded.name:
             raise ZoolibError(f"bulk identification run {name!r} was made with "
                               f"{old.get('generation')}, not {loaded.name}: pass "
                               f"generation={old.get('generation')!r} to resume it or "
                               "choose another name")
     else:
-        (run_dir / "parts").mkdir(parents=True, exist_ok=True)
-        write_atomic(run_json, json.dumps(meta, indent=2))
-    return run_dir
+        write_atomic(run_dir / "run.json", json.dumps(meta, indent=2))
+
+
+def _recover(run_dir: Path) -> set[str]:
+    """Clean up after a killed run of this folder (under its lock); the paths done.
+
+    Temporaries of dead processes are removed; a table file that cannot be read is
+    set aside (`_set_aside`), so its images are identified again; parts left by a
+    run that never merged are merged into results.parquet. Each is said.
+    """
+    remove_dead_temps(run_dir)
+    remove_dead_temps(run_dir / "parts")
+    done = set(_read_table(run_dir, on_corrupt=_set_aside).column("path").to_pylist())
+    parts = sorted((run_dir / "parts").glob("part-*.parquet"))
+    if parts:
+        _consolidate(run_dir)
+        print(f"merged {len(parts)} part(s) left by an interrupted run into "
+              f"{run_dir / 'results.parquet'}")
+    return done
+
+
+def _set_aside(path: Path, exc: Exception) -> None:
+    """Rename an unreadable table file `<name>.corrupt-<UTC time>` in the run folder
+    (never deleted: it may still be recovered by hand), saying so."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    run_dir = path.parent.parent if path.parent.name == "parts" else path.parent
+    target = run_dir / f"{path.name}.corrupt-{stamp}"
+    path.replace(target)
+    print(f"{path} is not a readable results table ({exc}): renamed it {target.name}; "
+          "the images it held are identified again")
 
 
 def _default_workers(cuda: bool) -> int:
@@ -294,7 +492,7 @@ def _default_workers(cuda: bool) -> int:
 def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[str],
              batch_size: int, num_workers: int | None, progress: bool,
              on_batch: Callable[[int, int], None] | None,
-             ref: torch.Tensor | None) -> None:
+             ref: torch.Tensor | None, refused: dict[str, str] | None = None) -> None:
     """Stream `todo` through the model, flushing parts; always leaves a merged table."""
     cuda = loaded.device.type == "cuda"
     workers = _default_workers(cuda) if num_workers is None else int(num_workers)
@@ -304,7 +502,8 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
     per_read = batch_size * (_read_batches(batch_size, loaded.info["img_size"])
                              if workers == 0 else 1)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(todo, loaded.info["img_size"], loaded.info.get("interpolation", "bilinear")),
+        ImageFiles(todo, loaded.info["img_size"], loaded.info.get("interpolation", "bilinear"),
+                   refused),
         batch_size=per_read, shuffle=False,
         num_workers=workers, pin_memory=cuda, persistent_workers=False)
     writer = _PartWriter(run_dir, _schema(loaded))
@@ -349,24 +548,19 @@ def _scores(loaded: inference.Loaded, x: torch.Tensor,
             ref: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Probabilities, top-5, margin, entropy, energy, kNN distance and embeddings of a batch.
 
-    The same calls as `inference.forward`, but keeping the logits (the energy
-    score needs them) and computing every score on the model's device, so a
-    batch costs one transfer back and no small CPU operations.
+    One pass of the loaded runtime (`inference.outputs`), keeping the logits
+    (the energy score needs them) and computing every score on the model's
+    device, so a batch costs one transfer back and no small CPU operations.
     """
-    model = loaded.model
-    if ref is not None:  # one pass gives the stage maps the knn score needs too
-        final, near = neighbours.features(model, x)
-    else:
-        final = model.forward_features(x)
-    feats = model.forward_head(final, pre_logits=True)
-    logits = model.get_classifier()(feats).float()
-    probs = logits.softmax(dim=1)
+    # With knn, the one pass gives the pooled stage features the score needs too.
+    heads = inference.outputs(loaded, x, stage=ref is not None)
+    probs, logits, feats = heads["probs"], heads["logits"], heads["embedding"]
     top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
     out = {"top_p": top_p, "top_i": top_i, "margin": top_p[:, 0] - top_p[:, 1],
            "entropy": -(probs * probs.clamp_min(1e-12).log()).sum(dim=1),
            "ood": -torch.logsumexp(logits, dim=1), "emb": feats.to(torch.float16)}
     if ref is not None:
-        out["knn"] = neighbours.kth_distance(ref, near)
+        out["knn"] = neighbours.kth_distance(ref, heads["stage"])
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
@@ -538,9 +732,63 @@ def _consolidate(run_dir: Path) -> None:
         p.unlink()
 
 
-def _read_table(run_dir: Path) -> pa.Table:
+def _read_source(path: Path) -> pa.Table:
+    """One table file (results.parquet or a part) in SCHEMA's layout.
+
+    Raises:
+        FileNotFoundError: the file is gone (merged by the run meanwhile).
+        ValueError: it is not a readable results table (with what is wrong).
+    """
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as exc:  # ArrowInvalid: "Parquet magic bytes not found", ...
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    missing = [c for c in RESULT_COLUMNS if c not in table.schema.names and c != "knn"]
+    if missing:
+        raise ValueError(f"it lacks the column(s) {', '.join(missing)}")
+    return _upgrade(table)
+
+
+def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None]
+                  ) -> list[pa.Table]:
+    """The tables of `_sources`, calling `on_corrupt` for each unreadable one.
+
+    A file that vanishes while being read was merged by the run meanwhile: the
+    list is read again (a few times at most), so a reader never sees a half set.
+    """
+    attempts = 5
+    while True:
+        try:
+            tables = [_read_or_report(p, on_corrupt) for p in _sources(run_dir)]
+            return [t for t in tables if t is not None]
+        except FileNotFoundError:
+            attempts -= 1
+            if not attempts:
+                raise
+
+
+def _read_or_report(path: Path, on_corrupt: Callable[[Path, Exception], None]
+                    ) -> pa.Table | None:
+    try:
+        return _read_source(path)
+    except ValueError as exc:
+        on_corrupt(path, exc)
+        return None
+
+
+def _refuse_corrupt(path: Path, exc: Exception) -> None:
+    """`on_corrupt` for readers: a ZoolibError naming the file and what to do."""
+    run_dir = path.parent.parent if path.parent.name == "parts" else path.parent
+    raise ZoolibError(f"{path} is not a readable results table ({exc}): run bulk "
+                      f"identification again with name={run_dir.name!r} to set it aside "
+                      f"(renamed {path.name}.corrupt-<time>) and identify its images again, "
+                      f"or delete the folder {run_dir} to start the run over") from exc
+
+
+def _read_table(run_dir: Path, on_corrupt: Callable[[Path, Exception], None] = _refuse_corrupt
+                ) -> pa.Table:
     """results.parquet plus any parts (a run interrupted hard), one row per path."""
-    tables = [_upgrade(pq.read_table(p)) for p in _sources(run_dir)]
+    tables = _read_sources(run_dir, on_corrupt)
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
@@ -568,14 +816,15 @@ def load_results(workspace, name: str) -> pd.DataFrame:
         generation and classes (the generation's ordered class list).
 
     Raises:
-        ZoolibError: no run of that name (the existing ones are listed).
+        ZoolibError: no run of that name (the existing ones are listed), or a file
+            of the run that cannot be read (named, with what to do).
     """
     ws = open_workspace(workspace)
     run_dir = ws.bulkid / str(name)
     if not (run_dir / "run.json").exists():
         have = ", ".join(runs(ws)) or "none"
         raise ZoolibError(f"no bulk identification run {name!r} in {ws.bulkid} (runs: {have})")
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = _read_run_json(run_dir)
     table = _read_table(run_dir).select(RESULT_COLUMNS)
     frame = table.drop_columns(["embedding"]).to_pandas()
     frame.insert(RESULT_COLUMNS.index("embedding"), "embedding",

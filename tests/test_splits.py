@@ -141,3 +141,48 @@ def test_split_shares_cannot_change_once_in_use(demo_ws):
         splits.set_fractions(demo_ws, {"train": 0.9, "valid": 0.1, "test": 0.0, "benchmark": 0.0})
     with pytest.raises(ZoolibError, match="add up to 1"):
         splits.set_fractions(demo_ws, {"train": 0.5, "valid": 0.1, "test": 0.0, "benchmark": 0.0})
+
+
+GARBAGE = {
+    "binary": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe garbage",
+    "empty": b"",
+    "other table": b"name,size\nlion.jpg,12\n",
+    "bad hashes": b"hash,path,label,added\nnot-a-hash,lion/a.jpg,lion,2026\n",
+}
+
+
+@pytest.mark.parametrize("kind", GARBAGE)
+def test_a_damaged_benchmark_is_named_with_what_to_do(demo_ws, kind):
+    """Garbage in splits/benchmark.csv used to surface as KeyError: 'label'."""
+    m = library.scan(demo_ws, progress=False)
+    demo_ws.splits.mkdir(parents=True, exist_ok=True)
+    demo_ws.benchmark_csv.write_bytes(GARBAGE[kind])
+    pattern = (r"splits/benchmark.csv (is not a readable CSV|lacks the column|has 1 row).*"
+               r"restore it from a backup.*Deleting it freezes the benchmark again")
+    with pytest.raises(ZoolibError, match=pattern):
+        splits.read_benchmark(demo_ws)
+    with pytest.raises(ZoolibError, match=pattern):  # what training and curation call
+        splits.split_manifest(demo_ws, m, ["lion", "zebra"])
+    with pytest.raises(ZoolibError, match=pattern):
+        splits.freeze_benchmark(demo_ws, m, ["lion", "zebra"])
+    assert demo_ws.benchmark_csv.read_bytes() == GARBAGE[kind]  # left for the user to restore
+
+
+@pytest.mark.parametrize("kind", GARBAGE)
+def test_damaged_origins_and_shares_are_named_with_what_to_do(demo_ws, kind):
+    demo_ws.splits.mkdir(parents=True, exist_ok=True)
+    (demo_ws.splits / "origins.csv").write_bytes(GARBAGE[kind])
+    with pytest.raises(ZoolibError, match=r"splits/origins.csv .*Deleting it makes each "
+                                          "rotated or rewritten image"):
+        splits.split_key(demo_ws, pd.Series(["0" * 32]))
+    with pytest.raises(ZoolibError, match="splits/origins.csv"):
+        splits.record_rewrite(demo_ws, "0" * 32, "1" * 32, "lion/a.jpg")
+    (demo_ws.splits / "fractions.json").write_bytes(GARBAGE[kind])
+    with pytest.raises(ZoolibError, match=r"splits/fractions.json does not hold split shares "
+                                          r".*Deleting it falls back to the default shares"):
+        splits.workspace_fractions(demo_ws)
+    for valid_json in ('{"train": 0.9}', '["train"]',
+                       '{"train": "a", "valid": "b", "test": "c", "benchmark": "d"}'):
+        (demo_ws.splits / "fractions.json").write_text(valid_json)
+        with pytest.raises(ZoolibError, match="fractions.json does not hold split shares"):
+            splits.workspace_fractions(demo_ws)

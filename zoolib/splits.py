@@ -11,6 +11,8 @@ trains (`freeze_benchmark`): rows are only ever added, never changed.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -20,6 +22,22 @@ from .workspace import Workspace, ZoolibError, write_atomic
 SPLITS = ("train", "valid", "test", "benchmark")
 DEFAULT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.1, "benchmark": 0.1}
 _BUCKETS = 10_000
+_HASH = re.compile(r"^[0-9a-f]{16,}$")  # content hashes (`images.content_hash`): hex
+# What to do when a side file of splits/ is damaged, and what deleting it costs.
+_FRACTIONS_ADVICE = ("restore it from a backup (a discard may have moved it under _trash/). "
+                     "Deleting it falls back to the default shares "
+                     f"{DEFAULT_FRACTIONS}: if the workspace used other shares, that moves "
+                     "images between splits, and later generations may be tested on images "
+                     "earlier ones trained on")
+_ORIGINS_ADVICE = ("restore it from a backup (a discard may have moved it under _trash/). "
+                   "Deleting it makes each rotated or rewritten image take the split of its "
+                   "new content, which may move it from training to test or back")
+_BENCHMARK_ADVICE = ("restore it from a backup (a discard may have moved it under _trash/). "
+                     "Deleting it freezes the benchmark again when a generation next trains "
+                     "for real: drawn from today's library, it then also holds the images "
+                     "that joined the benchmark bucket since (test images until now), so "
+                     "benchmark figures of earlier generations no longer compare with later "
+                     "ones")
 
 
 def _check_fractions(fractions: dict[str, float]) -> list[tuple[str, int]]:
@@ -38,7 +56,15 @@ def _check_fractions(fractions: dict[str, float]) -> list[tuple[str, int]]:
 def workspace_fractions(ws: Workspace) -> dict[str, float]:
     """The split shares of a workspace: `splits/fractions.json`, else DEFAULT_FRACTIONS."""
     path = ws.splits / "fractions.json"
-    return json.loads(path.read_text()) if path.exists() else dict(DEFAULT_FRACTIONS)
+    if not path.exists():
+        return dict(DEFAULT_FRACTIONS)
+    try:
+        fractions = json.loads(path.read_bytes())
+        _check_fractions(fractions if isinstance(fractions, dict) else {})
+    except (ValueError, TypeError) as exc:  # ZoolibError, JSON and Unicode errors too
+        raise ZoolibError(f"{path} does not hold split shares ({exc}): "
+                          f"{_FRACTIONS_ADVICE}") from exc
+    return fractions
 
 
 def set_fractions(ws: Workspace, fractions: dict[str, float]) -> dict[str, float]:
@@ -72,12 +98,46 @@ def _origins_csv(ws: Workspace):
     return ws.splits / "origins.csv"
 
 
+def _read_side_table(path: Path, columns: list[str], hashes: list[str],
+                     advice: str) -> pd.DataFrame:
+    """A CSV side table of splits/, checked: its columns, and hex content hashes in
+    `hashes` columns.
+
+    Raises:
+        ZoolibError: the file cannot be parsed or lacks what it must hold, naming
+            it, what is wrong and `advice` (what to do, and what deleting it costs).
+    """
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except ValueError as exc:  # pandas' ParserError and UnicodeDecodeError are ValueErrors
+        raise ZoolibError(f"{path} is not a readable CSV table ({type(exc).__name__}: "
+                          f"{exc}): {advice}") from exc
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ZoolibError(f"{path} lacks the column(s) {', '.join(missing)} (it should have "
+                          f"{', '.join(columns)}): {advice}")
+    for col in hashes:
+        bad = table.loc[~table[col].str.match(_HASH), col]
+        if len(bad):
+            raise ZoolibError(f"{path} has {len(bad)} row(s) whose {col} is not a content "
+                              f"hash (first: {bad.iloc[0][:40]!r}): {advice}")
+    return table
+
+
+def _read_origins_table(ws: Workspace) -> pd.DataFrame:
+    return _read_side_table(_origins_csv(ws), ORIGINS_COLUMNS, ["hash", "origin"],
+                            _ORIGINS_ADVICE)
+
+
 def read_origins(ws: Workspace) -> dict[str, str]:
-    """Rewritten contents: content hash -> the image's first hash (its split key)."""
-    path = _origins_csv(ws)
-    if not path.exists():
+    """Rewritten contents: content hash -> the image's first hash (its split key).
+
+    Raises:
+        ZoolibError: splits/origins.csv is damaged (named, with what to do).
+    """
+    if not _origins_csv(ws).exists():
         return {}
-    table = pd.read_csv(path, dtype=str)
+    table = _read_origins_table(ws)
     return dict(zip(table["hash"], table["origin"]))
 
 
@@ -92,7 +152,7 @@ def record_rewrite(ws: Workspace, old_hash: str, new_hash: str, path: str) -> st
     if new_hash == origin:  # rewritten back to its first bytes (an undo)
         return origin
     path_csv = _origins_csv(ws)
-    table = (pd.read_csv(path_csv, dtype=str) if path_csv.exists()
+    table = (_read_origins_table(ws) if path_csv.exists()
              else pd.DataFrame(columns=ORIGINS_COLUMNS))
     row = {"hash": new_hash, "origin": origin, "path": path,
            "time": pd.Timestamp.now(tz="UTC").isoformat()}
@@ -143,10 +203,19 @@ def read_benchmark(ws: Workspace) -> pd.DataFrame:
     Returns:
         Columns hash (the split key: see `split_key`), path, label, added (UTC
         timestamp of the freeze).
+
+    Raises:
+        ZoolibError: splits/benchmark.csv is damaged (named, with what is wrong
+            and what to do).
     """
     if not ws.benchmark_csv.exists():
         return pd.DataFrame(columns=BENCHMARK_COLUMNS)
-    return pd.read_csv(ws.benchmark_csv, dtype=str)
+    table = _read_side_table(ws.benchmark_csv, BENCHMARK_COLUMNS, ["hash"], _BENCHMARK_ADVICE)
+    empty = table["label"] == ""
+    if empty.any():
+        raise ZoolibError(f"{ws.benchmark_csv} has {int(empty.sum())} row(s) without a label: "
+                          f"{_BENCHMARK_ADVICE}")
+    return table
 
 
 def freeze_benchmark(ws: Workspace, manifest: pd.DataFrame, classes: list[str],

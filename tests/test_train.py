@@ -12,10 +12,29 @@ from filelock import FileLock
 from PIL import Image
 
 from zoolib import demo, evaluate, models, workspace
-from zoolib.train import INPROGRESS, TrainConfig, train
+from zoolib import train as train_module
+from zoolib.train import INPROGRESS, SAVING, TrainConfig, train
 from zoolib.workspace import ZoolibError
 
 from .conftest import TINY
+from .test_models import dead_pid
+
+COLOUR_TINY = {**TINY, "batch_size": 8, "min_images": 10}  # 7 batches an epoch
+
+
+def colour_workspace(root):
+    """Three colour classes of 24 tiny images (and an inbox file): 4 epochs of
+    COLOUR_TINY train in well under a second."""
+    ws = workspace.create(root)
+    rng = np.random.default_rng(0)
+    for cls, colour in {"red": (200, 40, 40), "green": (40, 200, 40),
+                        "blue": (40, 40, 200)}.items():
+        (ws.library / cls).mkdir()
+        for i in range(24):
+            px = np.clip(np.array(colour) + rng.normal(0, 50, (32, 32, 3)), 0, 255)
+            Image.fromarray(px.astype(np.uint8)).save(ws.library / cls / f"{i:02d}.png")
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(ws.inbox / "new.png")  # a user file too
+    return ws
 
 
 def test_scratch_generation_saved_with_its_record(trained_ws, truth):
@@ -215,6 +234,79 @@ def test_a_crash_after_the_last_epoch_still_saves_the_kept_weights(demo_ws):
     assert not torch.equal(model.state_dict()["head.weight"], grab.saved[4]["head.weight"])
 
 
+@pytest.fixture
+def colour_ws(tmp_path):
+    """Three classes of 24 tiny images: a run of COLOUR_TINY takes well under a second."""
+    return colour_workspace(tmp_path / "colours")
+
+
+def _interrupted(ws, cfg, epochs_done):
+    """Interrupt a run after `epochs_done` epochs; its folder."""
+    with pytest.raises(_Stop):
+        train(ws, cfg, progress=False, extra_cbs=[_InterruptAfter(epochs_done)])
+    (state,) = (ws.models / INPROGRESS).glob("*/state.json")
+    return state.parent
+
+
+def test_a_run_killed_while_writing_its_checkpoint_starts_again(colour_ws, capsys):
+    cfg = TrainConfig(**{**COLOUR_TINY, "patience": 5})
+    whole = train(colour_ws, cfg, progress=False)
+    run_dir = _interrupted(colour_ws, cfg, 1)
+    # As a kill inside Checkpoint leaves it: the mark up, last.pth cut short.
+    (run_dir / SAVING).write_text("2")
+    last = run_dir / "checkpoint" / "last.pth"
+    last.write_bytes(last.read_bytes()[:1000])
+    capsys.readouterr()
+    r = train(colour_ws, cfg, progress=False)
+    said = capsys.readouterr().out
+    assert "cannot resume the interrupted run" in said and "from epoch 1" in said
+    assert "resuming" not in said
+    assert r.history.to_dict("records") == whole.history.to_dict("records")  # all redone
+
+
+def test_a_damaged_checkpoint_without_the_mark_is_named(colour_ws):
+    cfg = TrainConfig(**COLOUR_TINY)
+    run_dir = _interrupted(colour_ws, cfg, 1)
+    (run_dir / "checkpoint" / "last.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(ZoolibError, match=r"checkpoint/last.pth is unreadable .*set "
+                                          "RESUME=False"):
+        train(colour_ws, cfg, progress=False)
+    (run_dir / "state.json").write_bytes(b"{not json")
+    r = train(colour_ws, cfg, progress=False)  # an unreadable state: started again
+    assert r.history["epoch"].tolist() == [1, 2]
+
+
+def test_dead_temporaries_of_an_interrupted_run_are_removed(colour_ws, capsys):
+    cfg = TrainConfig(**COLOUR_TINY)
+    run_dir = _interrupted(colour_ws, cfg, 1)
+    kept = run_dir / "checkpoint" / f".kept.pth.{dead_pid()}-1.tmp"  # a kill in write_atomic
+    kept.write_bytes(b"half")
+    done = colour_ws.models / INPROGRESS / f".0123456789abcdef.{dead_pid()}-done.tmp"
+    (done / "checkpoint").mkdir(parents=True)  # a finished run killed while removing its folder
+    capsys.readouterr()
+    train(colour_ws, cfg, progress=False)
+    said = capsys.readouterr().out
+    assert kept.name in said and done.name in said and "resuming" in said
+    assert not (colour_ws.models / INPROGRESS).exists()
+
+
+def test_a_run_killed_after_saving_is_not_trained_again(colour_ws, monkeypatch, capsys):
+    cfg = TrainConfig(**COLOUR_TINY)
+    monkeypatch.setattr(train_module, "_discard_run", lambda run_dir: None)  # killed there
+    first = train(colour_ws, cfg, progress=False)
+    monkeypatch.undo()
+    (run_dir,) = (colour_ws.models / INPROGRESS).iterdir()
+    attempt = json.loads((run_dir / "run.json").read_text())["attempt"]
+    assert first.info["run_attempt"] == attempt
+    capsys.readouterr()
+    again = train(colour_ws, cfg, progress=False)
+    assert "this run was saved as gen-0001 before it was interrupted" in capsys.readouterr().out
+    assert again.name == "gen-0001" and models.generation_names(colour_ws) == ["gen-0001"]
+    assert again.history.to_dict("records") == first.history.to_dict("records")
+    assert not (colour_ws.models / INPROGRESS).exists()
+    assert train(colour_ws, cfg, progress=False).name == "gen-0002"  # a new run trains anew
+
+
 class _FrozenCheck(Callback):
     """The head before training, all weights after epoch 1, the lrs of epoch 2's first batch."""
     order = 96
@@ -300,7 +392,7 @@ def test_missing_workspace(tmp_path):
 def test_class_folder_name_that_is_not_plain(demo_ws):
     bad = demo_ws.library / "lion\x07bell"
     (demo_ws.library / "lion").rename(bad)
-    with pytest.raises(ZoolibError, match="not a plain folder name: contains control"):
+    with pytest.raises(ZoolibError, match="not a plain name: contains control"):
         train(demo_ws, TrainConfig(**TINY), progress=False)
 
 

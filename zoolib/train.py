@@ -26,14 +26,21 @@ makes the body and the new output layer two parameter groups, so fastai's
 too), then the whole model trains with the body at `lr_warm / lr_mult`.
 
 Each epoch is checkpointed under `models/_inprogress/`, so an interrupted run
-resumes where it stopped when started again with the same settings.
+resumes where it stopped when started again with the same settings. A run
+killed while writing its checkpoint (a `saving` file marks the folder for the
+time the epoch's files are written) starts again from epoch 1 instead, saying so.
+A run killed after saving its generation but before removing its folder is
+not trained again: its run.json carries an id (`attempt`) that the saved
+model.json repeats (`run_attempt`), and the next start finds it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -58,6 +65,7 @@ from .workspace import (Workspace, ZoolibError, check_class_name, class_folders,
 
 INPROGRESS = "_inprogress"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAVING = "saving"  # in a run folder while an epoch's checkpoint files are being written
 
 
 @dataclass
@@ -335,14 +343,86 @@ def _exclusive(run_dir: Path):
 
 
 def _run_dir(run_dir: Path, run_key: dict, resume: bool) -> dict | None:
-    """Prepare the run folder; the saved state when it holds an interrupted run to resume."""
+    """Prepare the run folder; the saved state when it holds an interrupted run to resume.
+
+    A folder that cannot be resumed (see `_unresumable`) is started again from
+    epoch 1, saying why; temporaries of a killed process in it are removed.
+    """
     saved = run_dir / "run.json"
     if resume and saved.exists() and (run_dir / "state.json").exists():
-        return json.loads((run_dir / "state.json").read_text())
+        problem = _unresumable(run_dir)
+        if problem is None:
+            models.remove_dead_temps(run_dir)
+            models.remove_dead_temps(run_dir / "checkpoint")
+            return json.loads((run_dir / "state.json").read_text())
+        print(f"cannot resume the interrupted run in {run_dir}: {problem}; "
+              "starting it again from epoch 1")
     shutil.rmtree(run_dir, ignore_errors=True)
     (run_dir / "checkpoint").mkdir(parents=True)
-    write_atomic(saved, json.dumps(run_key, indent=2, default=str))
+    record = {**run_key, "attempt": uuid.uuid4().hex}
+    write_atomic(saved, json.dumps(record, indent=2, default=str))
     return None
+
+
+def _unresumable(run_dir: Path) -> str | None:
+    """Why an interrupted run's folder cannot be resumed, or None when it can."""
+    if (run_dir / SAVING).exists():
+        return ("it was stopped while writing an epoch's checkpoint, so the checkpoint "
+                "files may come from two epochs or be cut short")
+    try:
+        state = json.loads((run_dir / "state.json").read_bytes())
+        int(state["epochs_done"]), list(state["history"]), dict(state["schedule"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"its state.json is unreadable ({type(exc).__name__}: {exc})"
+    if not (run_dir / "checkpoint" / "last.pth").exists():
+        return "its checkpoint/last.pth is missing"
+    return None
+
+
+def _attempt(run_dir: Path) -> str | None:
+    """The id of the run attempt in a run folder (None for a folder of older zoolib)."""
+    try:
+        return json.loads((run_dir / "run.json").read_bytes()).get("attempt")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _saved_as(ws: Workspace, run_dir: Path) -> str | None:
+    """The generation an interrupted run was saved as before it could remove its folder."""
+    attempt = _attempt(run_dir) if run_dir.is_dir() else None
+    if attempt is None:
+        return None
+    for name in reversed(models.generation_names(ws)):
+        if models.read_info(ws, name).get("run_attempt") == attempt:
+            return name
+    return None
+
+
+def _discard_run(run_dir: Path) -> None:
+    """Remove a finished run's folder: renamed first (atomic), so a kill part-way
+    through the removal leaves a dead temporary (`models.remove_dead_temps` cleans
+    it), never a folder that looks like a run to resume."""
+    if not run_dir.exists():
+        return
+    dead = run_dir.with_name(f".{run_dir.name}.{os.getpid()}-done.tmp")
+    run_dir.rename(dead)
+    shutil.rmtree(dead, ignore_errors=True)
+
+
+class _MarkedCheckpoint(Checkpoint):
+    """`Checkpoint` with the run folder marked (`SAVING`) while it writes.
+
+    `Checkpoint` writes the weights, random state and averaged weights in place,
+    then state.json: a kill in between leaves files of two epochs, or one cut
+    short, that no resume must load. The mark tells `_unresumable`. (kept.pth,
+    written before by the schedule, is atomic: a resume re-runs its epoch.)
+    """
+
+    def after_epoch(self):
+        mark = self.run_dir / SAVING
+        mark.write_text(str(self.epoch + 1))
+        super().after_epoch()
+        mark.unlink()
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -415,10 +495,24 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
                "init": init}
     run_dir = _run_path(ws, run_key)
     with _exclusive(run_dir):
+        models.remove_dead_temps(run_dir.parent)  # folders of finished runs killed mid-removal
+        saved = _saved_as(ws, run_dir) if cfg.resume else None
+        if saved is not None:
+            return _already_saved(ws, saved, run_dir, data)
         state = _run_dir(run_dir, run_key, cfg.resume)
         run = {"ws": ws, "cfg": cfg, "data": data, "classes": classes, "init": init,
-               "prep": prep, "precision": precision, "warm": warm, "state": state}
+               "prep": prep, "precision": precision, "warm": warm, "state": state,
+               "attempt": _attempt(run_dir)}
         return _fit(run, model, run_dir, progress, extra_cbs)
+
+
+def _already_saved(ws: Workspace, name: str, run_dir: Path, data: pd.DataFrame) -> TrainResult:
+    """The result of a run that saved `name` and was stopped before removing its folder."""
+    print(f"this run was saved as {name} before it was interrupted: removing its "
+          f"leftover folder {run_dir}")
+    _discard_run(run_dir)
+    history = pd.read_csv(ws.models / name / "history.csv")
+    return TrainResult(name=name, info=models.read_info(ws, name), history=history, splits=data)
 
 
 def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
@@ -437,14 +531,14 @@ def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
                             anneal_pct=cfg.anneal_pct, min_improvement=cfg.min_improvement,
                             progress=Progress(**state["schedule"]) if state else None,
                             on_kept=partial(_save_kept, ckpt))
-    cbs = [sched, Checkpoint(run_dir, history, lambda: asdict(sched.state)),
+    cbs = [sched, _MarkedCheckpoint(run_dir, history, lambda: asdict(sched.state)),
            SkipDone(start, ckpt / RNG_FILE),
            ChannelsLast(), *_precision_cbs(precision),
            *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
            *extra_cbs]
     learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs)
     if state:
-        learn.load("last", with_opt=True, weights_only=False)
+        _load_checkpoint(learn, run_dir)
         print(f"resuming an interrupted run after epoch {start}")
     started = time.perf_counter()
     with _quiet(learn, progress):
@@ -457,6 +551,17 @@ def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
     del learn
     release_memory()
     return result
+
+
+def _load_checkpoint(learn: Learner, run_dir: Path) -> None:
+    """Load the interrupted run's weights and optimizer, or say which file is damaged."""
+    try:
+        learn.load("last", with_opt=True, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise ZoolibError(f"{run_dir / 'checkpoint' / 'last.pth'} is unreadable "
+                          f"({type(exc).__name__}: {exc}): the interrupted run cannot resume; "
+                          f"set RESUME=False (or delete {run_dir}) to train it again from "
+                          "epoch 1") from exc
 
 
 def _save_kept(ckpt: Path, learn: Learner) -> None:
@@ -506,8 +611,9 @@ def _finish(model: torch.nn.Module, run: dict, run_dir: Path) -> TrainResult:
             "train_images_per_s": round(n_train * trained_epochs / max(run["seconds"], 1e-9), 1),
         },
         "finished_at": datetime.now(timezone.utc).isoformat(),
+        "run_attempt": run["attempt"],  # so a kill before the cleanup is not trained again
     }
     name = models.save_generation(ws, model, info, hist,
                                   splits=data[["hash", "path", "label", "split"]])
-    shutil.rmtree(run_dir, ignore_errors=True)
+    _discard_run(run_dir)
     return TrainResult(name=name, info=models.read_info(ws, name), history=hist, splits=data)

@@ -1,12 +1,26 @@
-"""Plain-torch inference with a generation's own preprocessing (no fastai).
+"""Inference with a generation's own preprocessing (no fastai), in one of two runtimes.
 
 Bulk identification and serving use this module: it starts fast, and it applies
 exactly what `model.json` records (input size, squish resize, bilinear
 interpolation and normalisation) to upright RGB images, as training did.
+
+Runtimes (RUNTIMES), chosen when a generation is loaded:
+
+- "torch": the timm model in PyTorch, on the CPU or a GPU.
+- "onnx": the same computation (`Heads`) exported once to
+  `models/<gen>/model.onnx` and run by ONNX Runtime on the CPU (see
+  `zoolib.onnx_export`); needs the `onnx` extra (`pip install -e '.[onnx]'`).
+- "onnx-int8": that graph with dynamically quantised int8 weights
+  (`model.int8.onnx`); its accuracy is not checked at export: measure it first.
+
+Bulk identification and serving take DEFAULT_RUNTIME when given no runtime,
+and the torch runtime on a GPU (ONNX Runtime runs here on the CPU only). Every
+other caller of `load` (evaluation, cleaning, curation) gets torch unless it asks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,29 +28,90 @@ from PIL import Image
 
 from .images import squish
 from .models import load_generation, resolve_generation
-from .workspace import Workspace
+from .workspace import Workspace, ZoolibError
+
+if TYPE_CHECKING:  # onnx_export is imported only when an ONNX runtime is asked for
+    from .onnx_export import OnnxModel
+
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+# Bulk identification's and serving's runtime when none is given (to be set by measurement).
+DEFAULT_RUNTIME = "torch"
 
 
 @dataclass
 class Loaded:
-    """A generation ready for inference."""
+    """A generation ready for inference.
+
+    Attributes:
+        name: the generation.
+        model: its torch model (kept with every runtime: the knn reference and
+            the ONNX export are computed with it).
+        info: its model.json.
+        device: where inputs go (the CPU for the ONNX runtimes).
+        runtime: one of RUNTIMES.
+        onnx: the exported graph and its sessions (ONNX runtimes only).
+    """
 
     name: str
     model: torch.nn.Module
     info: dict
     device: torch.device
+    runtime: str = "torch"
+    onnx: OnnxModel | None = None
 
     @property
     def classes(self) -> list[str]:
         return self.info["classes"]
 
 
-def load(ws: Workspace, name: str = "last", device: str | None = None) -> Loaded:
-    """Load a generation (a name, or "last") in eval mode on `device` (auto by default)."""
+def resolve_runtime(runtime: str | None, device: str | None = None) -> str:
+    """The runtime to use: `runtime`, or DEFAULT_RUNTIME when None (torch on a GPU).
+
+    Raises:
+        ZoolibError: an unknown runtime (the known ones are listed).
+    """
+    if runtime is None:
+        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"
+        return "torch" if on_gpu else DEFAULT_RUNTIME
+    if runtime not in RUNTIMES:
+        raise ZoolibError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))}, "
+                          f"not {runtime!r}")
+    return runtime
+
+
+def load(ws: Workspace, name: str = "last", device: str | None = None,
+         runtime: str = "torch") -> Loaded:
+    """Load a generation (a name, or "last") for inference.
+
+    Args:
+        ws: the workspace.
+        name: a generation name, or "last" (throw-away runs included).
+        device: torch device ("cpu", "cuda"); auto by default (the CPU for ONNX).
+        runtime: one of RUNTIMES; an ONNX one exports the generation on first use
+            (see `zoolib.onnx_export`) and runs on the CPU.
+
+    Raises:
+        ZoolibError: unknown generation or runtime; an ONNX runtime on a GPU
+            device, without its packages installed, or whose export fails its
+            parity check.
+    """
+    runtime = resolve_runtime(runtime, device)
+    if runtime != "torch":
+        if device not in (None, "cpu"):
+            raise ZoolibError(f"runtime={runtime!r} runs on the CPU only, not device="
+                              f"{device!r}: use runtime='torch' on a GPU")
+        from . import onnx_export
+
+        onnx_export.require()  # before the model loads: a missing package fails fast
+        device = "cpu"
     name = resolve_generation(ws, name, include_throwaway=True)
     model, info = load_generation(ws, name)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Loaded(name, model.to(dev).eval(), info, dev)
+    loaded = Loaded(name, model.to(dev).eval(), info, dev, runtime)
+    if runtime != "torch":
+        loaded.onnx = onnx_export.open_model(ws, name, loaded.model, info,
+                                             int8=runtime == "onnx-int8")
+    return loaded
 
 
 def to_tensor(img: Image.Image, info: dict) -> torch.Tensor:
@@ -50,14 +125,72 @@ def to_tensor(img: Image.Image, info: dict) -> torch.Tensor:
     return (t - mean) / std
 
 
+class Heads(torch.nn.Module):
+    """What one forward pass of a generation gives, the same for every runtime.
+
+    The torch runtime calls it; the ONNX export is this module traced, its
+    outputs named `onnx_export.OUTPUTS` in this order.
+
+    Args:
+        model: the timm model.
+        stage: also return the pooled stage features of the knn score
+            (`neighbours.features`); without them the pass skips
+            `forward_intermediates`.
+
+    Returns (from forward):
+        (probs, logits, embedding) and, with `stage`, the pooled stage rows:
+        probabilities are the float32 softmax of the logits; embedding is the
+        pre-logit features.
+    """
+
+    def __init__(self, model: torch.nn.Module, stage: bool = True):
+        super().__init__()
+        from . import neighbours  # imported here: neighbours imports this module
+
+        self.model, self.stage, self._features = model, stage, neighbours.features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.stage:
+            final, near = self._features(self.model, x)
+        else:
+            final = self.model.forward_features(x)
+        emb = self.model.forward_head(final, pre_logits=True)
+        logits = self.model.get_classifier()(emb).float()
+        probs = logits.softmax(dim=1)
+        return (probs, logits, emb, near) if self.stage else (probs, logits, emb)
+
+
+@torch.inference_mode()
+def outputs(loaded: Loaded, batch: torch.Tensor, stage: bool = False
+            ) -> dict[str, torch.Tensor]:
+    """One forward pass of a normalised NCHW batch, with the loaded runtime.
+
+    Returns:
+        {"probs", "logits", "embedding"} and, with `stage`, "stage" (the pooled
+        stage features of the knn score): on the model's device for torch, on
+        the CPU for ONNX.
+    """
+    if loaded.onnx is not None:
+        names = ("probs", "logits", "embedding", "stage") if stage else (
+            "probs", "logits", "embedding")
+        return loaded.onnx.run(batch, names)
+    x = batch.to(loaded.device, non_blocking=True)
+    if x.device.type == "cpu" and x.dim() == 4:
+        # oneDNN's convolutions run much faster on channels-last memory (resnet18
+        # 1.5x at 224 px, inception_v4 1.6x at 299 px), for the same values up to
+        # float rounding.
+        x = x.contiguous(memory_format=torch.channels_last)
+    values = Heads(loaded.model, stage=stage)(x)
+    return dict(zip(("probs", "logits", "embedding", "stage"), values))
+
+
 @torch.inference_mode()
 def forward(loaded: Loaded, batch: torch.Tensor, tta: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities and pre-logit embeddings of a batch (both on CPU).
 
-    On a CPU the batch is given to the model in channels-last memory order:
-    oneDNN's convolutions run much faster on it (resnet18 1.5x at 224 px,
-    inception_v4 1.6x at 299 px), for the same values up to float rounding.
+    On a CPU the torch runtime gives the model the batch in channels-last memory
+    order (see `outputs`).
 
     Args:
         loaded: the generation.
@@ -66,17 +199,9 @@ def forward(loaded: Loaded, batch: torch.Tensor, tta: bool = False
             (probabilities and embeddings): test-time augmentation with the flip
             training used, for twice the compute.
     """
-    x = batch.to(loaded.device, non_blocking=True)
-    if x.device.type == "cpu" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    probs, feats = _probs_and_features(loaded.model, x)
+    out = outputs(loaded, batch)
+    probs, feats = out["probs"], out["embedding"]
     if tta:
-        flipped = _probs_and_features(loaded.model, x.flip(3))
-        probs, feats = (probs + flipped[0]) / 2, (feats + flipped[1]) / 2
+        flipped = outputs(loaded, batch.flip(3))
+        probs, feats = (probs + flipped["probs"]) / 2, (feats + flipped["embedding"]) / 2
     return probs.float().cpu(), feats.float().cpu()
-
-
-def _probs_and_features(model: torch.nn.Module, x: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    feats = model.forward_head(model.forward_features(x), pre_logits=True)
-    return model.get_classifier()(feats).softmax(dim=1), feats

@@ -1,0 +1,298 @@
+"""A generation exported to ONNX, checked against PyTorch, and run by ONNX Runtime.
+
+The graph is written once per generation, beside its weights, on first use:
+`models/<gen>/model.onnx` (and `model.int8.onnx` for the dynamically quantised
+variant). It is a derived file: deleting it only costs a new export.
+
+- What it computes: `inference.Heads`, the same module the torch runtime runs,
+  so both runtimes give the same four outputs (OUTPUTS): class probabilities,
+  logits (the energy score), the pre-logit embedding ("more like this") and the
+  pooled stage features of the knn score (`neighbours.features`). The batch
+  axis is dynamic.
+- How: PyTorch's TorchScript exporter (`torch.onnx.export(dynamo=False)`); it
+  needs the `onnx` package but not onnxscript, keeping the `onnx` extra small.
+- Checked: before the file is kept, ONNX Runtime runs it on SAMPLE_SIZE
+  deterministic random normalised images and every output is compared with
+  PyTorch's; a difference over PARITY_TOLERANCE (probabilities: max abs; the
+  others: max abs over their largest magnitude, at least 1) is a ZoolibError
+  and no file is left. The graph is traced on 2 images and checked on 8, so a
+  batch size baked into the trace is caught too.
+- Written with `write_atomic` under a file lock (`.model.onnx.lock`): a
+  concurrent first use in another thread or process waits for the export and
+  uses it; a killed export leaves no half file.
+- The int8 variant (`quantize_dynamic`, int8 weights, activations quantised at
+  run time) is not held to the tolerance: its difference from PyTorch on the
+  sample is printed at export, and its accuracy must be measured before use.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from .workspace import Workspace, ZoolibError, write_atomic
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+INPUT = "input"
+OUTPUTS = ("probs", "logits", "embedding", "stage")
+PARITY_TOLERANCE = 1e-4
+SAMPLE_SIZE = 8
+OPSET = 17
+# ONNX Runtime's threads busy-wait for work between runs by default. Off: between
+# forward passes the same cores decode images (bulkid without workers, serving's
+# decode threads), and spinning threads would take their time.
+SPIN = False
+INSTALL = "pip install -e '.[onnx]' (in the zoolib checkout), or pip install onnxruntime onnx"
+
+_locks: dict[Path, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def require() -> None:
+    """Check that onnxruntime and onnx can be imported.
+
+    Raises:
+        ZoolibError: one is missing, with the command that installs them.
+    """
+    for package in ("onnxruntime", "onnx"):
+        try:
+            __import__(package)
+        except ImportError as exc:
+            raise ZoolibError(f"runtime='onnx' needs the {package} package, which is not "
+                              f"installed ({exc}): {INSTALL}; or use runtime='torch'") from exc
+
+
+class OnnxModel:
+    """A generation's exported graph and its ONNX Runtime sessions.
+
+    One session per intra-op thread count, made when first needed: the count
+    follows `torch.get_num_threads()` at each run (bulk identification lowers it
+    while decoding workers share the cores).
+
+    Args:
+        path: the .onnx file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._sessions: dict[int, onnxruntime.InferenceSession] = {}
+        self._lock = threading.Lock()
+
+    def session(self) -> onnxruntime.InferenceSession:
+        """The session for the current torch thread count (made on first use)."""
+        threads = torch.get_num_threads()
+        with self._lock:
+            if threads not in self._sessions:
+                self._sessions[threads] = new_session(self.path, threads)
+            return self._sessions[threads]
+
+    def run(self, x: torch.Tensor, names: tuple[str, ...] = OUTPUTS) -> dict[str, torch.Tensor]:
+        """The named outputs for a normalised NCHW float32 batch, as CPU tensors."""
+        # ONNX Runtime reads C-contiguous memory: a channels-last batch is copied once.
+        feed = {INPUT: np.ascontiguousarray(x.detach().cpu().float().numpy())}
+        values = self.session().run(list(names), feed)
+        return {n: torch.from_numpy(v) for n, v in zip(names, values)}
+
+
+def new_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session: `threads` intra-op threads, operators in sequence.
+
+    Raises:
+        ZoolibError: the file cannot be loaded (naming it).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPIN else "0")
+    opts.log_severity_level = 3  # errors only: its warnings are about the graph, not the user
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
+        raise ZoolibError(f"{path} cannot be loaded by ONNX Runtime "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
+def open_model(ws: Workspace, name: str, model: torch.nn.Module, info: dict,
+               int8: bool = False) -> OnnxModel:
+    """The generation's ONNX graph, exported and checked first if it is missing.
+
+    A file that ONNX Runtime cannot load, or whose input and outputs are not
+    those this version of zoolib exports (an older export), is exported again.
+
+    Args:
+        ws: the workspace.
+        name: the generation.
+        model: its torch model (eval mode, on the CPU).
+        info: its model.json.
+        int8: the dynamically quantised variant (model.int8.onnx).
+
+    Raises:
+        ZoolibError: onnxruntime or onnx is missing; the export fails or differs
+            from PyTorch by more than PARITY_TOLERANCE (no file is left).
+    """
+    require()
+    folder = ws.models / name
+    if int8:
+        _ensure(folder / FILE, info, lambda p: _write_checked(p, model, info, name))
+        return _ensure(folder / INT8_FILE, info,
+                       lambda p: _write_int8(folder / FILE, p, model, info, name))
+    return _ensure(folder / FILE, info, lambda p: _write_checked(p, model, info, name))
+
+
+def _ensure(path: Path, info: dict, write: Callable[[Path], None]) -> OnnxModel:
+    """The graph at `path` with its first session, written by `write` when missing or
+    stale, one writer at a time (see `_exclusive`)."""
+    with _exclusive(path):
+        found = _existing(path, info)
+        if found is not None:
+            return found
+        write(path)
+        onnx_model = OnnxModel(path)
+        onnx_model.session()  # load now: a broken file fails at load, not mid-run
+        return onnx_model
+
+
+def _existing(path: Path, info: dict) -> OnnxModel | None:
+    """The graph at `path` if it loads and has the expected input and outputs; a stale
+    or broken one is removed (it is derived: exported again from the weights)."""
+    if not path.exists():
+        return None
+    onnx_model = OnnxModel(path)
+    try:
+        session = onnx_model.session()
+    except ZoolibError as exc:
+        problem = str(exc)
+    else:
+        inputs, size = session.get_inputs(), int(info["img_size"])
+        if (len(inputs) == 1 and inputs[0].name == INPUT
+                and list(inputs[0].shape[1:]) == [3, size, size]
+                and tuple(o.name for o in session.get_outputs()) == OUTPUTS):
+            return onnx_model
+        problem = "its input or outputs are not those this zoolib exports"
+    print(f"{path}: {problem}; exporting it again")
+    path.unlink()
+    return None
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One writer of `path` at a time, across threads and processes.
+
+    A file lock (`.<name>.lock`, hidden, left in place) for other processes,
+    and a lock per path for this process's threads (a flock taken on a fresh
+    file handle per thread would do on Linux, but not on every system).
+    """
+    with _locks_guard:
+        local = _locks.setdefault(path, threading.Lock())
+    with local, FileLock(path.with_name(f".{path.name}.lock")):
+        yield
+
+
+def sample(info: dict, n: int = SAMPLE_SIZE) -> torch.Tensor:
+    """`n` deterministic random normalised images at the generation's input size."""
+    size = int(info["img_size"])
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def export(model: torch.nn.Module, info: dict, path: str | Path) -> None:
+    """Write `inference.Heads(model)` as an ONNX graph with a dynamic batch axis (unchecked)."""
+    from .inference import Heads  # inference imports this module when a runtime needs it
+
+    heads = Heads(model.cpu().eval(), stage=True).eval()
+    axes = {k: {0: "batch"} for k in (INPUT, *OUTPUTS)}
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter is deprecated in favour of dynamo, which needs
+        # onnxscript; it still exports timm's CNNs exactly (checked by parity).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(heads, (sample(info, 2),), str(path), dynamo=False,
+                          input_names=[INPUT], output_names=list(OUTPUTS), dynamic_axes=axes,
+                          opset_version=OPSET, do_constant_folding=True)
+
+
+@torch.inference_mode()
+def differences(model: torch.nn.Module, path: str | Path, info: dict
+                ) -> dict[str, float]:
+    """Per output, how far ONNX Runtime's values are from PyTorch's on `sample(info)`.
+
+    Probabilities: the max absolute difference. The other outputs: the max
+    absolute difference over max(1, the largest magnitude of PyTorch's values),
+    as their scale is the model's own.
+    """
+    from .inference import Heads
+
+    x = sample(info)
+    ref = dict(zip(OUTPUTS, Heads(model.cpu().eval(), stage=True)(x)))
+    got = OnnxModel(Path(path)).run(x)
+    out = {}
+    for name in OUTPUTS:
+        diff = float((got[name].float() - ref[name].float()).abs().max())
+        scale = 1.0 if name == "probs" else max(1.0, float(ref[name].abs().max()))
+        out[name] = diff / scale
+    return out
+
+
+def _write_checked(path: Path, model: torch.nn.Module, info: dict, name: str) -> None:
+    """Export to a temporary file, check parity there, and only then rename it into place."""
+
+    def write(tmp: Path) -> None:
+        try:
+            export(model, info, tmp)
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            raise ZoolibError(f"cannot export generation {name} ({info.get('arch')}) to "
+                              f"ONNX: {type(exc).__name__}: {exc}; use runtime='torch'") from exc
+        measured = differences(model, tmp, info)
+        worst = max(measured, key=measured.get)
+        if measured[worst] > PARITY_TOLERANCE:
+            raise ZoolibError(
+                f"the ONNX export of generation {name} differs from PyTorch by "
+                f"{measured[worst]:.3g} in {worst!r} on {SAMPLE_SIZE} sample images (tolerance "
+                f"{PARITY_TOLERANCE:g}; all outputs: {_format(measured)}); {path.name} was not "
+                "kept: use runtime='torch' for this generation")
+        print(f"exported {name} to {path} (largest difference from PyTorch on {SAMPLE_SIZE} "
+              f"sample images: {_format(measured)})")
+
+    write_atomic(path, write=write)
+
+
+def _write_int8(source: Path, path: Path, model: torch.nn.Module, info: dict,
+                name: str) -> None:
+    """Quantise the checked float graph dynamically (int8 weights) into `path`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    def write(tmp: Path) -> None:
+        # Pre-processing folds the Identity nodes the exporter puts in front of shared
+        # weights; the quantiser refuses a Conv whose weight is not an initializer.
+        # (A name of write_atomic's pattern: a killed process's leftover is recognised.)
+        pre = tmp.with_name(tmp.name.replace(".onnx.", ".pre.onnx.", 1))
+        try:
+            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+            quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
+        except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
+            raise ZoolibError(f"cannot quantise generation {name} to int8: "
+                              f"{type(exc).__name__}: {exc}; use runtime='onnx'") from exc
+        finally:
+            pre.unlink(missing_ok=True)
+        print(f"quantised {name} to {path} (int8, not held to the float tolerance; difference "
+              f"from PyTorch on {SAMPLE_SIZE} sample images: "
+              f"{_format(differences(model, tmp, info))}; measure its accuracy before use)")
+
+    write_atomic(path, write=write)
+
+
+def _format(measured: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2g}" for k, v in measured.items())

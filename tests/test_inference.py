@@ -1,8 +1,12 @@
+import sys
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from zoolib import images, inference
+from zoolib import images, inference, neighbours
+from zoolib.workspace import ZoolibError
 
 
 def test_forward_matches_the_model_and_sums_to_one(trained_ws):
@@ -41,3 +45,33 @@ def test_load_rgb_applies_exif_orientation(tmp_path):
     grey16.save(tmp_path / "g.png")
     rgb = images.load_rgb(tmp_path / "g.png")
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0))[0] >= 254
+
+
+def test_outputs_give_every_score_input_in_one_pass(trained_ws):
+    loaded = inference.load(trained_ws, "last")
+    batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = inference.outputs(loaded, batch, stage=True)
+    assert list(out) == ["probs", "logits", "embedding", "stage"]
+    assert torch.allclose(out["probs"], out["logits"].softmax(1))
+    with torch.no_grad():
+        _, stage = neighbours.features(loaded.model, batch)
+    assert torch.allclose(out["stage"], stage, atol=1e-6)
+    assert list(inference.outputs(loaded, batch)) == ["probs", "logits", "embedding"]
+
+
+def test_unknown_runtimes_and_onnx_on_a_gpu_are_refused(trained_ws):
+    with pytest.raises(ZoolibError, match="runtime must be one of 'torch', 'onnx'"):
+        inference.load(trained_ws, runtime="tensorflow")
+    with pytest.raises(ZoolibError, match="runs on the CPU only"):
+        inference.load(trained_ws, device="cuda", runtime="onnx")
+    assert inference.resolve_runtime(None, "cpu") == inference.DEFAULT_RUNTIME
+    assert inference.resolve_runtime(None, "cuda") == "torch"  # ONNX Runtime: CPU only here
+    assert inference.load(trained_ws).runtime == "torch"  # other stages: torch unless asked
+
+
+def test_a_missing_onnx_package_says_how_to_install_it(trained_ws, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ZoolibError, match=r"needs the onnxruntime package.*pip install -e "
+                                          r"'\.\[onnx\]'"):
+        inference.load(trained_ws, runtime="onnx")
+    assert not (trained_ws.models / "gen-0001" / "model.onnx").exists()

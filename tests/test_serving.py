@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -259,6 +260,9 @@ def test_health_reports_a_failed_redeployment_as_degraded(client, trained_ws):
     (["--max-mb", "inf"], "inf MiB is not an upload limit"),
     (["--max-mb", "5000"], "5000 MiB is not an upload limit"),
     (["--max-mb", "ten"], "'ten' is not a number of MiB"),
+    (["--max-batch", "0"], "0 is not a batch size from 1 to 1024"),
+    (["--max-batch", "many"], "'many' is not a whole number"),
+    (["--runtime", "tensorflow"], "invalid choice: 'tensorflow'"),
 ])
 def test_cli_refuses_out_of_range_numbers_with_exit_code_2(trained_ws, capsys, args, message):
     with pytest.raises(SystemExit) as stop:
@@ -374,3 +378,148 @@ def test_killed_server_leaves_a_log_that_opens_and_reports(trained_ws, tmp_path)
     assert (tmp_path / "report" / "usage.png").exists()
     summary = json.loads(reports.summary(reports.load(trained_ws)).to_json(orient="index"))
     assert summary["gen-0001"]["predictions"] == 6
+
+
+# ----------------------------------------------------------------------------- under load
+
+def distinct_images(ws, n=16) -> list[bytes]:
+    """n files of distinct content: library images of every class, in turn."""
+    classes = sorted(p for p in ws.library.iterdir() if p.is_dir() and p.name != "Unknown")
+    per_class = [sorted(c.glob("*.jpg")) for c in classes]
+    files = [per_class[k % len(classes)][k // len(classes)] for k in range(n)]
+    return [f.read_bytes() for f in files]
+
+
+def test_concurrent_calls_are_batched_and_each_gets_its_own_answer(trained_ws):
+    from zoolib.images import content_hash
+
+    images = distinct_images(trained_ws)
+    alone = serving.Predictor(trained_ws, generation="gen-0001", log=False, keep_images=False)
+    expected = {content_hash(d): alone.predict(d) for d in images}
+    alone.close()
+    pred = serving.Predictor(trained_ws, generation="gen-0001", batch_window_ms=50)
+    answers, errors = [], []
+    start = threading.Barrier(16)
+
+    def client(k):
+        start.wait()
+        for i in range(4):
+            data = images[(k + i) % len(images)]
+            try:
+                answers.append((content_hash(data), pred.predict(data, source=f"c{k}")))
+            except Exception as exc:  # noqa: BLE001 - collected and asserted on
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pred.close()
+    assert errors == [] and len(answers) == 64
+    assert max(pred.batcher.sizes) > 1  # requests shared forward passes
+    assert sum(n * count for n, count in pred.batcher.sizes.items()) == 64
+    tx = translog.transactions(trained_ws).set_index("id")
+    assert len(tx) == 64 and sorted(tx.index) == sorted(a.transaction_id for _, a in answers)
+    for digest, answer in answers:
+        ref = expected[digest]
+        assert answer.image_hash == digest == tx.loc[answer.transaction_id, "image_hash"]
+        assert answer.predicted == ref.predicted == tx.loc[answer.transaction_id, "predicted"]
+        assert answer.confidence == pytest.approx(ref.confidence, abs=1e-4)
+
+
+def test_a_lone_call_is_not_held_back_by_the_window(trained_ws):
+    pred = serving.Predictor(trained_ws, generation="gen-0001", log=False, keep_images=False,
+                             batch_window_ms=1000)
+    data = distinct_images(trained_ws, 1)[0]
+    pred.predict(data)  # warm
+    t0 = time.perf_counter()
+    for _ in range(3):
+        pred.predict(data)
+    assert time.perf_counter() - t0 < 1.0  # a second's window per call would take 3
+    pred.close()
+
+
+def test_batcher_caps_batches_splits_generations_and_passes_errors():
+    calls = []
+
+    def forward(loaded, x):
+        calls.append((loaded, len(x)))
+        if loaded == "bad":
+            raise RuntimeError("model broke")
+        return x[:, 0, 0, :1]  # each row answers with its own input value
+
+    batcher = serving.Batcher(max_batch=3, window_ms=1000, forward=forward)
+    for _ in range(5):
+        batcher.expect()
+    futures = [batcher.submit("g1" if k % 2 else "g2", torch.full((1, 1, 1, 1), float(k)))
+               for k in range(5)]
+    assert [float(f.result(timeout=10)[0]) for f in futures] == [0, 1, 2, 3, 4]
+    # Two passes of at most 3 (requests 0-2, then 3-4), each split by generation.
+    assert calls == [("g2", 2), ("g1", 1), ("g1", 1), ("g2", 1)]
+    batcher.expect()
+    with pytest.raises(RuntimeError, match="model broke"):
+        batcher.submit("bad", torch.zeros((1, 1, 1, 1))).result(timeout=10)
+    batcher.expect()
+    batcher.withdraw()  # a request whose decode failed: nobody waits for it
+    batcher.expect()
+    assert float(batcher.submit("g1", torch.full((1, 1, 1, 1), 7.0)).result(timeout=10)) == 7
+    batcher.close()
+    with pytest.raises(ZoolibError, match="closed"):
+        batcher.expect()
+        batcher.submit("g1", torch.zeros((1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_batch": 0}, "max_batch must be a positive integer"),
+    ({"batch_window_ms": -1}, "batch_window_ms must be a number from 0 to 1000"),
+    ({"runtime": "tensorflow"}, "runtime must be one of"),
+])
+def test_batching_and_runtime_parameters_are_checked(trained_ws, kw, message):
+    with pytest.raises(ZoolibError, match=message):
+        serving.Predictor(trained_ws, generation="gen-0001", **kw)
+
+
+def test_http_requests_under_load_batch_in_bounded_threads(trained_ws):
+    from zoolib.images import content_hash
+
+    models.write_deployed(trained_ws, "gen-0001")
+    app = serving.create_app(trained_ws, threads=2, batch_window_ms=50)
+    predictor = app.state.predictor
+    assert app.state.limiter.total_tokens == 2
+    assert serving.create_app(trained_ws).state.limiter.total_tokens == serving.cores()
+    active, most, lock = [0], [0], threading.Lock()
+    prepare = predictor._prepare
+
+    def counted(*args):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return prepare(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    predictor._prepare = counted
+    images = distinct_images(trained_ws, 8)
+    answers, start = [], threading.Barrier(8)
+    with TestClient(app) as http:
+        def client(k):
+            start.wait()
+            for i in range(3):
+                data = images[(k + i) % len(images)]
+                r = http.post("/predict", files={"file": ("x.jpg", data, "image/jpeg")})
+                answers.append((content_hash(data), r.status_code, r.json()))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(answers) == 24 and {status for _, status, _ in answers} == {200}
+    assert 1 <= most[0] <= 2  # never more decodes at once than the bound
+    tx = translog.transactions(trained_ws).set_index("id")
+    assert len(tx) == 24
+    for digest, _, body in answers:
+        assert body["image_hash"] == digest == tx.loc[body["transaction_id"], "image_hash"]

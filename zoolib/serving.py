@@ -16,9 +16,16 @@ not fit wait their turn, in arrival order, instead of decoding all at once.
 The pixels a model sees are unchanged: every image is decoded in full through
 `images.load_rgb`, as training does.
 
+Under load: calls made at the same time share forward passes (`Batcher`: up to
+MAX_BATCH requests, gathered for at most BATCH_WINDOW_MS while others are still
+decoding, so a lone request never waits), run by one thread; each request still
+decodes, hashes and logs on its own, and gets its own row of the batch. Over
+HTTP, decoding and logging run in at most one worker thread per core.
+
 The HTTP endpoint (Starlette on uvicorn) is started with
 
     python -m zoolib.serving WORKSPACE [--host 127.0.0.1] [--port 8000] [--max-mb 10]
+                                       [--runtime torch|onnx|onnx-int8] [--max-batch 16]
 
 and offers `POST /predict` (multipart field `file`, optional `source`),
 `POST /evaluations` (JSON) and `GET /health`. Error answers are JSON
@@ -28,6 +35,7 @@ absolute paths: the workspace folder reads as WORKSPACE.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import logging
@@ -37,21 +45,22 @@ import re
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
+import anyio
+import anyio.to_thread
+import torch
 from PIL import Image, ImageOps
 
 from . import inference, models, translog
 from .images import content_hash, load_rgb, open_image, to_rgb
 from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 10 * 2**20  # largest upload accepted over HTTP
@@ -64,6 +73,11 @@ MAX_UPLOAD_MB = 1024.0  # the CLI's ceiling for --max-mb: an upload is held in m
 _INT64_MAX = 2**63 - 1  # SQLite's largest INTEGER: no transaction id is larger
 # Longest text accepted per evaluation field (true_class: check_class_name's 200 bytes).
 _TEXT_LIMITS = {"reviewer": 200, "true_class": 200, "time": 64, "notes": 10_000}
+# Batching (see `Batcher`): most requests per forward pass, and the longest a request
+# waits for others to join it (only while others are decoding). 5 ms is small beside
+# a request's own cost over HTTP (a few ms on 2 cores) and lets a burst gather.
+MAX_BATCH = 16
+BATCH_WINDOW_MS = 5.0
 
 
 class ImageTooLargeError(ZoolibError):
@@ -210,8 +224,138 @@ def _decode(image: bytes | Image.Image) -> tuple[Image.Image, bytes]:
         raise ZoolibError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
 
 
+class Batcher:
+    """Requests waiting together get one forward pass, in one thread that runs the model.
+
+    The thread takes the first waiting request, then gathers more for up to
+    `window_ms`, but only while others are on their way (announced by `expect`,
+    still decoding): a lone request is never held back, and a batch never waits
+    for requests that are not coming. At most `max_batch` go in one pass; a
+    batch mixing generations (during a redeployment) runs one pass per generation.
+
+    Each request gets its own Future, resolved with its own row of the batch's
+    probabilities (or the pass's exception), so answers cannot change places.
+
+    Args:
+        max_batch: most requests per forward pass.
+        window_ms: longest wait for a batch to fill, in milliseconds (0 to 1000).
+        forward: (generation, NCHW batch) -> (N, classes) probabilities;
+            `inference.forward` by default.
+
+    Raises:
+        ZoolibError: max_batch or window_ms out of range.
+    """
+
+    def __init__(self, max_batch: int = MAX_BATCH, window_ms: float = BATCH_WINDOW_MS,
+                 forward: Callable[[inference.Loaded, torch.Tensor], torch.Tensor] | None = None):
+        self.max_batch = _positive(max_batch, "max_batch")
+        self.window_s = _window_s(window_ms)
+        self.forward = forward or (lambda loaded, x: inference.forward(loaded, x)[0])
+        self.sizes: Counter[int] = Counter()  # batch size -> passes run (for benchmarks)
+        self._queue: deque[tuple[inference.Loaded, torch.Tensor, Future]] = deque()
+        self._coming = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def expect(self) -> None:
+        """Announce a request that will `submit` (or `withdraw`) soon."""
+        with self._cond:
+            self._coming += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not come (its image could not be decoded)."""
+        with self._cond:
+            self._coming -= 1
+            self._cond.notify_all()
+
+    def submit(self, loaded: inference.Loaded, x: torch.Tensor) -> Future:
+        """Queue an announced request's (1, C, H, W) input; its Future gets its probabilities.
+
+        Raises:
+            ZoolibError: the batcher is closed.
+        """
+        future: Future = Future()
+        with self._cond:
+            self._coming -= 1
+            if self._closed:
+                raise ZoolibError("the predictor is closed")
+            self._queue.append((loaded, x, future))
+            if self._thread is None:  # started on first use: an idle Predictor has no thread
+                self._thread = threading.Thread(target=self._loop, name="zoolib-batcher",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return future
+
+    def close(self) -> None:
+        """Finish the queued requests and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            items = self._take()
+            if items is None:
+                return
+            self._run(items)
+
+    def _take(self) -> list[tuple[inference.Loaded, torch.Tensor, Future]] | None:
+        """The next batch (waiting for it as described above); None once closed and empty."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._closed)
+            if not self._queue:
+                return None
+            deadline = time.monotonic() + self.window_s
+            while len(self._queue) < self.max_batch and self._coming > 0 and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            n = min(self.max_batch, len(self._queue))
+            items = [self._queue.popleft() for _ in range(n)]
+        # A Future cancelled by its caller (a request given up) needs no answer.
+        return [it for it in items if it[2].set_running_or_notify_cancel()]
+
+    def _run(self, items: list[tuple[inference.Loaded, torch.Tensor, Future]]) -> None:
+        groups: dict[int, list[tuple[inference.Loaded, torch.Tensor, Future]]] = {}
+        for item in items:
+            groups.setdefault(id(item[0]), []).append(item)
+        for group in groups.values():
+            try:
+                probs = self.forward(group[0][0], torch.cat([x for _, x, _ in group]))
+                self.sizes[len(group)] += 1
+            except BaseException as exc:  # noqa: BLE001 - every waiting caller gets it
+                for _, _, future in group:
+                    future.set_exception(exc)
+                continue
+            for row, (_, _, future) in zip(probs, group):
+                future.set_result(row)
+
+
+@dataclass
+class _Request:
+    """A decoded request on its way through the predictor."""
+
+    loaded: inference.Loaded
+    batch: torch.Tensor
+    data: bytes
+    digest: str
+    suffix: str
+    start: float
+
+
 class Predictor:
     """Predict single images with the deployed generation, logging each call.
+
+    Calls made at the same time (from threads, or the HTTP server's requests)
+    are batched: each decodes its own image, then waits for one forward pass
+    shared with the others waiting (`Batcher`), then logs its own row. A call
+    alone runs at once.
 
     Args:
         workspace: the workspace (path or opened).
@@ -226,28 +370,38 @@ class Predictor:
         log_timeout: seconds a log write waits for a lock before failing.
         decode_pixels: pixels all calls together may decode at once (see
             `PixelBudget`); calls beyond it wait.
+        runtime: "torch", "onnx" or "onnx-int8" (`inference.RUNTIMES`); None =
+            `inference.DEFAULT_RUNTIME` (torch on a GPU). Redeployed generations
+            load with the same runtime.
+        max_batch: most calls answered by one forward pass.
+        batch_window_ms: longest a call waits for others to share its pass,
+            only while others are decoding (0 = batch only what already waits).
 
     Raises:
-        ZoolibError: nothing is deployed and no generation was given, or a
-            limit is not a positive integer.
+        ZoolibError: nothing is deployed and no generation was given, a limit
+            is not a positive integer, or the runtime is unknown or cannot load.
     """
 
     def __init__(self, workspace, generation: str | None = None, log: bool = True,
                  keep_images: bool = True, source: str = "python", device: str | None = None,
                  max_pixels: int = MAX_PIXELS, clock: Callable[[], datetime] = translog.now,
-                 log_timeout: float = 30.0, decode_pixels: int = DECODE_PIXELS):
+                 log_timeout: float = 30.0, decode_pixels: int = DECODE_PIXELS,
+                 runtime: str | None = None, max_batch: int = MAX_BATCH,
+                 batch_window_ms: float = BATCH_WINDOW_MS):
         self.ws: Workspace = open_workspace(workspace)
         self.pinned = generation is not None
         self.keep_images, self.source, self.device = keep_images, source, device
+        self.runtime = inference.resolve_runtime(runtime, device)
         self.max_pixels, self.clock = _positive(max_pixels, "max_pixels"), clock
         self.decoding = PixelBudget(decode_pixels)
+        self.batcher = Batcher(max_batch, batch_window_ms)
         self._swap = threading.Lock()
         self._key = self._deploy_key()
         self._deploy_error: str | None = None
         if generation is None:
             generation = self._read_deployed()
         self._deployed = None if self.pinned else generation
-        self._loaded = inference.load(self.ws, generation, device)
+        self._loaded = inference.load(self.ws, generation, device, runtime=self.runtime)
         self._writer = translog.Writer(self.ws, log_timeout) if log else None
 
     @property
@@ -281,7 +435,6 @@ class Predictor:
         error = self._deploy_error
         return {"status": "degraded" if error else "ok", "generation": served,
                 "deployed": self._deployed, "deploy_error": error, "pinned": False}
-
     def _read_deployed(self) -> str:
         """The generation deployed.json names.
 
@@ -330,7 +483,7 @@ class Predictor:
         try:
             name = self._deployed = self._read_deployed()
             if name != self._loaded.name:
-                self._loaded = inference.load(self.ws, name, self.device)
+                self._loaded = inference.load(self.ws, name, self.device, runtime=self.runtime)
                 log.info("now serving %s", name)
             self._deploy_error = None
         except Exception as exc:  # noqa: BLE001 - a bad deployment must not stop serving
@@ -350,13 +503,14 @@ class Predictor:
             write_atomic(path, data)
         return path.relative_to(self.ws.root).as_posix()
 
-    def _batch(self, image: bytes | Image.Image, loaded: inference.Loaded
-               ) -> tuple[torch.Tensor, bytes, str]:
-        """One image -> (model input batch, bytes to hash and keep, file suffix).
+    def _prepare(self, image, start: float) -> _Request:
+        """Decode one image into the model's input, within the decode budget.
 
         The full-size decode is the big allocation of a request: it happens, and
-        is dropped, while the image's pixels are held in the decode budget.
+        is dropped, while the image's pixels are held in the budget.
         """
+        image = _as_input(image)
+        loaded = self._current()
         if isinstance(image, Image.Image):
             pixels, fmt = image.width * image.height, "png"
         else:
@@ -365,10 +519,40 @@ class Predictor:
             rgb, data = _decode(image)
             batch = inference.to_tensor(rgb, loaded.info)[None]
             del rgb  # free the full-size pixels before the budget lets the next one in
-        return batch, data, "." + fmt
+        return _Request(loaded, batch, data, content_hash(data), "." + fmt, start)
+
+    def _submit(self, image, start: float) -> tuple[_Request, Future]:
+        """Decode (announced to the batcher meanwhile) and queue for a forward pass."""
+        self.batcher.expect()
+        try:
+            request = self._prepare(image, start)
+        except BaseException:
+            self.batcher.withdraw()
+            raise
+        return request, self.batcher.submit(request.loaded, request.batch)
+
+    def _finish(self, request: _Request, probs: torch.Tensor, source: str | None
+                ) -> Prediction:
+        """Top-5 of one request's probabilities; keep its image and log its row."""
+        loaded = request.loaded
+        values, indices = probs.topk(min(5, probs.shape[0]))
+        top5 = [(loaded.classes[i], round(float(v), 6)) for v, i in zip(values, indices)]
+        latency = (time.perf_counter() - request.start) * 1000
+        digest = request.digest
+        row = {"time": self.clock().isoformat(), "generation": loaded.name,
+               "image_hash": digest, "source": source or self.source, "predicted": top5[0][0],
+               "confidence": top5[0][1], "top5": top5, "latency_ms": round(latency, 3),
+               "image": (self._keep(digest, request.data, request.suffix)
+                         if self.keep_images else None)}
+        tid = self._writer.append(row) if self._writer else None
+        return Prediction(tid, loaded.name, row["predicted"], row["confidence"], top5,
+                          row["latency_ms"], digest, row["time"])
 
     def predict(self, image, source: str | None = None) -> Prediction:
         """Classify one image and log the transaction.
+
+        Safe to call from many threads at once: concurrent calls share forward
+        passes (see `Batcher`), and each gets and logs its own answer.
 
         Args:
             image: a file path, the file's bytes, or a PIL image.
@@ -378,27 +562,40 @@ class Predictor:
             ZoolibError: not a readable image (ImageTooLargeError if too large).
             translog.TransactionLogError: the transaction could not be logged.
         """
-        start = time.perf_counter()
-        image = _as_input(image)
-        loaded = self._current()
-        batch, data, suffix = self._batch(image, loaded)
-        digest = content_hash(data)
-        probs, _ = inference.forward(loaded, batch)
-        values, indices = probs[0].topk(min(5, probs.shape[1]))
-        top5 = [(loaded.classes[i], round(float(v), 6)) for v, i in zip(values, indices)]
-        latency = (time.perf_counter() - start) * 1000
-        row = {"time": self.clock().isoformat(), "generation": loaded.name,
-               "image_hash": digest, "source": source or self.source, "predicted": top5[0][0],
-               "confidence": top5[0][1], "top5": top5, "latency_ms": round(latency, 3),
-               "image": self._keep(digest, data, suffix) if self.keep_images else None}
-        tid = self._writer.append(row) if self._writer else None
-        return Prediction(tid, loaded.name, row["predicted"], row["confidence"], top5,
-                          row["latency_ms"], digest, row["time"])
+        request, future = self._submit(image, time.perf_counter())
+        return self._finish(request, future.result(), source)
+
+    async def predict_async(self, image, source: str | None = None,
+                            limiter: anyio.CapacityLimiter | None = None) -> Prediction:
+        """`predict` for an event loop: decoding and logging run in worker threads
+        (at most `limiter`'s tokens at once), and the wait for the forward pass
+        holds no thread.
+
+        Raises:
+            As `predict`.
+        """
+        start = time.perf_counter()  # the latency includes waiting for a decode thread
+        request, future = await anyio.to_thread.run_sync(self._submit, image, start,
+                                                         limiter=limiter)
+        # asyncio: uvicorn's loop, and the TestClient's (anyio on asyncio).
+        probs = await asyncio.wrap_future(future)
+        return await anyio.to_thread.run_sync(self._finish, request, probs, source,
+                                              limiter=limiter)
 
     def close(self) -> None:
-        """Close the log connection."""
+        """Answer the calls in progress, stop the batching thread, close the log."""
+        self.batcher.close()
         if self._writer:
             self._writer.close()
+
+
+def _window_s(batch_window_ms: float) -> float:
+    """batch_window_ms in seconds, or a ZoolibError naming it."""
+    if (not isinstance(batch_window_ms, (int, float)) or isinstance(batch_window_ms, bool)
+            or not 0 <= batch_window_ms <= 1000):
+        raise ZoolibError(f"batch_window_ms must be a number from 0 to 1000, not "
+                          f"{batch_window_ms!r}")
+    return batch_window_ms / 1000
 
 
 # --- HTTP ---------------------------------------------------------------------------
@@ -475,7 +672,9 @@ def _handlers(root: Path) -> dict:
 
 def create_app(workspace, generation: str | None = None, log: bool = True,
                keep_images: bool = True, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS, decode_pixels: int = DECODE_PIXELS):
+               max_pixels: int = MAX_PIXELS, decode_pixels: int = DECODE_PIXELS,
+               runtime: str | None = None, max_batch: int = MAX_BATCH,
+               batch_window_ms: float = BATCH_WINDOW_MS, threads: int | None = None):
     """The Starlette application serving one workspace.
 
     `GET /health` answers 200 with `Predictor.status()` plus "log": "status" is
@@ -486,6 +685,11 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
     take the whole service down for a deployment mistake. Monitoring reads
     "status" and "deploy_error".
 
+    `POST /predict` decodes and logs in at most `threads` worker threads at once
+    (the cores by default, not anyio's 40: more would only share the same cores
+    and the model's own threads), and concurrent requests share forward passes
+    (`Batcher`); the wait for the model holds no thread.
+
     Args:
         workspace: the workspace.
         generation: pin a generation instead of following deployed.json.
@@ -494,10 +698,14 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
         max_bytes: largest request body accepted.
         max_pixels: largest image (width x height) accepted.
         decode_pixels: pixels all requests together may decode at once.
+        runtime: "torch", "onnx" or "onnx-int8"; None = `inference.DEFAULT_RUNTIME`.
+        max_batch: most requests answered by one forward pass.
+        batch_window_ms: longest a request waits for others to share its pass.
+        threads: worker threads decoding and logging at once; None = the cores.
 
     Raises:
-        ZoolibError: nothing is deployed (and no generation given), or a limit is
-            not a positive integer.
+        ZoolibError: nothing is deployed (and no generation given), a limit is
+            not a positive integer, or the runtime is unknown or cannot load.
     """
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -507,8 +715,11 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
 
     ws = open_workspace(workspace)
     max_bytes = _positive(max_bytes, "max_bytes")
+    limiter = anyio.CapacityLimiter(_positive(threads, "threads") if threads is not None
+                                    else cores())
     predictor = Predictor(ws, generation, log=log, keep_images=keep_images, source="http",
-                          max_pixels=max_pixels, decode_pixels=decode_pixels)
+                          max_pixels=max_pixels, decode_pixels=decode_pixels, runtime=runtime,
+                          max_batch=max_batch, batch_window_ms=batch_window_ms)
 
     async def health(request):
         state = predictor.status()
@@ -523,7 +734,7 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
             return _error(400, "POST /predict needs an image in the multipart field 'file'")
         data = await upload.read()
         source = str(form.get("source") or request.query_params.get("source") or "http")[:100]
-        result = await run_in_threadpool(predictor.predict, data, source)
+        result = await predictor.predict_async(data, source, limiter)
         return JSONResponse(result.as_dict())
 
     async def evaluate(request):
@@ -542,8 +753,16 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
               Route("/evaluations", evaluate, methods=["POST"])]
     app = Starlette(routes=routes, middleware=[Middleware(_BodyLimit, max_bytes=max_bytes)],
                     exception_handlers=_handlers(ws.root))
-    app.state.predictor = predictor
+    app.state.predictor, app.state.limiter = predictor, limiter
     return app
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _parse_json(raw: bytes):
@@ -644,6 +863,17 @@ def _megabytes(text: str) -> float:
     return value
 
 
+def _batch_size(text: str) -> int:
+    """argparse type: requests per forward pass, 1 to 1024."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"{value} is not a batch size from 1 to 1024")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the deployed generation over HTTP.")
     parser.add_argument("workspace")
@@ -658,11 +888,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="do not keep served images for review")
     parser.add_argument("--no-log", action="store_true",
                         help="do not log transactions (benchmarks only)")
+    parser.add_argument("--runtime", choices=inference.RUNTIMES, default=None,
+                        help=f"model runtime (default {inference.DEFAULT_RUNTIME}; the ONNX "
+                        "ones need pip install -e '.[onnx]')")
+    parser.add_argument("--max-batch", type=_batch_size, default=MAX_BATCH,
+                        help=f"most requests per forward pass, 1-1024 (default {MAX_BATCH})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m zoolib.serving WORKSPACE [--host H] [--port P] [--max-mb M]`.
+    """Command line: `python -m zoolib.serving WORKSPACE [--host H] [--port P] [--max-mb M]
+    [--runtime R] [--max-batch N]`.
 
     A bad option, workspace or generation exits with status 2 and says why.
     """
@@ -673,7 +909,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app = create_app(args.workspace, args.generation, log=not args.no_log,
                          keep_images=not args.no_keep_images,
-                         max_bytes=int(args.max_mb * 2**20))
+                         max_bytes=int(args.max_mb * 2**20), runtime=args.runtime,
+                         max_batch=args.max_batch)
     except ZoolibError as exc:
         parser.error(str(exc))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,12 +1,16 @@
-"""Bulk identification throughput: zoolib vs fastai get_preds vs the bare model.
+"""Bulk identification throughput: zoolib (per runtime) vs fastai get_preds vs the bare model.
 
 One run, the same model (a timm resnet18 with random weights saved as a zoolib
 generation) and the same files, measured side by side in images/s:
 
-- ceiling: the bare model forward (`inference.forward`) on pre-decoded,
-  pre-normalised tensors, batch by batch: no file reading, no decoding;
-- zoolib: `bulkid.run` end to end (list of files -> results.parquet with
-  hashes, scores and embeddings), timed around the call;
+- forward <runtime>: the bare pass bulk identification makes (`inference.outputs`
+  with the knn stage features) on pre-decoded, pre-normalised tensors, batch by
+  batch, with each runtime zoolib offers here (torch; onnx and onnx-int8 with
+  the `onnx` extra): no file reading, no decoding;
+- ceiling: the fastest of those bare passes;
+- zoolib <runtime>: `bulkid.run(..., runtime=...)` end to end (list of files ->
+  results.parquet with hashes, scores, knn and embeddings), timed around the call;
+  "zoolib" is the fastest runtime's, and "zoolib onnx/torch" compares the two;
 - fastai: `learn.get_preds(dl=learn.dls.test_dl(files))` on a Learner over the
   same model, its DataLoaders built as a fastai user builds them
   (`ImageDataLoaders.from_lists` with a squish `Resize` item transform and
@@ -18,9 +22,11 @@ generation) and the same files, measured side by side in images/s:
 Datasets: ../shared/datasets/cifar10/train (32 px JPEGs, model at 32 px) and
 ../shared/datasets/animals10-mini (photos, model at 224 px). Each path gets a
 warm-up run first; with --repeats > 1 the paths are interleaved and the best
-run of each is kept. Run it with `nice`:
+run of each is kept. The ONNX export of each runtime is made before timing (on
+first load). onnx-int8's images/s say nothing of its accuracy. Run it with `nice`:
 
     nice .venv/bin/python bench/bulkid_throughput.py [--cifar 4000] [--animals 320]
+        [--runtimes torch,onnx,onnx-int8]
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import pandas as pd
 import torch
 
 from zoolib import bulkid, inference, models, workspace
+from zoolib.workspace import ZoolibError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -58,27 +65,42 @@ def make_generation(root: Path, classes: list[str], size: int) -> workspace.Work
     return ws
 
 
-def time_ceiling(loaded: inference.Loaded, files: list[Path], batch_size: int) -> float:
-    """images/s of the bare forward on tensors decoded beforehand (not timed)."""
+def available_runtimes(wanted: list[str]) -> list[str]:
+    """The wanted runtimes this environment can run (the ONNX ones need the extra)."""
+    try:
+        from zoolib import onnx_export
+
+        onnx_export.require()
+        have = list(inference.RUNTIMES)
+    except ZoolibError as exc:
+        print(f"ONNX runtimes skipped: {exc}")
+        have = ["torch"]
+    return [r for r in wanted if r in have]
+
+
+def time_forward(loaded: inference.Loaded, files: list[Path], batch_size: int) -> float:
+    """images/s of the bare pass (with the knn stage features) on tensors decoded
+    beforehand (not timed)."""
     ds = bulkid.ImageFiles(files, loaded.info["img_size"])
     pixels = torch.stack([ds[i][0] for i in range(len(ds))])
     batches = [bulkid.normalise(pixels[i:i + batch_size], loaded.info, loaded.device)
                for i in range(0, len(pixels), batch_size)]
-    inference.forward(loaded, batches[0])  # warm-up
+    inference.outputs(loaded, batches[0], stage=True)  # warm-up
     start = time.perf_counter()
     for b in batches:
-        inference.forward(loaded, b)
+        inference.outputs(loaded, b, stage=True)
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     return len(files) / (time.perf_counter() - start)
 
 
 def time_zoolib(ws, files: list[Path], batch_size: int, workers: int | None, tag: str,
-                device: str | None) -> float:
+                device: str | None, runtime: str = "torch") -> float:
     """images/s of bulkid.run end to end (model load, decode, forward, parquet)."""
     start = time.perf_counter()
-    out = bulkid.run(ws, files=files, name=f"bench-{tag}", batch_size=batch_size,
-                     num_workers=workers, progress=False, device=device)
+    out = bulkid.run(ws, files=files, name=f"bench-{runtime}-{tag}", batch_size=batch_size,
+                     num_workers=workers, progress=False, runtime=runtime,
+                     device=device if runtime == "torch" else None)  # ONNX: the CPU
     seconds = time.perf_counter() - start
     assert len(out) == len(files) and (out["error"] == "").all()
     return len(files) / seconds
@@ -124,26 +146,43 @@ def time_fastai(learn, files: list[Path], stock: bool) -> float:
 
 def bench(name: str, root: Path, n: int, size: int, args) -> dict:
     files, classes = pick_files(root, n)
+    runtimes = args.runtimes
     with tempfile.TemporaryDirectory() as tmp:
         ws = make_generation(Path(tmp) / "ws", classes, size)
-        loaded = inference.load(ws, "last", device=args.device)
+        # Loading with an ONNX runtime exports the generation: done here, untimed.
+        loaded = {r: inference.load(ws, "last", device=None if r != "torch" else args.device,
+                                    runtime=r) for r in runtimes}
+        model = loaded["torch"] if "torch" in loaded else loaded[runtimes[0]]
         learners = {} if args.no_fastai else {
-            "fastai": fastai_learner(ws, loaded, files, args.batch_size, args.workers),
-            "fastai_zl": fastai_learner(ws, loaded, files, args.batch_size, args.workers,
+            "fastai": fastai_learner(ws, model, files, args.batch_size, args.workers),
+            "fastai_zl": fastai_learner(ws, model, files, args.batch_size, args.workers,
                                         stock=False)}
         warm = files[: 2 * args.batch_size]
-        time_zoolib(ws, warm, args.batch_size, args.workers, "warm", args.device)
+        for r in runtimes:
+            time_zoolib(ws, warm, args.batch_size, args.workers, "warm", args.device, r)
         for key, learn in learners.items():
             time_fastai(learn, warm, key == "fastai")
-        best = dict.fromkeys(["ceiling", "zoolib", *learners], 0.0)
-        for r in range(args.repeats):
-            best["ceiling"] = max(best["ceiling"], time_ceiling(loaded, files, args.batch_size))
-            best["zoolib"] = max(best["zoolib"], time_zoolib(ws, files, args.batch_size,
-                                                             args.workers, str(r), args.device))
+        keys = [f"forward {r}" for r in runtimes] + [f"zoolib {r}" for r in runtimes]
+        best = dict.fromkeys([*keys, *learners], 0.0)
+        for rep in range(args.repeats):
+            for r in runtimes:  # interleaved, so that no runtime always runs first
+                best[f"forward {r}"] = max(best[f"forward {r}"],
+                                           time_forward(loaded[r], files, args.batch_size))
+                best[f"zoolib {r}"] = max(best[f"zoolib {r}"], time_zoolib(
+                    ws, files, args.batch_size, args.workers, str(rep), args.device, r))
             for key, learn in learners.items():
                 best[key] = max(best[key], time_fastai(learn, files, key == "fastai"))
+    fastest = max(runtimes, key=lambda r: best[f"forward {r}"])
+    best["ceiling"] = best[f"forward {fastest}"]
+    best["zoolib"] = max(best[f"zoolib {r}"] for r in runtimes)
     row = {"dataset": name, "images": len(files), "px": size, **best,
            "zoolib/ceiling": best["zoolib"] / best["ceiling"]}
+    for r in runtimes:
+        row[f"zoolib {r}/ceiling"] = best[f"zoolib {r}"] / best["ceiling"]
+    if "torch" in runtimes and "onnx" in runtimes:
+        row["zoolib onnx/torch"] = best["zoolib onnx"] / best["zoolib torch"]
+        row["forward onnx/torch"] = best["forward onnx"] / best["forward torch"]
+    print(f"{name}: ceiling = forward {fastest}")
     for key in learners:
         row.update({f"{key}/ceiling": best[key] / best["ceiling"],
                     f"zoolib/{key}": best["zoolib"] / best[key]})
@@ -160,13 +199,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
     parser.add_argument("--no-fastai", action="store_true", help="skip the fastai path")
+    parser.add_argument("--runtimes", default="torch,onnx",
+                        help="comma-separated, of " + ", ".join(inference.RUNTIMES)
+                        + " (ONNX ones skipped without the onnx extra)")
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args(argv)
+    wanted = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - set(inference.RUNTIMES))
+    if unknown or not wanted:
+        parser.error(f"--runtimes: unknown {unknown or 'none given'}; "
+                     f"choose from {', '.join(inference.RUNTIMES)}")
+    args.runtimes = available_runtimes(wanted)
+    if not args.runtimes:
+        parser.error("--runtimes: none of them can run here (install the onnx extra)")
     if args.workers is None:  # zoolib's default, given to fastai too
         cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         args.workers = bulkid._default_workers(cuda)
     print(f"torch threads {torch.get_num_threads()}, workers {args.workers}, "
-          f"batch {args.batch_size}, device {args.device or 'auto'}")
+          f"batch {args.batch_size}, device {args.device or 'auto'}, "
+          f"runtimes {', '.join(args.runtimes)}")
     rows = []
     if args.cifar:
         rows.append(bench("cifar10", args.data / "cifar10" / "train", args.cifar, 32, args))

@@ -138,6 +138,7 @@ class PixelBudget:
     def __init__(self, limit: int):
         self.limit = _positive(limit, "decode_pixels")
         self.used = 0
+        self.peak = 0  # the most pixels ever held at once: what a memory test checks
         self._queue: deque[object] = deque()
         self._cond = threading.Condition()
 

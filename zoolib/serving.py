@@ -158,6 +158,7 @@ class PixelBudget:
                 raise
             self._queue.popleft()
             self.used += need
+            self.peak = max(self.peak, self.used)
             self._cond.notify_all()  # the next in line may fit too
         try:
             yield

@@ -120,14 +120,15 @@ class ImageFiles(torch.utils.data.Dataset):
         paths: the files, in the order rows are produced.
         size: the square input size from model.json.
         interpolation: the resize filter from model.json.
+        decode: the decode mode from model.json ("full" when it has none).
         refused: path -> error for files that must not be opened (links, pipes:
             see `_not_regular`); they get that error without being read.
     """
 
     def __init__(self, paths: list[str | Path], size: int, interpolation: str = "bilinear",
-                 refused: dict[str, str] | None = None):
+                 refused: dict[str, str] | None = None, decode: str = "full"):
         self.paths, self.size = [str(p) for p in paths], int(size)
-        self.interpolation, self.refused = interpolation, refused or {}
+        self.interpolation, self.refused, self.decode = interpolation, refused or {}, decode
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -145,7 +146,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             # Decoded like training (EXIF upright, RGB) and squish-resized: the pixels
             # of inference.to_tensor before the float conversion.
-            return torch.from_numpy(squished_pixels(data, self.size, self.interpolation)), digest, ""
+            pixels = squished_pixels(data, self.size, self.interpolation, self.decode)
+            return torch.from_numpy(pixels), digest, ""
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a row's error
             return self._blank(), digest, f"{type(exc).__name__}: {exc}"
 
@@ -503,7 +505,7 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
                              if workers == 0 else 1)
     loader = torch.utils.data.DataLoader(
         ImageFiles(todo, loaded.info["img_size"], loaded.info.get("interpolation", "bilinear"),
-                   refused),
+                   refused, loaded.info.get("decode", "full")),
         batch_size=per_read, shuffle=False,
         num_workers=workers, pin_memory=cuda, persistent_workers=False)
     writer = _PartWriter(run_dir, _schema(loaded))

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from . import curate, inference, library, models, neighbours, plots
 from .evaluate import predict_rows
-from .images import load_rgb
 from .train import TrainConfig, train
 from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
 
@@ -269,7 +268,7 @@ def library_features(ws: Workspace, generation: str, rows: pd.DataFrame, batch_s
     paths = list(rows["path"])
     for i in tqdm(range(0, len(paths), batch_size), desc="library features",
                   disable=not progress):
-        x = torch.stack([inference.to_tensor(load_rgb(ws.library / p), loaded.info)
+        x = torch.stack([inference.file_tensor(ws.library / p, loaded.info)
                          for p in paths[i:i + batch_size]]).to(loaded.device)
         final, pooled = neighbours.features(loaded.model, x)
         stage.append(pooled.float().cpu().numpy())

@@ -195,14 +195,13 @@ def embedding_pairs(ws: Workspace, manifest: pd.DataFrame, generation: str = "la
     import torch  # lazy: torch is only needed when this option is used
 
     from . import inference
-    from .images import load_rgb
 
     ok = manifest[manifest["readable"]].drop_duplicates("hash").reset_index(drop=True)
     loaded = inference.load(ws, generation)
     feats = []
     for start in range(0, len(ok), batch_size):
         paths = ok["path"].iloc[start:start + batch_size]
-        batch = [inference.to_tensor(load_rgb(ws.library / p), loaded.info) for p in paths]
+        batch = [inference.file_tensor(ws.library / p, loaded.info) for p in paths]
         feats.append(inference.forward(loaded, torch.stack(batch))[1].numpy())
     emb = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)

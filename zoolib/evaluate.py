@@ -82,7 +82,7 @@ def predict_rows(ws: Workspace, generation: str, rows: pd.DataFrame,
     probs = []
     paths = list(rows["path"])
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([inference.to_tensor(load_rgb(ws.library / p), loaded.info)
+        batch = torch.stack([inference.file_tensor(ws.library / p, loaded.info)
                              for p in paths[start:start + batch_size]])
         probs.append(inference.forward(loaded, batch, tta=tta)[0].numpy())
     probs = np.concatenate(probs) if probs else np.zeros((0, len(loaded.classes)))

@@ -243,6 +243,9 @@ def squish(img: Image.Image, size: int, interpolation: str = "bilinear") -> Imag
 
 
 DECODES = ("full", "reduced")  # model.json "decode": how a generation's JPEGs are decoded
+# New generations from scratch decode reduced (warm starts keep their parent's mode;
+# generations without the key were trained on full decodes and keep them).
+DECODE = "reduced"
 
 
 def dct_scale(width: int, height: int, size: int) -> int:

@@ -19,6 +19,7 @@ other caller of `load` (evaluation, cleaning, curation) gets torch unless it ask
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import squish
+from .images import UnreadableImageError, read_file, squish, squished_pixels
 from .models import load_generation, resolve_generation
 from .workspace import Workspace, ZoolibError
 
@@ -115,11 +116,42 @@ def load(ws: Workspace, name: str = "last", device: str | None = None,
 
 
 def to_tensor(img: Image.Image, info: dict) -> torch.Tensor:
-    """An upright RGB PIL image -> normalised CHW float tensor, as in training."""
+    """An upright RGB PIL image -> normalised CHW float tensor, as in training.
+
+    For files, `file_tensor` is the one to use: it decodes as the generation's
+    model.json says (a PIL image is already decoded, at full size).
+    """
     interpolation = info.get("interpolation", "bilinear")
-    arr = np.asarray(squish(img.convert("RGB"), int(info["img_size"]), interpolation),
-                     dtype=np.float32)
-    t = torch.from_numpy(arr).permute(2, 0, 1).div_(255.0)
+    return _normalised(np.asarray(squish(img.convert("RGB"), int(info["img_size"]),
+                                         interpolation), dtype=np.uint8), info)
+
+
+def file_tensor(source: str | os.PathLike | bytes, info: dict) -> torch.Tensor:
+    """An image file (path or bytes) -> normalised CHW float tensor, as in training.
+
+    Decoded by `images.squished_pixels` with the generation's input size, resize
+    filter and decode mode (model.json's "decode"; "full" for generations from
+    before decode modes), exactly as its training images were.
+
+    Raises:
+        UnreadableImageError: the file cannot be decoded (a path is named; a
+            decompression bomb is one too).
+    """
+    given = isinstance(source, (bytes, bytearray))
+    data = bytes(source) if given else read_file(source)
+    try:
+        pixels = squished_pixels(data, int(info["img_size"]),
+                                 info.get("interpolation", "bilinear"), info.get("decode", "full"))
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raised, say which file
+        name = "" if given else f" {source}"
+        raise UnreadableImageError(f"not a readable image{name}: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+    return _normalised(pixels, info)
+
+
+def _normalised(pixels: np.ndarray, info: dict) -> torch.Tensor:
+    """uint8 HWC pixels -> (x / 255 - mean) / std as a CHW float32 tensor."""
+    t = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).div_(255.0)
     mean = torch.tensor(info["mean"]).view(3, 1, 1)
     std = torch.tensor(info["std"]).view(3, 1, 1)
     return (t - mean) / std

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import archs  # noqa: F401 - registers zoo_cnn* in timm's registry before any lookup
+from .images import DECODE
 from .workspace import Workspace, ZoolibError, write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,17 +71,22 @@ def preprocessing(model: torch.nn.Module, pretrained: bool) -> dict:
     from random weights keeps the ImageNet statistics and bilinear resizing, the
     cheapest Pillow filter; any statistics work when the body learns them anyway.
 
+    A new model's JPEGs are decoded at reduced DCT scale (`images.DECODE`): the
+    same pixels as a full decode for files near the input size, a seventh of the
+    cost for camera photos.
+
     Returns:
-        {"mean": [r, g, b], "std": [r, g, b], "interpolation": name}, for model.json.
+        {"mean": [r, g, b], "std": [r, g, b], "interpolation": name, "decode": mode},
+        for model.json.
     """
     if not pretrained:
         return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "interpolation": "bilinear"}
+                "interpolation": "bilinear", "decode": DECODE}
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
     return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
-            "interpolation": str(cfg["interpolation"])}
+            "interpolation": str(cfg["interpolation"]), "decode": DECODE}
 
 
 def classifier_keys(model: torch.nn.Module) -> list[str]:

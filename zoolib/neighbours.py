@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 
 from . import inference, library, models, splits
-from .images import load_rgb
 from .workspace import Workspace, write_atomic
 
 K = 10
@@ -109,7 +108,7 @@ def reference(ws: Workspace, loaded: inference.Loaded, batch_size: int = 256) ->
 def _embed(ws: Workspace, loaded: inference.Loaded, batch_size: int) -> torch.Tensor:
     rows = train_rows(ws, loaded.name, loaded.classes)
     parts = [features(loaded.model, torch.stack(
-        [inference.to_tensor(load_rgb(ws.library / p), loaded.info)
+        [inference.file_tensor(ws.library / p, loaded.info)
          for p in rows["path"].iloc[i:i + batch_size]]).to(loaded.device))[1].cpu()
         for i in range(0, len(rows), batch_size)]
     return torch.cat(parts) if parts else torch.zeros((0, 1))

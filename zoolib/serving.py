@@ -13,8 +13,10 @@ Memory: an upload's size says little about its decoded size (a 50 KB PNG can
 decode to 16 megapixels, ~180 MB with the copies decoding makes), so decodes
 share a pixel budget (`PixelBudget`, DECODE_PIXELS): requests whose images do
 not fit wait their turn, in arrival order, instead of decoding all at once.
-The pixels a model sees are unchanged: every image is decoded in full through
-`images.load_rgb`, as training does.
+The pixels a model sees are its training pixels: every file is decoded by
+`inference.file_tensor` with the generation's decode mode (a camera JPEG at
+reduced DCT scale for a generation trained that way, which also shrinks the
+decode's memory), as training does.
 
 Under load: calls made at the same time share forward passes (`Batcher`: up to
 MAX_BATCH requests, gathered for at most BATCH_WINDOW_MS while others are still
@@ -59,7 +61,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import inference, models, translog
-from .images import content_hash, load_rgb, open_image, to_rgb
+from .images import UnreadableImageError, content_hash, open_image, to_rgb
 from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
 
 log = logging.getLogger(__name__)
@@ -208,8 +210,9 @@ def _header(data: bytes, max_pixels: int) -> tuple[int, str]:
     return width * height, fmt
 
 
-def _decode(image: bytes | Image.Image) -> tuple[Image.Image, bytes]:
-    """Upright RGB pixels (as `images.load_rgb`) and the bytes to hash and keep.
+def _decode(image: bytes | Image.Image, info: dict) -> tuple[torch.Tensor, bytes]:
+    """The model's input (as `inference.file_tensor`, the decode path of training)
+    and the bytes to hash and keep.
 
     A PIL image has no file bytes: its upright pixels are hashed and kept as a PNG.
     """
@@ -217,13 +220,11 @@ def _decode(image: bytes | Image.Image) -> tuple[Image.Image, bytes]:
         rgb = to_rgb(ImageOps.exif_transpose(image))  # every mode, as files get
         buf = io.BytesIO()
         rgb.save(buf, "PNG")
-        return rgb, buf.getvalue()
+        return inference.to_tensor(rgb, info), buf.getvalue()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return load_rgb(io.BytesIO(image)), image
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
-        raise ZoolibError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
+        return inference.file_tensor(image, info), image
+    except UnreadableImageError as exc:
+        raise ZoolibError(str(exc)) from exc
 
 
 class Batcher:
@@ -517,11 +518,9 @@ class Predictor:
             pixels, fmt = image.width * image.height, "png"
         else:
             pixels, fmt = _header(image, self.max_pixels)
-        with self.decoding.hold(pixels):
-            rgb, data = _decode(image)
-            batch = inference.to_tensor(rgb, loaded.info)[None]
-            del rgb  # free the full-size pixels before the budget lets the next one in
-        return _Request(loaded, batch, data, content_hash(data), "." + fmt, start)
+        with self.decoding.hold(pixels):  # the full-size pixels live only inside _decode
+            tensor, data = _decode(image, loaded.info)
+        return _Request(loaded, tensor[None], data, content_hash(data), "." + fmt, start)
 
     def _submit(self, image, start: float) -> tuple[_Request, Future]:
         """Decode (announced to the batcher meanwhile) and queue for a forward pass."""

@@ -58,7 +58,8 @@ from fastai.vision.all import (CategoryBlock, ColReader, CrossEntropyLossFlat, D
 from . import augment, library, models, splits, warmstart
 from .callbacks import (RNG_FILE, Checkpoint, CpuAutocast, Ema, ReleaseMemory, SkipDone,
                         cpu_has_bf16, release_memory)
-from .images import load_rgb, squish
+from .images import read_file, squished_pixels
+from .pixel_cache import PixelCache
 from .schedule import PlateauSchedule, Progress
 from .workspace import (Workspace, ZoolibError, check_class_name, class_folders,
                         open_workspace, write_atomic)
@@ -110,6 +111,9 @@ class TrainConfig:
         resume: continue an interrupted run with the same settings.
         folds: cross-validation: k folds of train+valid by content hash (0 = off).
         fold: which fold (0..folds-1) is the valid split; test/benchmark untouched.
+        cache: decode each image once per input size into the workspace's pixel
+            cache (`pixel_cache.PixelCache`) instead of once per epoch; the pixels
+            are the same either way, so it is not part of a run's identity.
     """
 
     arch: str = "zoo_cnn"
@@ -146,6 +150,7 @@ class TrainConfig:
     resume: bool = True
     folds: int = 0
     fold: int = 0
+    cache: bool = True
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -241,20 +246,26 @@ def data_hash(data: pd.DataFrame) -> str:
 
 
 class _SquishLoader:
-    """Item loader: an upright RGB image squished to the input size.
+    """Item loader: an image's model-input pixels (upright RGB, squish-resized, uint8).
 
-    Resizing here with Pillow, with the filter model.json records, is exactly what
-    `inference.to_tensor` does, so training and serving see the same pixels; it is
-    also about 1.5x cheaper per image than fastai's Resize item transform, which
-    matters when data loading shares two CPU cores with the model.
+    The pixels come from `images.squished_pixels`, the decode path inference uses
+    too, with the filter and decode mode model.json records, so training and
+    serving see the same pixels; resizing before fastai's item transforms is also
+    about 1.5x cheaper per image than its Resize, which matters when data loading
+    shares two CPU cores with the model. With a `PixelCache` each image is decoded
+    once per input size, not once per epoch.
     """
 
-    def __init__(self, size: int, interpolation: str = "bilinear"):
-        self.size, self.interpolation = size, interpolation
+    def __init__(self, size: int, interpolation: str = "bilinear", decode: str = "full",
+                 cache: PixelCache | None = None):
+        self.size, self.interpolation, self.decode, self.cache = size, interpolation, decode, cache
 
     def __call__(self, row):
         try:
-            return squish(load_rgb(row["file"]), self.size, self.interpolation)
+            if self.cache is not None:
+                return self.cache.get(row["file"], row["hash"])
+            return squished_pixels(read_file(row["file"]), self.size, self.interpolation,
+                                   self.decode)
         except Exception as exc:  # noqa: BLE001 - say which file, whatever the decoder raised
             raise ZoolibError(f"cannot decode training image {row['file']}: "
                               f"{type(exc).__name__}: {exc}; rescan the library (01_curate) "
@@ -271,12 +282,13 @@ def _workers(cfg: TrainConfig) -> dict:
 
 
 def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
-                     cfg: TrainConfig, prep: dict | None = None):
+                     cfg: TrainConfig, prep: dict | None = None, progress: bool = True):
     """fastai DataLoaders over the train and valid rows of a split manifest.
 
     Args:
-        prep: mean, std and interpolation (`models.preprocessing`); ImageNet's and
-            bilinear when None.
+        prep: mean, std, interpolation and decode (`models.preprocessing`);
+            ImageNet's, bilinear and full when None.
+        progress: show the progress of filling the pixel cache (`cfg.cache`).
 
     Augmentation runs on whole training batches, as fastai does on a GPU; a
     validation batch is the inference preprocessing of its files, nothing more.
@@ -286,9 +298,14 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
     rows = rows.assign(is_valid=rows["split"] == "valid", file=[str(ws.library / p)
                                                                   for p in rows["path"]])
     valid = rows["is_valid"].to_numpy()
+    decode = prep.get("decode", "full")
+    cache = None
+    if cfg.cache:  # decoded once here, in parallel, rather than in the first epoch's loop
+        cache = PixelCache(ws, cfg.img_size, prep["interpolation"], decode)
+        cache.fill(rows["file"].tolist(), rows["hash"].tolist(), progress=progress)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=classes)),
-        get_x=_SquishLoader(cfg.img_size, prep["interpolation"]),
+        get_x=_SquishLoader(cfg.img_size, prep["interpolation"], decode, cache),
         get_y=ColReader("label"),
         splitter=lambda items: ([i for i in range(len(items)) if not valid[i]],
                                 [i for i in range(len(items)) if valid[i]]),
@@ -296,7 +313,7 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
                     Normalize.from_stats(list(prep["mean"]), list(prep["std"]))],
     )
     # plain dicts as items: reading a DataFrame row per image costs more than decoding it
-    records = rows[["file", "label"]].to_dict("records")
+    records = rows[["file", "hash", "label"]].to_dict("records")
     return block.dataloaders(records, bs=cfg.batch_size, seed=cfg.seed, **_workers(cfg))
 
 
@@ -312,7 +329,8 @@ def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
     # the body learned on the parent's inputs: keep its normalisation and resize filter
     p_info = models.read_info(ws, parent)
     prep = {"mean": p_info["mean"], "std": p_info["std"],
-            "interpolation": p_info.get("interpolation", "bilinear")}
+            "interpolation": p_info.get("interpolation", "bilinear"),
+            "decode": p_info.get("decode", "full")}  # generations before decode modes: full
     return model, record, prep
 
 
@@ -456,13 +474,13 @@ def lr_max(cfg: TrainConfig, warm: bool) -> list[float]:
 
 def build_learner(ws: Workspace, cfg: TrainConfig, data: pd.DataFrame, classes: list[str],
                   model: torch.nn.Module, run_dir: Path, prep: dict | None = None,
-                  cbs=()) -> Learner:
+                  cbs=(), progress: bool = True) -> Learner:
     """The fastai Learner of a run: two parameter groups, the recipe's loss and callbacks.
 
     `train_bn=False`: batch norm is frozen with the body (fastai's default trains it),
     so a frozen epoch leaves every body tensor as the parent had it.
     """
-    dls = make_dataloaders(ws, data, classes, cfg, prep)
+    dls = make_dataloaders(ws, data, classes, cfg, prep, progress)
     loss = CrossEntropyLossFlat(label_smoothing=cfg.label_smoothing)
     return Learner(dls, model, loss_func=loss, metrics=accuracy, splitter=models.body_head_split,
                    wd=cfg.weight_decay, train_bn=False, path=run_dir, model_dir="checkpoint",
@@ -491,7 +509,8 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
     set_seed(cfg.seed, reproducible=True)
     model, init, prep = _initial_model(ws, cfg, classes)
     warm = init["init"] == "warm"
-    run_key = {"config": asdict(cfg), "classes": classes, "data": data_hash(data),
+    config = {k: v for k, v in asdict(cfg).items() if k != "cache"}  # same pixels either way
+    run_key = {"config": config, "classes": classes, "data": data_hash(data),
                "init": init}
     run_dir = _run_path(ws, run_key)
     with _exclusive(run_dir):
@@ -536,7 +555,7 @@ def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
            ChannelsLast(), *_precision_cbs(precision),
            *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
            *extra_cbs]
-    learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs)
+    learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs, progress)
     if state:
         _load_checkpoint(learn, run_dir)
         print(f"resuming an interrupted run after epoch {start}")

@@ -106,7 +106,8 @@ def test_deployed_refuses_throwaway(demo_ws):
 def test_pretrained_models_take_their_timm_data_config():
     m = models.create_model("inception_v4", 3)  # random weights; the config is the same
     prep = models.preprocessing(m, pretrained=True)
-    assert prep == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    assert prep == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                    "decode": "reduced"}
     scratch = models.preprocessing(m, pretrained=False)
     assert scratch["mean"] == list(models.IMAGENET_MEAN) and scratch["interpolation"] == "bilinear"
 

@@ -32,7 +32,7 @@ def camera_photos(n: int = 200, folder: Path | None = None, source: Path = ANIMA
     Raises:
         FileNotFoundError: the source folder holds no photo.
     """
-    sources = sorted(source.glob("*/*.jpg"))
+    sources = sorted(p for p in source.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg"))
     if not sources:
         raise FileNotFoundError(f"no photos in {source}: the camera-photo set needs "
                                 "../shared/datasets/animals10-mini")

@@ -19,14 +19,17 @@ generation) and the same files, measured side by side in images/s:
   instead, whose item loader squish-resizes with Pillow directly (~1.5x cheaper
   per image than fastai's Resize): a stricter baseline, reported alongside.
 
-Datasets: ../shared/datasets/cifar10/train (32 px JPEGs, model at 32 px) and
-../shared/datasets/animals10-mini (photos, model at 224 px). Each path gets a
+Datasets: ../shared/datasets/cifar10/train (32 px JPEGs, model at 32 px),
+../shared/datasets/animals10-mini (photos, model at 224 px), and camera photos
+made from them (`photos.camera_photos`: 4032x3024 JPEGs, quality 90, some with
+EXIF orientations; model at 224 and 299 px). The generation decodes as new
+generations do (`images.DECODE`). Each path gets a
 warm-up run first; with --repeats > 1 the paths are interleaved and the best
 run of each is kept. The ONNX export of each runtime is made before timing (on
 first load). onnx-int8's images/s say nothing of its accuracy. Run it with `nice`:
 
     nice .venv/bin/python bench/bulkid_throughput.py [--cifar 4000] [--animals 320]
-        [--runtimes torch,onnx,onnx-int8]
+        [--camera 200] [--camera-sizes 224,299] [--runtimes torch,onnx,onnx-int8]
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from photos import camera_photos
 from zoolib import bulkid, inference, models, workspace
+from zoolib.images import DECODE
 from zoolib.workspace import ZoolibError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -59,7 +64,7 @@ def make_generation(root: Path, classes: list[str], size: int) -> workspace.Work
     (ws.library / classes[0]).mkdir(exist_ok=True)  # open_workspace wants one class folder
     info = {"arch": "resnet18", "img_size": size, "mean": list(models.IMAGENET_MEAN),
             "std": list(models.IMAGENET_STD), "classes": classes, "resize": "squish",
-            "interpolation": "bilinear"}
+            "interpolation": "bilinear", "decode": DECODE}
     torch.manual_seed(0)
     models.save_generation(ws, models.create_model("resnet18", len(classes)), info)
     return ws
@@ -81,7 +86,7 @@ def available_runtimes(wanted: list[str]) -> list[str]:
 def time_forward(loaded: inference.Loaded, files: list[Path], batch_size: int) -> float:
     """images/s of the bare pass (with the knn stage features) on tensors decoded
     beforehand (not timed)."""
-    ds = bulkid.ImageFiles(files, loaded.info["img_size"])
+    ds = bulkid.ImageFiles(files, loaded.info["img_size"], decode=loaded.info["decode"])
     pixels = torch.stack([ds[i][0] for i in range(len(ds))])
     batches = [bulkid.normalise(pixels[i:i + batch_size], loaded.info, loaded.device)
                for i in range(0, len(pixels), batch_size)]
@@ -193,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", type=int, default=4000, help="CIFAR-10 files (0 = skip)")
     parser.add_argument("--animals", type=int, default=320, help="animals10 photos (0 = skip)")
+    parser.add_argument("--camera", type=int, default=200,
+                        help="12-megapixel photos made from animals10-mini (0 = skip)")
+    parser.add_argument("--camera-sizes", default="224,299", help="model input sizes for them")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers for zoolib and fastai (default: zoolib's)")
@@ -224,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.animals:
         rows.append(bench("animals10-mini", args.data / "animals10-mini", args.animals, 224,
                           args))
+    if args.camera:
+        folder = camera_photos(args.camera)[0].parents[1]
+        for size in (int(v) for v in args.camera_sizes.split(",")):
+            rows.append(bench(f"camera {size}px", folder, args.camera, size, args))
     table = pd.DataFrame(rows).set_index("dataset").T  # a column per data set: fits a screen
     print("images/s (higher is better) and ratios, measured in this run:")
     print(table.map(lambda v: f"{v:.0f}" if v >= 10 else f"{v:.2f}").to_string())

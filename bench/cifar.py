@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 from fastai.callback.core import Callback
-from fastai.learner import Recorder
 
 from zoolib import workspace
 from zoolib.workspace import ZoolibError

@@ -1,12 +1,11 @@
 """The augmentation does what the parameters say, on training batches only."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from fastai.vision.all import Pipeline, TensorImage
 
-from zoolib import augment, inference, models
+from zoolib import augment, inference
 from zoolib.images import load_rgb
 from zoolib.train import TrainConfig, make_dataloaders, prepare_data
 

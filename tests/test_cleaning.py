@@ -1,12 +1,10 @@
 """Cleaning with the model: out-of-fold predictions, label issues, overlapping classes,
 out-of-distribution library images, the embedding map, and the widget's label fixes."""
-import json
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from zoolib import cleaning, curate, journal, library, models

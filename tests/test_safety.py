@@ -5,7 +5,6 @@ import multiprocessing as mp
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 

@@ -70,9 +70,8 @@ def test_large_photos_get_the_same_pixels_everywhere(demo_ws, camera_jpegs, deco
 def test_reduced_decode_differs_from_full_on_a_camera_photo(tmp_path, camera_jpegs):
     f = tmp_path / "photo.jpg"
     f.write_bytes(camera_jpegs[0])
-    info = {"img_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
-    full = inference.file_tensor(f, info)  # no "decode" key: a generation from before modes
-    assert torch.equal(full, inference.file_tensor(f, {**info, "decode": "full"}))
+    info = {"img_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    full = inference.file_tensor(f, {**info, "decode": "full"})
     assert not torch.equal(full, inference.file_tensor(f, {**info, "decode": "reduced"}))
     assert (full - inference.file_tensor(f, {**info, "decode": "reduced"})).abs().mean() < 0.05
 
@@ -81,7 +80,8 @@ def test_unreadable_file_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
-        inference.file_tensor(bad, {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+        inference.file_tensor(bad, {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                    "interpolation": "bilinear", "decode": "reduced"})
 
 
 class _Counting:
@@ -136,6 +136,7 @@ def test_training_uses_the_cache_records_the_decode_and_leaves_the_library(demo_
     info = json.loads(info_path.read_text())
     del info["decode"]
     info_path.write_text(json.dumps(info))
+    assert models.read_info(demo_ws, result.name)["decode"] == "full"  # what it did then
     child = train.train(demo_ws, TrainConfig(**{**TINY, "init_from": result.name,
                                                 "freeze_epochs": 1}), progress=False)
     assert child.info["decode"] == "full"

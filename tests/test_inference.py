@@ -29,7 +29,8 @@ def test_forward_matches_the_model_and_sums_to_one(trained_ws):
 
 
 def test_to_tensor_normalises_with_model_json():
-    info = {"img_size": 4, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    info = {"img_size": 4, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+            "interpolation": "bilinear"}
     t = inference.to_tensor(Image.new("RGB", (10, 6), (255, 0, 127)), info)
     assert t.shape == (3, 4, 4)
     assert np.allclose(t[0].numpy(), 1.0) and np.allclose(t[1].numpy(), -1.0)
@@ -64,9 +65,17 @@ def test_unknown_runtimes_and_onnx_on_a_gpu_are_refused(trained_ws):
         inference.load(trained_ws, runtime="tensorflow")
     with pytest.raises(ZoolibError, match="runs on the CPU only"):
         inference.load(trained_ws, device="cuda", runtime="onnx")
-    assert inference.resolve_runtime(None, "cpu") == inference.DEFAULT_RUNTIME
+    assert inference.resolve_runtime(None, "cpu") == inference.default_runtime()
     assert inference.resolve_runtime(None, "cuda") == "torch"  # ONNX Runtime: CPU only here
     assert inference.load(trained_ws).runtime == "torch"  # other stages: torch unless asked
+
+
+def test_the_default_cpu_runtime_is_onnx_where_installed(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    assert inference.resolve_runtime(None, "cpu") == "onnx"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
+    assert inference.resolve_runtime(None, "cpu") == "torch"
 
 
 def test_a_missing_onnx_package_says_how_to_install_it(trained_ws, monkeypatch):

@@ -67,6 +67,18 @@ def test_a_failed_parity_check_is_refused_and_keeps_no_file(trained_ws, monkeypa
     assert inference.load(trained_ws, "gen-0001", runtime="onnx").onnx is not None
 
 
+def test_the_default_runtime_falls_back_to_torch_when_export_fails(trained_ws, monkeypatch):
+    def refuses(*args, **kwargs):
+        raise ZoolibError("gen-0001 differs from PyTorch")
+
+    monkeypatch.setattr(onnx_export, "open_model", refuses)
+    with pytest.warns(UserWarning, match="gen-0001 runs on torch: gen-0001 differs"):
+        loaded = inference.load(trained_ws, "gen-0001", runtime=None)
+    assert loaded.runtime == "torch" and loaded.onnx is None
+    with pytest.raises(ZoolibError, match="differs from PyTorch"):  # asked for: an error
+        inference.load(trained_ws, "gen-0001", runtime="onnx")
+
+
 def test_concurrent_first_uses_export_once(trained_ws, monkeypatch):
     exports, real_export = [], onnx_export.export
     monkeypatch.setattr(onnx_export, "export",

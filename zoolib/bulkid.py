@@ -260,8 +260,9 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
             (the `knn` column; see zoolib/neighbours.py). The first run of a
             generation embeds its training images once (cached).
         runtime: "torch", "onnx" or "onnx-int8" (`inference.RUNTIMES`); None =
-            `inference.DEFAULT_RUNTIME` (torch on a GPU). The ONNX ones run on
-            the CPU and export the generation on first use (see zoolib/onnx_export.py).
+            `inference.default_runtime()`: onnx where installed, else torch
+            (torch on a GPU). The ONNX ones run on the CPU and export the
+            generation on first use (see zoolib/onnx_export.py).
 
     Symbolic links, pipes, sockets and devices are never opened: each gets a row
     with an error (`LINK_ERROR`, `SPECIAL_ERROR`), as unreadable files do. Hidden
@@ -280,8 +281,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     ws = open_workspace(workspace)
     if int(batch_size) < 1:
         raise ZoolibError(f"batch_size must be at least 1, got {batch_size}")
-    loaded = inference.load(ws, generation, device=device,
-                            runtime=inference.resolve_runtime(runtime, device))
+    loaded = inference.load(ws, generation, device=device, runtime=runtime)
     _check_preprocessing(loaded)
     paths, refused = _input_files(ws, inbox, files)
     name = name or f"{loaded.name}-{'inbox' if files is None else 'files'}"
@@ -318,7 +318,7 @@ def identify_unknown(workspace, generation: str = "last", name: str | None = Non
 def _check_preprocessing(loaded: inference.Loaded) -> None:
     """Refuse a model.json asking for preprocessing this engine does not do."""
     info = loaded.info
-    resize, interp = info.get("resize", "squish"), info.get("interpolation", "bilinear")
+    resize, interp = info.get("resize", "squish"), info["interpolation"]
     if resize != "squish" or interp not in RESAMPLE:
         raise ZoolibError(f"{loaded.name}/model.json asks for resize={resize!r}, "
                           f"interpolation={interp!r}; bulk identification does squish "
@@ -504,8 +504,8 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
     per_read = batch_size * (_read_batches(batch_size, loaded.info["img_size"])
                              if workers == 0 else 1)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(todo, loaded.info["img_size"], loaded.info.get("interpolation", "bilinear"),
-                   refused, loaded.info.get("decode", "full")),
+        ImageFiles(todo, loaded.info["img_size"], loaded.info["interpolation"], refused,
+                   loaded.info["decode"]),
         batch_size=per_read, shuffle=False,
         num_workers=workers, pin_memory=cuda, persistent_workers=False)
     writer = _PartWriter(run_dir, _schema(loaded))

@@ -29,6 +29,9 @@ from .workspace import Workspace, ZoolibError, write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# model.json keys added after the first generations were saved, with what those
+# generations did before the key existed: read_info fills them, so no reader guesses
+INFO_DEFAULTS = {"interpolation": "bilinear", "decode": "full"}
 _GEN = re.compile(r"^gen-(\d{4,})$")
 SPLITS_FILE = "splits.parquet"  # a generation's own train/valid/test/benchmark rows
 # A temporary of write_atomic (".<name>.<pid>-<thread>.tmp") or of save_generation
@@ -125,7 +128,7 @@ def next_generation_name(ws: Workspace) -> str:
 
 
 def read_info(ws: Workspace, name: str) -> dict:
-    """The model.json of a generation.
+    """The model.json of a generation, with `INFO_DEFAULTS` for keys it predates.
 
     Raises:
         ZoolibError: the generation does not exist (the saved ones are listed).
@@ -134,8 +137,9 @@ def read_info(ws: Workspace, name: str) -> dict:
     if not path.exists():
         have = ", ".join(generation_names(ws)) or "none"
         raise ZoolibError(f"generation {name!r} does not exist in {ws.models} (saved: {have})")
-    return _read_json(path, "restore the generation's folder from a backup: without its "
+    info = _read_json(path, "restore the generation's folder from a backup: without its "
                             "model.json the generation cannot be loaded, served or evaluated")
+    return {**INFO_DEFAULTS, **info}
 
 
 def _read_json(path: Path, what_to_do: str) -> dict:

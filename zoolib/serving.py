@@ -374,8 +374,8 @@ class Predictor:
         decode_pixels: pixels all calls together may decode at once (see
             `PixelBudget`); calls beyond it wait.
         runtime: "torch", "onnx" or "onnx-int8" (`inference.RUNTIMES`); None =
-            `inference.DEFAULT_RUNTIME` (torch on a GPU). Redeployed generations
-            load with the same runtime.
+            `inference.default_runtime()`: onnx where installed, else torch
+            (torch on a GPU). Redeployed generations load with the same runtime.
         max_batch: most calls answered by one forward pass.
         batch_window_ms: longest a call waits for others to share its pass,
             only while others are decoding (0 = batch only what already waits).
@@ -394,7 +394,7 @@ class Predictor:
         self.ws: Workspace = open_workspace(workspace)
         self.pinned = generation is not None
         self.keep_images, self.source, self.device = keep_images, source, device
-        self.runtime = inference.resolve_runtime(runtime, device)
+        self.runtime = runtime if runtime is None else inference.resolve_runtime(runtime, device)
         self.max_pixels, self.clock = _positive(max_pixels, "max_pixels"), clock
         self.decoding = PixelBudget(decode_pixels)
         self.batcher = Batcher(max_batch, batch_window_ms)
@@ -699,7 +699,7 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
         max_bytes: largest request body accepted.
         max_pixels: largest image (width x height) accepted.
         decode_pixels: pixels all requests together may decode at once.
-        runtime: "torch", "onnx" or "onnx-int8"; None = `inference.DEFAULT_RUNTIME`.
+        runtime: "torch", "onnx" or "onnx-int8"; None = `inference.default_runtime()`.
         max_batch: most requests answered by one forward pass.
         batch_window_ms: longest a request waits for others to share its pass.
         threads: worker threads decoding and logging at once; None = the cores.
@@ -890,7 +890,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-log", action="store_true",
                         help="do not log transactions (benchmarks only)")
     parser.add_argument("--runtime", choices=inference.RUNTIMES, default=None,
-                        help=f"model runtime (default {inference.DEFAULT_RUNTIME}; the ONNX "
+                        help="model runtime (default: onnx where installed, else torch; the ONNX "
                         "ones need pip install -e '.[onnx]')")
     parser.add_argument("--max-batch", type=_batch_size, default=MAX_BATCH,
                         help=f"most requests per forward pass, 1-1024 (default {MAX_BATCH})")

@@ -287,7 +287,7 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
 
     Args:
         prep: mean, std, interpolation and decode (`models.preprocessing`);
-            ImageNet's, bilinear and full when None.
+            a new scratch model's (`models.preprocessing`) when None.
         progress: show the progress of filling the pixel cache (`cfg.cache`).
 
     Augmentation runs on whole training batches, as fastai does on a GPU; a
@@ -298,7 +298,7 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
     rows = rows.assign(is_valid=rows["split"] == "valid", file=[str(ws.library / p)
                                                                   for p in rows["path"]])
     valid = rows["is_valid"].to_numpy()
-    decode = prep.get("decode", "full")
+    decode = prep["decode"]
     cache = None
     if cfg.cache:  # decoded once here, in parallel, rather than in the first epoch's loop
         cache = PixelCache(ws, cfg.img_size, prep["interpolation"], decode)
@@ -328,9 +328,7 @@ def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
                                          shrink=cfg.warm_shrink, perturb=cfg.warm_perturb)
     # the body learned on the parent's inputs: keep its normalisation and resize filter
     p_info = models.read_info(ws, parent)
-    prep = {"mean": p_info["mean"], "std": p_info["std"],
-            "interpolation": p_info.get("interpolation", "bilinear"),
-            "decode": p_info.get("decode", "full")}  # generations before decode modes: full
+    prep = {key: p_info[key] for key in ("mean", "std", "interpolation", "decode")}
     return model, record, prep
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoolib import bulkid, images, inference, onnx_export, serving, translog
+from zoolib import (bulkid, evaluate, images, inference, library, models, onnx_export, serving,
+                    translog)
 from zoolib.workspace import ZoolibError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
@@ -127,15 +128,33 @@ def test_the_session_follows_the_torch_thread_count(trained_ws):
     assert opts.execution_mode.name == "ORT_SEQUENTIAL"
 
 
-def test_int8_runtime_quantises_and_predicts(trained_ws, capsys):
+def test_int8_is_measured_on_the_test_split_and_recorded(trained_ws, capsys):
     loaded = inference.load(trained_ws, "gen-0001", runtime="onnx-int8")
     folder = trained_ws.models / "gen-0001"
     assert loaded.onnx.path == folder / onnx_export.INT8_FILE
     assert (folder / onnx_export.FILE).is_file() and leftovers(folder) == []
-    assert "measure its accuracy" in capsys.readouterr().out
+    # the float graph's accuracy there is the torch model's on the same rows
+    rows = evaluate.test_rows(trained_ws, "gen-0001", library.scan(trained_ws, progress=False),
+                              loaded.classes)
+    torch_acc = (evaluate.predict_rows(trained_ws, "gen-0001", rows)["pred"] == rows["label"]).mean()
+    record = models.read_info(trained_ws, "gen-0001")["int8"]
+    assert record["test_images"] == len(rows) > 0
+    assert record["accuracy_float"] == round(float(torch_acc), 4)
+    assert record["accuracy_float"] - record["accuracy_int8"] < onnx_export.INT8_MAX_DROP / 100
+    assert f"{len(rows)} test images" in capsys.readouterr().out
     probs, emb = inference.forward(loaded, library_batch(trained_ws, loaded))
     assert torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-4)
     assert emb.shape == (len(probs), loaded.model.num_features)
+
+
+def test_int8_that_costs_accuracy_is_refused(trained_ws, monkeypatch):
+    monkeypatch.setattr(onnx_export, "int8_accuracies", lambda *a, **k: (0.900, 0.895, 200))
+    with pytest.raises(ZoolibError, match=r"200 test images: 0\.9000 float, 0\.8950 int8, a "
+                                          r"drop of 0\.50 points; at most 0\.5 allowed"):
+        inference.load(trained_ws, "gen-0001", runtime="onnx-int8")
+    folder = trained_ws.models / "gen-0001"
+    assert not (folder / onnx_export.INT8_FILE).exists() and leftovers(folder) == []
+    assert "int8" not in models.read_info(trained_ws, "gen-0001")
 
 
 def test_bulkid_onnx_gives_the_rows_of_torch(trained_ws):

@@ -11,7 +11,8 @@ Runtimes (RUNTIMES), chosen when a generation is loaded:
   `models/<gen>/model.onnx` and run by ONNX Runtime on the CPU (see
   `zoolib.onnx_export`); needs the `onnx` extra (`pip install -e '.[onnx]'`).
 - "onnx-int8": that graph with dynamically quantised int8 weights
-  (`model.int8.onnx`); its accuracy is not checked at export: measure it first.
+  (`model.int8.onnx`), kept only if it loses less than 0.5 accuracy points on
+  the generation's test split (`onnx_export.INT8_MAX_DROP`).
 
 Bulk identification and serving take `default_runtime()` when given no runtime:
 "onnx" where its extra is installed, else "torch", and torch on a GPU (ONNX

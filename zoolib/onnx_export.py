@@ -21,8 +21,10 @@ variant). It is a derived file: deleting it only costs a new export.
   concurrent first use in another thread or process waits for the export and
   uses it; a killed export leaves no half file.
 - The int8 variant (`quantize_dynamic`, int8 weights, activations quantised at
-  run time) is not held to the tolerance: its difference from PyTorch on the
-  sample is printed at export, and its accuracy must be measured before use.
+  run time) is not held to the tolerance but to accuracy: at export the float
+  and the int8 graph predict the generation's own test split, and the int8 file
+  is kept only if it loses less than INT8_MAX_DROP points (both figures go to
+  model.json as `int8`); a generation without test images cannot be quantised.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from .models import update_info
 from .workspace import Workspace, ZoolibError, write_atomic
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ OUTPUTS = ("probs", "logits", "embedding", "stage")
 PARITY_TOLERANCE = 1e-4
 SAMPLE_SIZE = 8
 OPSET = 17
+INT8_MAX_DROP = 0.5  # test accuracy points the int8 graph may lose against the float one
 # ONNX Runtime's threads busy-wait for work between runs by default. Off: between
 # forward passes the same cores decode images (bulkid without workers, serving's
 # decode threads), and spinning threads would take their time.
@@ -141,14 +145,16 @@ def open_model(ws: Workspace, name: str, model: torch.nn.Module, info: dict,
 
     Raises:
         ZoolibError: onnxruntime or onnx is missing; the export fails or differs
-            from PyTorch by more than PARITY_TOLERANCE (no file is left).
+            from PyTorch by more than PARITY_TOLERANCE; int8 loses INT8_MAX_DROP
+            test accuracy points or more, or has no test image to be measured
+            on (no file is left).
     """
     require()
     folder = ws.models / name
     if int8:
         _ensure(folder / FILE, info, lambda p: _write_checked(p, model, info, name))
         return _ensure(folder / INT8_FILE, info,
-                       lambda p: _write_int8(folder / FILE, p, model, info, name))
+                       lambda p: _write_int8(ws, folder / FILE, p, info, name))
     return _ensure(folder / FILE, info, lambda p: _write_checked(p, model, info, name))
 
 
@@ -268,9 +274,9 @@ def _write_checked(path: Path, model: torch.nn.Module, info: dict, name: str) ->
     write_atomic(path, write=write)
 
 
-def _write_int8(source: Path, path: Path, model: torch.nn.Module, info: dict,
-                name: str) -> None:
-    """Quantise the checked float graph dynamically (int8 weights) into `path`."""
+def _write_int8(ws: Workspace, source: Path, path: Path, info: dict, name: str) -> None:
+    """Quantise the checked float graph dynamically (int8 weights) into `path`, kept only
+    if it loses less than INT8_MAX_DROP accuracy points on the generation's test split."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -287,11 +293,45 @@ def _write_int8(source: Path, path: Path, model: torch.nn.Module, info: dict,
                               f"{type(exc).__name__}: {exc}; use runtime='onnx'") from exc
         finally:
             pre.unlink(missing_ok=True)
-        print(f"quantised {name} to {path} (int8, not held to the float tolerance; difference "
-              f"from PyTorch on {SAMPLE_SIZE} sample images: "
-              f"{_format(differences(model, tmp, info))}; measure its accuracy before use)")
+        full, int8, n = int8_accuracies(ws, name, info, source, tmp)
+        drop = 100 * (full - int8)
+        measured = (f"{n} test images: {full:.4f} float, {int8:.4f} int8, a drop of "
+                    f"{drop:.2f} points")
+        if drop >= INT8_MAX_DROP:
+            raise ZoolibError(f"int8 quantisation of generation {name} costs accuracy ({measured}"
+                              f"; at most {INT8_MAX_DROP} allowed): {path.name} was not kept; "
+                              "use runtime='onnx'")
+        update_info(ws, name, int8={"test_images": n, "accuracy_float": round(full, 4),
+                                    "accuracy_int8": round(int8, 4)})
+        print(f"quantised {name} to {path} (int8; {measured})")
 
     write_atomic(path, write=write)
+
+
+def int8_accuracies(ws: Workspace, name: str, info: dict, float_path: Path, int8_path: Path,
+                    batch_size: int = 64) -> tuple[float, float, int]:
+    """Accuracy of two graphs on the generation's own test split, and its size.
+
+    Raises:
+        ZoolibError: the generation has no test image in today's library.
+    """
+    from . import evaluate, library
+    from .inference import file_tensor
+
+    rows = evaluate.test_rows(ws, name, library.scan(ws, progress=False), info["classes"])
+    if rows.empty:
+        raise ZoolibError(f"generation {name} has no test image to measure int8's accuracy "
+                          "on: use runtime='onnx'")
+    labels = rows["label"].map(info["classes"].index).to_numpy()
+    graphs = [OnnxModel(float_path), OnnxModel(int8_path)]
+    right = [0, 0]
+    for start in range(0, len(rows), batch_size):
+        x = torch.stack([file_tensor(ws.library / p, info)
+                         for p in rows["path"][start:start + batch_size]])
+        for i, graph in enumerate(graphs):
+            pred = graph.run(x, ("probs",))["probs"].argmax(1).numpy()
+            right[i] += int((pred == labels[start:start + batch_size]).sum())
+    return right[0] / len(rows), right[1] / len(rows), len(rows)
 
 
 def _format(measured: dict[str, float]) -> str:

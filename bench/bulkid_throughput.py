@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--runtimes: none of them can run here (install the onnx extra)")
     if args.workers is None:  # zoolib's default, given to fastai too
         cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-        args.workers = bulkid._default_workers(cuda)
+        args.workers = bulkid.engine._default_workers(cuda)
     print(f"torch threads {torch.get_num_threads()}, workers {args.workers}, "
           f"batch {args.batch_size}, device {args.device or 'auto'}, "
           f"runtimes {', '.join(args.runtimes)}")

@@ -162,7 +162,7 @@ def test_rows_of_a_read_line_up_with_their_batches(ws):
     mixed["ok"] = np.array([True, False, True])
     batches = [{"ok": np.zeros(2, dtype=bool)}, scored([0.9], [3]), mixed]
     errors = ["bad", "bad", "", "", "bad", ""]
-    table = bulkid._rows(ws, loaded, [f"/x/{i}" for i in range(6)], list("abcdef"), errors,
+    table = bulkid.engine._rows(ws, loaded, [f"/x/{i}" for i in range(6)], list("abcdef"), errors,
                          batches).to_pandas()
     assert table["pred"].fillna("-").tolist() == ["-", "-", CLASSES[3], CLASSES[1], "-",
                                                   CLASSES[2]]
@@ -174,18 +174,18 @@ def test_rows_of_a_read_line_up_with_their_batches(ws):
 
 def test_batches_read_in_a_row_stay_within_the_memory_cap():
     """Decoding in this process reads up to 4 batches at once, never over 64 MiB of pixels."""
-    assert bulkid._read_batches(64, 32) == 4 and bulkid._read_batches(64, 224) == 4
-    assert bulkid._read_batches(64, 299) == 3  # 3 x 64 x 299 x 299 x 3 bytes = 51 MiB
-    assert bulkid._read_batches(64, 512) == 1 and bulkid._read_batches(512, 1024) == 1
+    assert bulkid.engine._read_batches(64, 32) == 4 and bulkid.engine._read_batches(64, 224) == 4
+    assert bulkid.engine._read_batches(64, 299) == 3  # 3 x 64 x 299 x 299 x 3 bytes = 51 MiB
+    assert bulkid.engine._read_batches(64, 512) == 1 and bulkid.engine._read_batches(512, 1024) == 1
     for batch, size in [(64, 32), (64, 299), (16, 600), (256, 224)]:
-        n = bulkid._read_batches(batch, size)
+        n = bulkid.engine._read_batches(batch, size)
         assert n == 1 or n * batch * size * size * 3 <= 64 << 20
 
 
 def test_parts_are_flushed_while_running(ws, monkeypatch):
     """Rows reach disk every read of a few batches, not only at the end (memory stays flat)."""
-    monkeypatch.setattr(bulkid, "FLUSH_ROWS", 16)
-    per_read = 8 * bulkid._read_batches(8, 40)  # rows join the table a read at a time
+    monkeypatch.setattr(bulkid.results, "FLUSH_ROWS", 16)
+    per_read = 8 * bulkid.engine._read_batches(8, 40)  # rows join the table a read at a time
     parts_seen = []
     parts = ws.bulkid / "gen-0001-inbox" / "parts"
     out = bulkid.run(ws, batch_size=8, num_workers=0, progress=False,
@@ -225,9 +225,9 @@ def test_interrupted_run_leaves_a_table_and_resumes(ws):
 def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     """A killed process never merges: its parts are read as they are, and a crash
     between merging and removing parts leaves no duplicate row."""
-    monkeypatch.setattr(bulkid, "FLUSH_ROWS", 16)
-    monkeypatch.setattr(bulkid, "_READ_BATCHES", 1)  # rows join the table batch by batch
-    monkeypatch.setattr(bulkid, "_consolidate", lambda run_dir: None)  # as if killed
+    monkeypatch.setattr(bulkid.results, "FLUSH_ROWS", 16)
+    monkeypatch.setattr(bulkid.engine, "_READ_BATCHES", 1)  # rows join the table batch by batch
+    monkeypatch.setattr(bulkid.results, "consolidate", lambda run_dir: None)  # as if killed
     with pytest.raises(Stop):
         bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(3))
     monkeypatch.undo()
@@ -236,7 +236,7 @@ def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     assert len(list((run_dir / "parts").glob("part-*.parquet"))) == 3
     assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48
 
-    bulkid._consolidate(run_dir)
+    bulkid.results.consolidate(run_dir)
     shutil.copy(run_dir / "results.parquet", run_dir / "parts" / "part-00009.parquet")
     assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48  # stale part: deduplicated
     out = bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
@@ -397,9 +397,9 @@ def _temp(folder, name, pid):
 
 def test_leftovers_of_a_killed_run_are_cleaned_on_the_next_run(ws, monkeypatch, capsys):
     files = _inbox_files(ws)[:20]
-    monkeypatch.setattr(bulkid, "FLUSH_ROWS", 4)
-    monkeypatch.setattr(bulkid, "_READ_BATCHES", 1)
-    monkeypatch.setattr(bulkid, "_consolidate", lambda run_dir: None)  # killed before merging
+    monkeypatch.setattr(bulkid.results, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(bulkid.engine, "_READ_BATCHES", 1)
+    monkeypatch.setattr(bulkid.results, "consolidate", lambda run_dir: None)  # killed: no merge
     bulkid.run(ws, files=files, name="k", batch_size=4, num_workers=0, progress=False,
                knn=False)
     monkeypatch.undo()
@@ -439,7 +439,7 @@ def test_a_corrupt_results_table_is_named_then_set_aside_and_redone(ws, capsys):
 def test_a_corrupt_table_with_parts_is_rebuilt_from_them(ws, monkeypatch):
     files = _inbox_files(ws)[:12]
     bulkid.run(ws, files=files[:4], name="p", num_workers=0, progress=False, knn=False)
-    monkeypatch.setattr(bulkid, "_consolidate", lambda run_dir: None)  # killed before merging
+    monkeypatch.setattr(bulkid.results, "consolidate", lambda run_dir: None)  # killed: no merge
     bulkid.run(ws, files=files[:8], name="p", num_workers=0, progress=False, knn=False)
     monkeypatch.undo()
     (ws.bulkid / "p" / "results.parquet").write_bytes(os.urandom(300))

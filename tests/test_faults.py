@@ -87,7 +87,7 @@ def install(hook):
 
 def bulkid_job(ws, kill_after_batches=None, stop_after_batches=None):
     from zoolib import bulkid
-    bulkid.FLUSH_ROWS, bulkid._READ_BATCHES = 1, 1  # a part per batch: many flushes
+    bulkid.results.FLUSH_ROWS, bulkid.engine._READ_BATCHES = 1, 1  # a part per batch: many flushes
 
     def on_batch(done, total):
         if kill_after_batches and done >= kill_after_batches:
@@ -255,18 +255,18 @@ def test_bulk_identification_killed_anywhere_resumes_to_the_same_table(driver, o
     n = lambda: rng.randint(2, 8)  # noqa: E731 - batches (= images) before the kill
     kills = [  # each child resumes what the kills before it left
         ("during a batch", [], {"kill_after_batches": n()}),
-        ("before a part is written", [hook("zoolib.bulkid:_PartWriter.flush", n(), "before")],
-         {}),
+        ("before a part is written",
+         [hook("zoolib.bulkid.results:PartWriter.flush", n(), "before")], {}),
         ("a part written, not yet renamed",
          [hook("pyarrow.parquet:write_table", n(), match="part-")], {}),
-        ("merging leftover parts: written, not yet renamed", [hook("zoolib.bulkid:_merge", 1)],
-         {}),
+        ("merging leftover parts: written, not yet renamed",
+         [hook("zoolib.bulkid.results:_merge", 1)], {}),
         ("merging leftover parts: renamed, parts not yet removed",
-         [hook("zoolib.bulkid:write_atomic", 1, match="results.parquet")], {}),
+         [hook("zoolib.bulkid.results:write_atomic", 1, match="results.parquet")], {}),
         ("the merge of an interrupted run: written, not yet renamed",
-         [hook("zoolib.bulkid:_merge", 2)], {"stop_after_batches": n()}),
+         [hook("zoolib.bulkid.results:_merge", 2)], {"stop_after_batches": n()}),
         ("the merge of an interrupted run: renamed, parts not yet removed",
-         [hook("zoolib.bulkid:write_atomic", 2, match="results.parquet")],
+         [hook("zoolib.bulkid.results:write_atomic", 2, match="results.parquet")],
          {"stop_after_batches": n()}),
     ]
     seen: set[str] = set()

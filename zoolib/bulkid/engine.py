@@ -1,0 +1,501 @@
+"""The engine of bulk identification: files in, rows of the results table out.
+
+`run(workspace, generation, inbox)` predicts every file under a folder (any depth)
+into the run's results dataset (see `zoolib.bulkid.results`), one row per file.
+
+How a run streams:
+
+- A torch DataLoader over the file list reads, hashes, decodes and resizes in
+  worker processes while the main process runs the model, so memory holds a few
+  batches whatever the inbox size. (On a small CPU-only machine the default is
+  to decode in the main process, a few batches at a time: there no core is
+  idle to overlap with.) Files are decoded by `images.squished_pixels` with the
+  generation's decode mode, the pixels training saw. Workers hand over uint8
+  pixels (4x less to copy than floats); normalisation happens per batch, on the
+  model's device, with the same float32 operations as `inference.to_tensor`
+  (bit for bit), into channels-last memory, which the model runs faster on.
+- Finished rows go to the results module's part writer, flushed every few
+  seconds; a re-run with the same name skips every path already done.
+
+What is identified: every file under the inbox, any depth, except hidden ones
+(names starting with "."; hidden folders are not entered). Symbolic links are
+never followed: a link (to a file or a folder) gets a row with the error "is a
+symbolic link; zoolib does not follow links", and so does a pipe, socket or
+device, which is never opened; nothing is skipped silently. An inbox that is,
+holds or lies inside the workspace's own files (its root, library, models,
+splits, bulkid, _trash, .zoolib or zoo.sqlite) is refused: discarding its error
+rows would move the workspace's files to the trash.
+
+Scores:
+
+- confidence: the top softmax probability; margin: top-1 minus top-2
+  probability; entropy: of the softmax, in nats (0 = certain, log(classes) = flat).
+- ood: the energy score of Liu et al. 2020, ``-logsumexp(logits)``. Higher means
+  more out-of-distribution. Unlike ``1 - confidence`` it keeps the logits' scale,
+  which falls for inputs unlike anything seen in training (junk, new species),
+  even when the softmax happens to be peaked.
+- knn: 1 - cosine similarity to the 10th nearest training image of the generation,
+  in the pooled features of the network's stage before the last (Sun et al.
+  2022; see zoolib/neighbours.py for why that stage). Higher means farther from
+  everything the model was trained on; NaN in runs made with `knn=False`.
+- embedding: the pre-logit features (float16), for "more like this".
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from .. import inference, neighbours
+from ..images import RESAMPLE, content_hash, read_file, squished_pixels
+from ..models import resolve_generation
+from ..workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
+from . import results
+
+_READ_BATCHES = 4  # model batches decoded in a row when decoding in this process ...
+_READ_BYTES = 64 << 20  # ... while their pixels take at most this much (or one batch)
+LINK_ERROR = "is a symbolic link; zoolib does not follow links"
+SPECIAL_ERROR = "is not a regular file (a pipe, socket or device); zoolib does not open it"
+
+
+# ----------------------------------------------------------------------------- reading files
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Files -> (uint8 HWC pixels or zeros, content hash, error) for a DataLoader.
+
+    Every failure (unreadable, truncated, not an image, decompression bomb) is
+    returned as an error string, so one bad file never stops a run.
+
+    Args:
+        paths: the files, in the order rows are produced.
+        size: the square input size from model.json.
+        interpolation: the resize filter from model.json.
+        decode: the decode mode from model.json ("full" when it has none).
+        refused: path -> error for files that must not be opened (links, pipes:
+            see `_not_regular`); they get that error without being read.
+    """
+
+    def __init__(self, paths: list[str | Path], size: int, interpolation: str = "bilinear",
+                 refused: dict[str, str] | None = None, decode: str = "full"):
+        self.paths, self.size = [str(p) for p in paths], int(size)
+        self.interpolation, self.refused, self.decode = interpolation, refused or {}, decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        if self.refused and self.paths[i] in self.refused:
+            return self._blank(), "", self.refused[self.paths[i]]
+        try:
+            data = read_file(self.paths[i])
+        except OSError as exc:
+            return self._blank(), "", f"{type(exc).__name__}: {exc}"
+        digest = content_hash(data)
+        if not data:
+            return self._blank(), digest, "empty file (0 bytes)"
+        try:
+            # Decoded like training (EXIF upright, RGB) and squish-resized: the pixels
+            # of inference.to_tensor before the float conversion.
+            pixels = squished_pixels(data, self.size, self.interpolation, self.decode)
+            return torch.from_numpy(pixels), digest, ""
+        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a row's error
+            return self._blank(), digest, f"{type(exc).__name__}: {exc}"
+
+    def _blank(self) -> torch.Tensor:
+        """Zero pixels standing in for an unreadable file (its row gets no prediction)."""
+        return torch.zeros((self.size, self.size, 3), dtype=torch.uint8)
+
+
+def normalise(batch: torch.Tensor, info: dict, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 NHWC pixels -> normalised NCHW float32, equal to `inference.to_tensor` per image.
+
+    The result is an NCHW view of channels-last memory (the decoders' HWC order):
+    on a CPU, oneDNN convolutions run faster on it (resnet18: 1.5x at 224 px,
+    1.07x at 32 px; efficientnet_b0 1.7x at 224 px), and the arithmetic is done
+    in place on the contiguous batch, the same values as `(x - mean) / std`.
+    """
+    mean = torch.tensor(info["mean"], device=device)
+    std = torch.tensor(info["std"], device=device)
+    x = batch.to(device, non_blocking=True).float()
+    return x.div_(255.0).sub_(mean).div_(std).permute(0, 3, 1, 2)
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every non-hidden entry under `folder` that is not a folder, sorted.
+
+    Any depth; hidden names (".") are skipped and hidden folders not entered.
+    Symbolic links (to files or folders, or broken) are listed as themselves and
+    never followed, and so are pipes, sockets, devices and folders that cannot be
+    listed: `run` gives each an error row (see `_scan`) without opening it, so no
+    file is ever left out silently.
+    """
+    return [Path(p) for p in _scan(folder)[0]]
+
+
+def _scan(folder: str | Path) -> tuple[list[str], dict[str, str]]:
+    """The entries `list_files` lists (as strings, sorted) and the error of each that
+    is not a regular file (a link, pipe, socket or device), from one directory walk.
+
+    os.scandir tells a link or a folder from the directory entry itself, with no
+    system call per file (os.walk plus os.path.isfile costs a stat per file).
+    """
+    top = os.fspath(folder)
+    found, refused, todo = [], {}, [top]
+    while todo:
+        where = todo.pop()
+        try:
+            entries = os.scandir(where)
+        except OSError as exc:
+            if where == top:
+                raise ZoolibError(f"cannot list the inbox {top}: {exc}") from exc
+            refused[where] = f"{type(exc).__name__}: {exc}; the folder's files were not listed"
+            found.append(where)
+            continue
+        with entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    refused[entry.path] = LINK_ERROR
+                elif entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                    continue
+                elif not entry.is_file(follow_symlinks=False):
+                    refused[entry.path] = SPECIAL_ERROR
+                found.append(entry.path)
+    return sorted(found), refused
+
+
+def _not_regular(paths: list[str]) -> dict[str, str]:
+    """The error of each given path that is a link, pipe, socket or device (one lstat
+    each); missing files are left to the reader, which reports them."""
+    refused = {}
+    for p in paths:
+        try:
+            mode = os.lstat(p).st_mode
+        except OSError:
+            continue
+        if stat.S_ISLNK(mode):
+            refused[p] = LINK_ERROR
+        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            refused[p] = SPECIAL_ERROR
+    return refused
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(workspace, generation: str = "last", inbox: str | Path | None = None,
+        name: str | None = None, batch_size: int = 64, num_workers: int | None = None,
+        progress: bool = True, files: list[Path] | None = None,
+        on_batch: Callable[[int, int], None] | None = None, device: str | None = None,
+        knn: bool = True, runtime: str | None = None) -> pd.DataFrame:
+    """Predict every file under an inbox folder into `bulkid/<name>/results.parquet`.
+
+    Args:
+        workspace: a workspace path or Workspace.
+        generation: "last" (the newest, throw-away runs included) or a generation name.
+        inbox: the folder to identify (any depth); WORKSPACE/inbox when None.
+        name: the run's folder under bulkid/; "<generation>-inbox" when None
+            ("<generation>-files" when `files` is given).
+        batch_size: images per forward pass.
+        num_workers: decoding processes; None = all spare cores (at most 16) with a
+            GPU, none on a CPU with up to 4 cores, else 2 (see `_default_workers`).
+        progress: show a progress bar (images/s).
+        files: identify exactly these files instead of listing `inbox`.
+        on_batch: called after every batch with (rows done in this call, rows to do);
+            a widget can show progress with it (an exception raised there stops the
+            run after saving what is done).
+        device: "cpu", "cuda", ...; None = a GPU if there is one.
+        knn: score each image by its distance to the generation's training images
+            (the `knn` column; see zoolib/neighbours.py). The first run of a
+            generation embeds its training images once (cached).
+        runtime: "torch", "onnx" or "onnx-int8" (`inference.RUNTIMES`); None =
+            `inference.default_runtime()`: onnx where installed, else torch
+            (torch on a GPU). The ONNX ones run on the CPU and export the
+            generation on first use (see zoolib/onnx_export.py).
+
+    Symbolic links, pipes, sockets and devices are never opened: each gets a row
+    with an error (`LINK_ERROR`, `SPECIAL_ERROR`), as unreadable files do. Hidden
+    files are not listed. See the module docstring for how a killed run is
+    cleaned up and resumed.
+
+    Returns:
+        The whole results table of the run (rows of earlier calls included), with
+        columns `results.RESULT_COLUMNS`; `attrs` holds generation, classes and name.
+
+    Raises:
+        ZoolibError: missing or empty inbox, an inbox that is, holds or lies inside
+            workspace internals, unknown generation, bad name or batch size, a run
+            of that name made with another generation or going on in another process.
+    """
+    ws = open_workspace(workspace)
+    if int(batch_size) < 1:
+        raise ZoolibError(f"batch_size must be at least 1, got {batch_size}")
+    loaded = inference.load(ws, generation, device=device, runtime=runtime)
+    _check_preprocessing(loaded)
+    paths, refused = _input_files(ws, inbox, files)
+    name = name or f"{loaded.name}-{'inbox' if files is None else 'files'}"
+    run_dir = results.run_dir(ws, name)
+    with results.exclusive(run_dir, name):
+        results.open_run(run_dir, name, loaded)
+        done = results.recover(run_dir)
+        todo = [p for p in paths if p not in done]
+        if todo:
+            ref = neighbours.reference(ws, loaded) if knn else None
+            _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress,
+                     on_batch, ref, refused)
+    return results.load_results(ws, name)
+
+
+def identify_unknown(workspace, generation: str = "last", name: str | None = None,
+                     **kw) -> pd.DataFrame:
+    """Bulk-identify the images filed in the library as Unknown.
+
+    Same engine and table as `run`; the run is named "<generation>-unknown" by default.
+
+    Raises:
+        ZoolibError: the library has no Unknown folder or it holds no file.
+    """
+    ws = open_workspace(workspace)
+    folder = ws.library / UNKNOWN
+    files = list_files(folder) if folder.is_dir() else []
+    if not files:
+        raise ZoolibError(f"{folder} holds no file to identify")
+    gen = resolve_generation(ws, generation, include_throwaway=True)
+    return run(ws, gen, name=name or f"{gen}-unknown", files=files, **kw)
+
+
+def _check_preprocessing(loaded: inference.Loaded) -> None:
+    """Refuse a model.json asking for preprocessing this engine does not do."""
+    info = loaded.info
+    resize, interp = info.get("resize", "squish"), info["interpolation"]
+    if resize != "squish" or interp not in RESAMPLE:
+        raise ZoolibError(f"{loaded.name}/model.json asks for resize={resize!r}, "
+                          f"interpolation={interp!r}; bulk identification does squish "
+                          f"with {', '.join(RESAMPLE)}")
+
+
+def _input_files(ws: Workspace, inbox: str | Path | None, files: list[Path] | None
+                 ) -> tuple[list[str], dict[str, str]]:
+    """Absolute file paths as strings (rows are keyed by them), without duplicates, and
+    the error of each that must not be opened (links, pipes: see `_scan`)."""
+    if files is not None:
+        paths = [os.path.abspath(os.path.expanduser(f)) for f in files]
+        if not paths:
+            raise ZoolibError("files is an empty list: nothing to identify")
+        paths = list(dict.fromkeys(paths))  # duplicates would duplicate rows
+        return paths, _not_regular(paths)
+    folder = Path(inbox).expanduser().resolve() if inbox is not None else ws.inbox
+    if not folder.is_dir():
+        raise ZoolibError(f"inbox {folder} does not exist or is not a folder")
+    _check_inbox(ws, folder)
+    paths, refused = _scan(folder)
+    if not paths:
+        raise ZoolibError(f"inbox {folder} is empty: no file to identify")
+    return paths, refused
+
+
+def _internals(ws: Workspace) -> dict[str, Path]:
+    """The workspace's own files and folders, by name, with links resolved."""
+    named = {"library/": ws.library, "models/": ws.models, "splits/": ws.splits,
+             "bulkid/": ws.bulkid, "_trash/": ws.trash, ".zoolib/": ws.cache,
+             "zoo.sqlite": ws.journal_db}
+    return {k: Path(os.path.realpath(p)) for k, p in named.items()}
+
+
+def _check_inbox(ws: Workspace, folder: Path) -> None:
+    """Refuse an inbox that is the workspace root, holds it, is or lies inside one of
+    its internals, or holds one (linked from elsewhere). The workspace's own inbox/,
+    its other folders and folders outside it are fine.
+
+    Every file of an inbox gets a row, and discarding a run's error rows moves the
+    files to the trash: an inbox over the workspace would trash its database,
+    models and side tables (`library/_meta.csv`, `splits/benchmark.csv`).
+
+    Raises:
+        ZoolibError: naming the folder and the workspace files it is, holds or lies in.
+    """
+    real, root = Path(os.path.realpath(folder)), Path(os.path.realpath(ws.root))
+    why = ("bulk identification would list them as inbox files, and discarding their error "
+           "rows would move them to _trash/; point the inbox at a folder of new images: "
+           f"{ws.inbox} or a folder outside the workspace")
+    if real == root or real in root.parents:
+        what = "is the workspace root" if real == root else f"contains the workspace {root}"
+        raise ZoolibError(f"inbox {folder} {what}, with its library, models, splits and "
+                          f"database: {why}")
+    internals = _internals(ws)
+    for label, path in internals.items():
+        if real == path or path in real.parents:
+            where = "is" if real == path else "is inside"
+            raise ZoolibError(f"inbox {folder} {where} the workspace's {label} ({path}), "
+                              f"which holds workspace files, not new images: {why}")
+    held = [label for label, path in internals.items() if real in path.parents]
+    if held:
+        raise ZoolibError(f"inbox {folder} contains the workspace's {', '.join(held)} "
+                          f"(linked from {ws.root}): {why}")
+
+
+def _default_workers(cuda: bool) -> int:
+    """Decoding processes for a run.
+
+    On a GPU, every spare core (CPU decoding is the bottleneck there). On a CPU
+    the model keeps every core busy, so overlap gains nothing: with up to 4 cores
+    decoding stays in the main process (measured on 2 cores at 32 px, decoding
+    and model only: 0.81-0.85x of the bare forward with no worker, 0.69-0.76x
+    with one, even at the idle scheduling class, as it preempts the model's
+    thread team); with more, 2 workers and the model gets the other cores.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    if cuda:
+        return max(0, min(cores - 1, 16))
+    return 0 if cores <= 4 else 2
+
+
+def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[str],
+             batch_size: int, num_workers: int | None, progress: bool,
+             on_batch: Callable[[int, int], None] | None,
+             ref: torch.Tensor | None, refused: dict[str, str] | None = None) -> None:
+    """Stream `todo` through the model, flushing parts; always leaves a merged table."""
+    cuda = loaded.device.type == "cuda"
+    workers = _default_workers(cuda) if num_workers is None else int(num_workers)
+    # Decoding in this process: several model batches per read, so the decoder's
+    # code and tables stay in cache from one image to the next instead of being
+    # evicted by every forward pass (~4 of ~30 us per 32 px image).
+    per_read = batch_size * (_read_batches(batch_size, loaded.info["img_size"])
+                             if workers == 0 else 1)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(todo, loaded.info["img_size"], loaded.info["interpolation"], refused,
+                   loaded.info["decode"]),
+        batch_size=per_read, shuffle=False,
+        num_workers=workers, pin_memory=cuda, persistent_workers=False)
+    writer = results.PartWriter(run_dir, results.schema(loaded))
+    threads = torch.get_num_threads()
+    if not cuda and workers and threads > 4:
+        # On a CPU the decoders and the model share the cores: give the model the
+        # others, as an oversubscribed thread team stalls on every preemption.
+        torch.set_num_threads(max(1, threads - workers))
+    bar = tqdm(total=len(todo), unit="img", desc=f"identifying with {loaded.name}",
+               disable=not progress, smoothing=0.1)
+    start, done, scored = 0, 0, []  # rows in the table, rows scored, their scores
+    try:
+        for pixels, hashes, errors in loader:
+            for i in range(0, len(hashes), batch_size):
+                batch = slice(i, i + batch_size)
+                scored.append(_score_batch(loaded, pixels[batch], errors[batch], ref))
+                done += len(hashes[batch])
+                bar.update(len(hashes[batch]))
+                if on_batch is not None:
+                    on_batch(done, len(todo))
+            # One table per read, not per model batch: Arrow's cost per call, paid
+            # cold after every forward pass, was ~10 us per 32 px image per batch.
+            writer.add(_rows(ws, loaded, todo[start:done], hashes, errors, scored))
+            start, scored = done, []
+    finally:
+        if scored:  # batches scored before an interruption keep their rows
+            n = done - start
+            writer.add(_rows(ws, loaded, todo[start:done], hashes[:n], errors[:n], scored))
+        torch.set_num_threads(threads)
+        bar.close()
+        writer.flush()
+        results.consolidate(run_dir)
+
+
+def _read_batches(batch_size: int, size: int) -> int:
+    """Model batches to decode in a row: up to _READ_BATCHES within _READ_BYTES of pixels."""
+    return max(1, min(_READ_BATCHES, _READ_BYTES // (batch_size * int(size) ** 2 * 3)))
+
+
+@torch.inference_mode()
+def _scores(loaded: inference.Loaded, x: torch.Tensor,
+            ref: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Probabilities, top-5, margin, entropy, energy, kNN distance and embeddings of a batch.
+
+    One pass of the loaded runtime (`inference.outputs`), keeping the logits
+    (the energy score needs them) and computing every score on the model's
+    device, so a batch costs one transfer back and no small CPU operations.
+    """
+    # With knn, the one pass gives the pooled stage features the score needs too.
+    heads = inference.outputs(loaded, x, stage=ref is not None)
+    probs, logits, feats = heads["probs"], heads["logits"], heads["embedding"]
+    top_p, top_i = probs.topk(min(5, probs.shape[1]), dim=1)
+    out = {"top_p": top_p, "top_i": top_i, "margin": top_p[:, 0] - top_p[:, 1],
+           "entropy": -(probs * probs.clamp_min(1e-12).log()).sum(dim=1),
+           "ood": -torch.logsumexp(logits, dim=1), "emb": feats.to(torch.float16)}
+    if ref is not None:
+        out["knn"] = neighbours.kth_distance(ref, heads["stage"])
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def _score_batch(loaded: inference.Loaded, pixels: torch.Tensor, errors: list[str],
+                 ref: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """`_scores` of a batch's readable images, with `ok` marking which rows they are."""
+    ok = np.array([e == "" for e in errors], dtype=bool)
+    if not ok.any():
+        return {"ok": ok}
+    # Index only when needed: a fresh tensor would lose the pinned memory.
+    kept = pixels if ok.all() else pixels[torch.from_numpy(ok)]
+    return {"ok": ok, **_scores(loaded, normalise(kept, loaded.info, loaded.device), ref)}
+
+
+def _rows(ws: Workspace, loaded: inference.Loaded, paths: list[str], hashes: list[str],
+          errors: list[str], scored: list[dict[str, np.ndarray]]) -> pa.Table:
+    """Consecutive batches' rows as one Arrow table (errors keep their row, no prediction)."""
+    ok = np.concatenate([b["ok"] for b in scored])
+    found = [b for b in scored if "top_i" in b]
+    s = {k: np.concatenate([b[k] for b in found]) for k in found[0]} if found else {}
+    n, names = len(paths), pa.array(loaded.classes, type=pa.string())
+    conf, margin, entropy, ood, knn = (np.full(n, np.nan) for _ in range(5))
+    top_i = s.get("top_i", np.zeros((0, 0), dtype=np.int64))
+    best = np.zeros(n, dtype=np.int64)
+    if s:
+        rows = np.flatnonzero(ok)
+        conf[rows], margin[rows] = s["top_p"][:, 0], s["margin"]
+        entropy[rows], ood[rows], best[rows] = s["entropy"], s["ood"], top_i[:, 0]
+        if "knn" in s:
+            knn[rows] = s["knn"]
+    root = str(ws.root) + os.sep
+    # Class names are taken from the class list by index (Arrow's take), and lists
+    # are built from flat arrays and offsets: no Python object per value.
+    return pa.table({
+        "path": paths, "rel": [p[len(root):] if p.startswith(root) else p for p in paths],
+        "hash": list(hashes), "pred": names.take(pa.array(best, mask=~ok)), "confidence": conf,
+        "top5": _lists(names.take(pa.array(top_i.ravel())), ok),
+        "top5_prob": _lists(pa.array(s.get("top_p", np.zeros(0)).ravel(), type=pa.float32()),
+                            ok),
+        "margin": margin, "entropy": entropy, "ood": ood, "knn": knn,
+        "embedding": _blobs(s.get("emb", np.zeros((0, 0))), ok),
+        "generation": pa.repeat(pa.scalar(loaded.name), n), "error": list(errors),
+    }, schema=results.SCHEMA)
+
+
+def _offsets(ok: np.ndarray, width: int) -> np.ndarray:
+    """Arrow offsets giving `width` items to each readable row and none to the others."""
+    offsets = np.zeros(len(ok) + 1, dtype=np.int32)
+    np.cumsum(np.where(ok, width, 0), out=offsets[1:])
+    return offsets
+
+
+def _lists(values: pa.Array, ok: np.ndarray) -> pa.ListArray:
+    """A list column: the values shared evenly by the readable rows, in order; the others
+    get []."""
+    width = len(values) // max(int(ok.sum()), 1)
+    return pa.ListArray.from_arrays(pa.array(_offsets(ok, width)), values)
+
+
+def _blobs(emb: np.ndarray, ok: np.ndarray) -> pa.BinaryArray:
+    """The embedding column: one row of `emb` as float16 bytes per readable row, else null."""
+    data = np.ascontiguousarray(emb, dtype=results.EMBEDDING)
+    offsets = _offsets(ok, data.shape[1] * results.EMBEDDING.itemsize if data.size else 0)
+    valid = pa.array(ok).buffers()[1]  # Arrow's validity bitmap has the bool array's bits
+    return pa.BinaryArray.from_buffers(pa.binary(), len(ok), [
+        valid, pa.py_buffer(offsets), pa.py_buffer(data.tobytes())], null_count=int((~ok).sum()))

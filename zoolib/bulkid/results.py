@@ -1,0 +1,355 @@
+"""The results of bulk identification: one run folder per name, written in parts, read back.
+
+A run's table is `WORKSPACE/bulkid/<name>/results.parquet`, one row per file,
+columns RESULT_COLUMNS (schema SCHEMA).
+
+How it is written and resumed:
+
+- Finished rows are flushed every few seconds to `parts/part-NNNNN.parquet`
+  (each written to a temporary name and renamed, so a part is whole or absent).
+  At the end, or when the run is interrupted by an exception, results.parquet
+  and the parts are merged into a new results.parquet (atomic rename) and the
+  parts removed. Even after a hard kill the table is valid: `load_results` reads
+  results.parquet plus any parts, and every merge keeps one row per path.
+- Re-running with the same name skips every path already in the table. One
+  process at a time runs a given name (a lock file, `bulkid/<name>/.lock`); it
+  starts by cleaning up after a killed run: temporaries of dead processes are
+  removed, parts left over are merged, and a table that cannot be read is
+  renamed `results.parquet.corrupt-<time>` (never deleted) and its images
+  identified again. Each of these is said in a printed line.
+- Embeddings (float16) are stored as one binary value per row (the little-endian
+  float16 bytes): pyarrow reads and writes a float16 list value by value, ~10x
+  slower, which at 32 px cost as much as decoding the images. `load_results`
+  gives them back as float16 arrays.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
+
+from .. import inference
+from ..models import remove_dead_temps
+from ..workspace import Workspace, ZoolibError, open_workspace, write_atomic
+
+RESULT_COLUMNS = ["path", "rel", "hash", "pred", "confidence", "top5", "top5_prob", "margin",
+                  "entropy", "ood", "knn", "embedding", "generation", "error"]
+SCHEMA = pa.schema([
+    ("path", pa.string()), ("rel", pa.string()), ("hash", pa.string()), ("pred", pa.string()),
+    ("confidence", pa.float64()), ("top5", pa.list_(pa.string())),
+    ("top5_prob", pa.list_(pa.float32())), ("margin", pa.float64()),
+    ("entropy", pa.float64()), ("ood", pa.float64()), ("knn", pa.float64()),
+    ("embedding", pa.binary()),
+    ("generation", pa.string()), ("error", pa.string()),
+])
+_META_KEY = b"zoolib.bulkid"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+FLUSH_SECONDS = 10.0  # at most this much finished work is lost by a hard kill
+FLUSH_ROWS = 4096  # ... or this many rows, whichever comes first
+EMBEDDING = np.dtype("<f2")  # float16, little-endian whatever the machine
+# Dictionary-encode only repetitive strings: trying it on embeddings doubles write time.
+_DICT_COLUMNS = ["pred", "generation", "error"]
+# Snappy saves ~30 % on embeddings but makes writing them 2.5x slower; the rest is small.
+_COMPRESSION = {c: "none" if c == "embedding" else "snappy" for c in RESULT_COLUMNS}
+
+
+def run_dir(ws: Workspace, name: str) -> Path:
+    """`bulkid/<name>`, created, for a valid run name."""
+    if not _RUN_NAME.match(name):
+        raise ZoolibError(f"bulk identification run name {name!r} must be letters, digits, "
+                          "'.', '_' or '-' (it becomes a folder name)")
+    run_dir = ws.bulkid / name
+    (run_dir / "parts").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@contextmanager
+def exclusive(run_dir: Path, name: str):
+    """Hold the run's lock (`<run>/.lock`): a second process running the same name is
+    refused, so a run's own cleanup never touches the files of a live one.
+
+    The lock file stays (it is hidden): unlinking it on release would let a
+    process that opened the old file lock it while a third locks a new one.
+    """
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ZoolibError(f"bulk identification run {name!r} is already going on in another "
+                          f"process ({run_dir}); wait for it, or choose another name") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _read_run_json(run_dir: Path) -> dict:
+    """A run's run.json, or a ZoolibError naming it and what to do."""
+    path = run_dir / "run.json"
+    try:
+        meta = json.loads(path.read_bytes())
+        if not isinstance(meta, dict) or "generation" not in meta or "classes" not in meta:
+            raise ValueError("no generation and classes in it")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ZoolibError(f"{path} is unreadable ({exc}): it records which generation the "
+                          f"run's table comes from; delete the folder {run_dir} to start the "
+                          "run over, or choose another name") from exc
+    return meta
+
+
+def open_run(run_dir: Path, name: str, loaded: inference.Loaded) -> None:
+    """Create or reopen a run's run.json, refusing to mix generations in one table."""
+    meta = {"name": name, "generation": loaded.name, "classes": list(loaded.classes)}
+    if (run_dir / "run.json").exists():
+        old = _read_run_json(run_dir)
+        if old.get("generation") != loaded.name:
+            raise ZoolibError(f"bulk identification run {name!r} was made with "
+                              f"{old.get('generation')}, not {loaded.name}: pass "
+                              f"generation={old.get('generation')!r} to resume it or "
+                              "choose another name")
+    else:
+        write_atomic(run_dir / "run.json", json.dumps(meta, indent=2))
+
+
+def recover(run_dir: Path) -> set[str]:
+    """Clean up after a killed run of this folder (under its lock); the paths done.
+
+    Temporaries of dead processes are removed; a table file that cannot be read is
+    set aside (`_set_aside`), so its images are identified again; parts left by a
+    run that never merged are merged into results.parquet. Each is said.
+    """
+    remove_dead_temps(run_dir)
+    remove_dead_temps(run_dir / "parts")
+    done = set(read_table(run_dir, on_corrupt=_set_aside).column("path").to_pylist())
+    parts = sorted((run_dir / "parts").glob("part-*.parquet"))
+    if parts:
+        consolidate(run_dir)
+        print(f"merged {len(parts)} part(s) left by an interrupted run into "
+              f"{run_dir / 'results.parquet'}")
+    return done
+
+
+def _set_aside(path: Path, exc: Exception) -> None:
+    """Rename an unreadable table file `<name>.corrupt-<UTC time>` in the run folder
+    (never deleted: it may still be recovered by hand), saying so."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    run_dir = path.parent.parent if path.parent.name == "parts" else path.parent
+    target = run_dir / f"{path.name}.corrupt-{stamp}"
+    path.replace(target)
+    print(f"{path} is not a readable results table ({exc}): renamed it {target.name}; "
+          "the images it held are identified again")
+
+
+def float16_rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """The embedding column read back: a float16 array per row (None where null)."""
+    blobs = column.combine_chunks()
+    # Slices of one float16 view of the data buffer: no bytes object per row.
+    values = np.frombuffer(blobs.buffers()[2] or b"", dtype=EMBEDDING)
+    ends = np.frombuffer(blobs.buffers()[1], dtype=np.int32, count=len(blobs) + 1,
+                         offset=4 * blobs.offset) // EMBEDDING.itemsize
+    valid = blobs.is_valid().to_numpy(zero_copy_only=False).tolist()
+    return [values[a:b] if ok else None
+            for a, b, ok in zip(ends[:-1].tolist(), ends[1:].tolist(), valid)]
+
+
+def upgrade(table: pa.Table) -> pa.Table:
+    """A table of an older layout brought to SCHEMA: a `knn` column (null) added where
+    it is missing; embeddings stored as float16 lists converted to bytes."""
+    if "knn" not in table.schema.names:
+        at = table.schema.get_field_index("ood") + 1
+        table = table.add_column(at, "knn", pa.nulls(table.num_rows, type=pa.float64()))
+    i = table.schema.get_field_index("embedding")
+    if not pa.types.is_list(table.schema.field(i).type):
+        return table
+    blobs = [None if v is None else np.asarray(v, dtype=EMBEDDING).tobytes()
+             for v in table.column(i).to_pylist()]
+    return table.set_column(i, "embedding", pa.array(blobs, type=pa.binary()))
+
+
+# ----------------------------------------------------------------------------- storage
+
+def schema(loaded: inference.Loaded) -> pa.Schema:
+    """The table schema with the generation and class list in its metadata."""
+    meta = {"generation": loaded.name, "classes": list(loaded.classes)}
+    return SCHEMA.with_metadata({_META_KEY: json.dumps(meta).encode()})
+
+
+class PartWriter:
+    """Buffers batches and writes them as numbered, atomically renamed part files."""
+
+    def __init__(self, run_dir: Path, schema: pa.Schema):
+        self.dir, self.schema = run_dir / "parts", schema
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pending: list[pa.Table] = []
+        self.rows, self.last = 0, time.monotonic()
+        numbers = [int(p.stem.split("-")[1]) for p in self.dir.glob("part-*.parquet")]
+        self.next = max(numbers, default=0) + 1
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= FLUSH_ROWS or time.monotonic() - self.last >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            path = self.dir / f"part-{self.next:05d}.parquet"
+            table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
+            # fsync: a part counts as done for resume, so it must survive a power cut
+            write_atomic(path, write=lambda p: pq.write_table(
+                table, p, use_dictionary=_DICT_COLUMNS, compression=_COMPRESSION), fsync=True)
+            self.next += 1
+        self.pending, self.rows, self.last = [], 0, time.monotonic()
+
+
+def _sources(run_dir: Path) -> list[Path]:
+    """results.parquet first, then the parts in the order they were written."""
+    main = run_dir / "results.parquet"
+    parts = sorted((run_dir / "parts").glob("part-*.parquet"))
+    return ([main] if main.exists() else []) + parts
+
+
+def _merge(sources: list[Path], out_path: Path, schema: pa.Schema) -> None:
+    """Stream `sources` into one Parquet file, keeping the first row of each path."""
+    seen: set[str] = set()
+    with pq.ParquetWriter(out_path, schema, use_dictionary=_DICT_COLUMNS,
+                          compression=_COMPRESSION) as out:
+        for src in sources:
+            for batch in pq.ParquetFile(src).iter_batches(batch_size=FLUSH_ROWS):
+                paths = batch.column("path").to_pylist()
+                keep = [p not in seen for p in paths]
+                seen.update(paths)
+                out.write_table(upgrade(pa.Table.from_batches([batch]).filter(pa.array(keep))))
+
+
+def consolidate(run_dir: Path) -> None:
+    """Merge results.parquet and the parts into a new results.parquet, one row per path.
+
+    Streams batch by batch (memory bounded by a batch, not the table); the
+    parts are removed only after the new table is in place, and a crash between
+    the two steps only leaves rows that the next merge drops as duplicates.
+    """
+    sources = _sources(run_dir)
+    parts = [p for p in sources if p.parent.name == "parts"]
+    if not parts:
+        return
+    target = run_dir / "results.parquet"
+    if sources == parts[:1]:  # a first run that fitted in one part: nothing to merge
+        parts[0].replace(target)
+        return
+    schema = SCHEMA.with_metadata(pq.read_schema(parts[-1]).metadata)
+    write_atomic(target, write=lambda tmp: _merge(sources, tmp, schema), fsync=True)
+    for p in parts:
+        p.unlink()
+
+
+def _read_source(path: Path) -> pa.Table:
+    """One table file (results.parquet or a part) in SCHEMA's layout.
+
+    Raises:
+        FileNotFoundError: the file is gone (merged by the run meanwhile).
+        ValueError: it is not a readable results table (with what is wrong).
+    """
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as exc:  # ArrowInvalid: "Parquet magic bytes not found", ...
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    missing = [c for c in RESULT_COLUMNS if c not in table.schema.names and c != "knn"]
+    if missing:
+        raise ValueError(f"it lacks the column(s) {', '.join(missing)}")
+    return upgrade(table)
+
+
+def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None]
+                  ) -> list[pa.Table]:
+    """The tables of `_sources`, calling `on_corrupt` for each unreadable one.
+
+    A file that vanishes while being read was merged by the run meanwhile: the
+    list is read again (a few times at most), so a reader never sees a half set.
+    """
+    attempts = 5
+    while True:
+        try:
+            tables = [_read_or_report(p, on_corrupt) for p in _sources(run_dir)]
+            return [t for t in tables if t is not None]
+        except FileNotFoundError:
+            attempts -= 1
+            if not attempts:
+                raise
+
+
+def _read_or_report(path: Path, on_corrupt: Callable[[Path, Exception], None]
+                    ) -> pa.Table | None:
+    try:
+        return _read_source(path)
+    except ValueError as exc:
+        on_corrupt(path, exc)
+        return None
+
+
+def _refuse_corrupt(path: Path, exc: Exception) -> None:
+    """`on_corrupt` for readers: a ZoolibError naming the file and what to do."""
+    run_dir = path.parent.parent if path.parent.name == "parts" else path.parent
+    raise ZoolibError(f"{path} is not a readable results table ({exc}): run bulk "
+                      f"identification again with name={run_dir.name!r} to set it aside "
+                      f"(renamed {path.name}.corrupt-<time>) and identify its images again, "
+                      f"or delete the folder {run_dir} to start the run over") from exc
+
+
+def read_table(run_dir: Path, on_corrupt: Callable[[Path, Exception], None] = _refuse_corrupt
+                ) -> pa.Table:
+    """results.parquet plus any parts (a run interrupted hard), one row per path."""
+    tables = _read_sources(run_dir, on_corrupt)
+    if not tables:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    if len(tables) > 1:  # one file alone is a merge's output or one run's part: no repeats
+        _, first = np.unique(np.asarray(table.column("path").to_pylist(), dtype=object),
+                             return_index=True)
+        if len(first) < table.num_rows:
+            table = table.take(np.sort(first))
+    return table.replace_schema_metadata(tables[-1].schema.metadata)
+
+
+def runs(workspace) -> list[str]:
+    """Names of the bulk identification runs in a workspace, sorted."""
+    ws = open_workspace(workspace)
+    if not ws.bulkid.is_dir():
+        return []
+    return sorted(p.name for p in ws.bulkid.iterdir() if (p / "run.json").exists())
+
+
+def load_results(workspace, name: str) -> pd.DataFrame:
+    """Read a run's results table (also while it runs or after an interruption).
+
+    Returns:
+        One row per file, columns RESULT_COLUMNS; `attrs` holds name,
+        generation and classes (the generation's ordered class list).
+
+    Raises:
+        ZoolibError: no run of that name (the existing ones are listed), or a file
+            of the run that cannot be read (named, with what to do).
+    """
+    ws = open_workspace(workspace)
+    run_dir = ws.bulkid / str(name)
+    if not (run_dir / "run.json").exists():
+        have = ", ".join(runs(ws)) or "none"
+        raise ZoolibError(f"no bulk identification run {name!r} in {ws.bulkid} (runs: {have})")
+    meta = _read_run_json(run_dir)
+    table = read_table(run_dir).select(RESULT_COLUMNS)
+    frame = table.drop_columns(["embedding"]).to_pandas()
+    frame.insert(RESULT_COLUMNS.index("embedding"), "embedding",
+                 float16_rows(table.column("embedding")))
+    frame.attrs.update(name=str(name), generation=meta["generation"],
+                       classes=list(meta["classes"]))
+    return frame

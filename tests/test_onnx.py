@@ -136,7 +136,8 @@ def test_int8_is_measured_on_the_test_split_and_recorded(trained_ws, capsys):
     # the float graph's accuracy there is the torch model's on the same rows
     rows = evaluate.test_rows(trained_ws, "gen-0001", library.scan(trained_ws, progress=False),
                               loaded.classes)
-    torch_acc = (evaluate.predict_rows(trained_ws, "gen-0001", rows)["pred"] == rows["label"]).mean()
+    predicted = evaluate.predict_rows(trained_ws, "gen-0001", rows)
+    torch_acc = (predicted["pred"] == rows["label"]).mean()
     record = models.read_info(trained_ws, "gen-0001")["int8"]
     assert record["test_images"] == len(rows) > 0
     assert record["accuracy_float"] == round(float(torch_acc), 4)

@@ -275,24 +275,11 @@ def _write_checked(path: Path, model: torch.nn.Module, info: dict, name: str) ->
 
 
 def _write_int8(ws: Workspace, source: Path, path: Path, info: dict, name: str) -> None:
-    """Quantise the checked float graph dynamically (int8 weights) into `path`, kept only
-    if it loses less than INT8_MAX_DROP accuracy points on the generation's test split."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """Quantise the checked float graph into `path`, kept only if it loses less than
+    INT8_MAX_DROP accuracy points on the generation's test split."""
 
     def write(tmp: Path) -> None:
-        # Pre-processing folds the Identity nodes the exporter puts in front of shared
-        # weights; the quantiser refuses a Conv whose weight is not an initializer.
-        # (A name of write_atomic's pattern: a killed process's leftover is recognised.)
-        pre = tmp.with_name(tmp.name.replace(".onnx.", ".pre.onnx.", 1))
-        try:
-            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
-            quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
-        except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
-            raise ZoolibError(f"cannot quantise generation {name} to int8: "
-                              f"{type(exc).__name__}: {exc}; use runtime='onnx'") from exc
-        finally:
-            pre.unlink(missing_ok=True)
+        quantise(source, tmp, name)
         full, int8, n = int8_accuracies(ws, name, info, source, tmp)
         drop = 100 * (full - int8)
         measured = (f"{n} test images: {full:.4f} float, {int8:.4f} int8, a drop of "
@@ -306,6 +293,29 @@ def _write_int8(ws: Workspace, source: Path, path: Path, info: dict, name: str) 
         print(f"quantised {name} to {path} (int8; {measured})")
 
     write_atomic(path, write=write)
+
+
+def quantise(source: Path, dest: Path, name: str) -> None:
+    """Dynamic int8 quantisation (int8 weights, activations at run time) of a float graph.
+
+    Raises:
+        ZoolibError: the quantiser fails (naming the generation).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # Pre-processing folds the Identity nodes the exporter puts in front of shared
+    # weights; the quantiser refuses a Conv whose weight is not an initializer.
+    # (A name of write_atomic's pattern: a killed process's leftover is recognised.)
+    pre = dest.with_name(dest.name.replace(".onnx", ".pre.onnx", 1))
+    try:
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(dest), weight_type=QuantType.QInt8)
+    except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
+        raise ZoolibError(f"cannot quantise generation {name} to int8: "
+                          f"{type(exc).__name__}: {exc}; use runtime='onnx'") from exc
+    finally:
+        pre.unlink(missing_ok=True)
 
 
 def int8_accuracies(ws: Workspace, name: str, info: dict, float_path: Path, int8_path: Path,

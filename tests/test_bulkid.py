@@ -222,6 +222,20 @@ def test_interrupted_run_leaves_a_table_and_resumes(ws):
     assert set(table["path"]) <= set(out["path"])
 
 
+def test_resume_reads_only_the_path_column(ws, monkeypatch):
+    with pytest.raises(Stop):
+        bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(2))
+    asked, real = [], pq.read_table
+
+    def spy(source, *args, **kwargs):
+        asked.append(kwargs.get("columns"))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(bulkid.results.pq, "read_table", spy)
+    done = bulkid.results.recover(ws.bulkid / "gen-0001-inbox")
+    assert len(done) == 32 and asked == [["path"]]  # one file, its path column
+
+
 def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     """A killed process never merges: its parts are read as they are, and a crash
     between merging and removing parts leaves no duplicate row."""

@@ -130,7 +130,9 @@ def recover(run_dir: Path) -> set[str]:
     """
     remove_dead_temps(run_dir)
     remove_dead_temps(run_dir / "parts")
-    done = set(read_table(run_dir, on_corrupt=_set_aside).column("path").to_pylist())
+    # the path column alone: a resume never reads the embeddings (most of the bytes)
+    done = set(read_table(run_dir, on_corrupt=_set_aside, columns=["path"])
+               .column("path").to_pylist())
     parts = sorted((run_dir / "parts").glob("part-*.parquet"))
     if parts:
         consolidate(run_dir)
@@ -253,25 +255,27 @@ def consolidate(run_dir: Path) -> None:
         p.unlink()
 
 
-def _read_source(path: Path) -> pa.Table:
-    """One table file (results.parquet or a part) in SCHEMA's layout.
+def _read_source(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One table file (results.parquet or a part) in SCHEMA's layout (`columns` of it
+    only, as stored, when given).
 
     Raises:
         FileNotFoundError: the file is gone (merged by the run meanwhile).
         ValueError: it is not a readable results table (with what is wrong).
     """
     try:
-        table = pq.read_table(path)
+        names = pq.read_schema(path).names
+        missing = [c for c in RESULT_COLUMNS if c not in names and c != "knn"]
+        if missing:
+            raise ValueError(f"it lacks the column(s) {', '.join(missing)}")
+        table = pq.read_table(path, columns=columns)
     except pa.ArrowException as exc:  # ArrowInvalid: "Parquet magic bytes not found", ...
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
-    missing = [c for c in RESULT_COLUMNS if c not in table.schema.names and c != "knn"]
-    if missing:
-        raise ValueError(f"it lacks the column(s) {', '.join(missing)}")
-    return upgrade(table)
+    return table if columns else upgrade(table)
 
 
-def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None]
-                  ) -> list[pa.Table]:
+def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None],
+                  columns: list[str] | None = None) -> list[pa.Table]:
     """The tables of `_sources`, calling `on_corrupt` for each unreadable one.
 
     A file that vanishes while being read was merged by the run meanwhile: the
@@ -280,7 +284,7 @@ def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None]
     attempts = 5
     while True:
         try:
-            tables = [_read_or_report(p, on_corrupt) for p in _sources(run_dir)]
+            tables = [_read_or_report(p, on_corrupt, columns) for p in _sources(run_dir)]
             return [t for t in tables if t is not None]
         except FileNotFoundError:
             attempts -= 1
@@ -288,10 +292,10 @@ def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None]
                 raise
 
 
-def _read_or_report(path: Path, on_corrupt: Callable[[Path, Exception], None]
-                    ) -> pa.Table | None:
+def _read_or_report(path: Path, on_corrupt: Callable[[Path, Exception], None],
+                    columns: list[str] | None = None) -> pa.Table | None:
     try:
-        return _read_source(path)
+        return _read_source(path, columns)
     except ValueError as exc:
         on_corrupt(path, exc)
         return None
@@ -306,12 +310,14 @@ def _refuse_corrupt(path: Path, exc: Exception) -> None:
                       f"or delete the folder {run_dir} to start the run over") from exc
 
 
-def read_table(run_dir: Path, on_corrupt: Callable[[Path, Exception], None] = _refuse_corrupt
-                ) -> pa.Table:
-    """results.parquet plus any parts (a run interrupted hard), one row per path."""
-    tables = _read_sources(run_dir, on_corrupt)
+def read_table(run_dir: Path, on_corrupt: Callable[[Path, Exception], None] = _refuse_corrupt,
+               columns: list[str] | None = None) -> pa.Table:
+    """results.parquet plus any parts (a run interrupted hard), one row per path;
+    only `columns` (which must include "path") when given."""
+    tables = _read_sources(run_dir, on_corrupt, columns)
     if not tables:
-        return SCHEMA.empty_table()
+        empty = SCHEMA.empty_table()
+        return empty.select(columns) if columns else empty
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     if len(tables) > 1:  # one file alone is a merge's output or one run's part: no repeats
         _, first = np.unique(np.asarray(table.column("path").to_pylist(), dtype=object),

@@ -61,6 +61,8 @@ from . import results
 
 _READ_BATCHES = 4  # model batches decoded in a row when decoding in this process ...
 _READ_BYTES = 64 << 20  # ... while their pixels take at most this much (or one batch)
+ENGINES = ("local", "ray")
+RAY_INSTALL = "pip install -e '.[ray]' (in the zoolib checkout)"
 LINK_ERROR = "is a symbolic link; zoolib does not follow links"
 SPECIAL_ERROR = "is not a regular file (a pipe, socket or device); zoolib does not open it"
 
@@ -195,7 +197,8 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         name: str | None = None, batch_size: int = 64, num_workers: int | None = None,
         progress: bool = True, files: list[Path] | None = None,
         on_batch: Callable[[int, int], None] | None = None, device: str | None = None,
-        knn: bool = True, runtime: str | None = None) -> pd.DataFrame:
+        knn: bool = True, runtime: str | None = None, engine: str = "local",
+        address: str | None = None) -> pd.DataFrame:
     """Predict every file under an inbox folder into `bulkid/<name>/results.parquet`.
 
     Args:
@@ -207,6 +210,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         batch_size: images per forward pass.
         num_workers: decoding processes; None = all spare cores (at most 16) with a
             GPU, none on a CPU with up to 4 cores, else 2 (see `_default_workers`).
+            With engine="ray": the number of model actors (None = the cluster's CPUs).
         progress: show a progress bar (images/s).
         files: identify exactly these files instead of listing `inbox`.
         on_batch: called after every batch with (rows done in this call, rows to do);
@@ -220,6 +224,12 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
             `inference.default_runtime()`: onnx where installed, else torch
             (torch on a GPU). The ONNX ones run on the CPU and export the
             generation on first use (see zoolib/onnx_export.py).
+        engine: "local" (this process) or "ray": a Ray Data pipeline whose actors
+            (the model loaded once per actor) identify the files; the rows, the
+            table and resuming are the same. Needs `pip install -e '.[ray]'`; the
+            files and the workspace must be readable at the same paths on every node.
+        address: with engine="ray", the cluster to join ("auto", "ray://host:10001");
+            None = RAY_ADDRESS if set, else a local cluster on this machine's cores.
 
     Symbolic links, pipes, sockets and devices are never opened: each gets a row
     with an error (`LINK_ERROR`, `SPECIAL_ERROR`), as unreadable files do. Hidden
@@ -238,6 +248,9 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     ws = open_workspace(workspace)
     if int(batch_size) < 1:
         raise ZoolibError(f"batch_size must be at least 1, got {batch_size}")
+    if engine not in ENGINES:
+        raise ZoolibError(f"engine must be one of {', '.join(map(repr, ENGINES))}, "
+                          f"not {engine!r}")
     loaded = inference.load(ws, generation, device=device, runtime=runtime)
     _check_preprocessing(loaded)
     paths, refused = _input_files(ws, inbox, files)
@@ -248,9 +261,13 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         done = results.recover(run_dir)
         todo = [p for p in paths if p not in done]
         if todo:
-            ref = neighbours.reference(ws, loaded) if knn else None
-            _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress,
-                     on_batch, ref, refused)
+            ref = neighbours.reference(ws, loaded) if knn else None  # cached for actors too
+            if engine == "ray":
+                _predict_ray(ws, loaded, run_dir, todo, int(batch_size), num_workers,
+                             progress, on_batch, knn, refused, address)
+            else:
+                _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress,
+                         on_batch, ref, refused)
     return results.load_results(ws, name)
 
 
@@ -342,6 +359,14 @@ def _check_inbox(ws: Workspace, folder: Path) -> None:
                           f"(linked from {ws.root}): {why}")
 
 
+def _cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _default_workers(cuda: bool) -> int:
     """Decoding processes for a run.
 
@@ -352,10 +377,7 @@ def _default_workers(cuda: bool) -> int:
     with one, even at the idle scheduling class, as it preempts the model's
     thread team); with more, 2 workers and the model gets the other cores.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
+    cores = _cores()
     if cuda:
         return max(0, min(cores - 1, 16))
     return 0 if cores <= 4 else 2
@@ -405,6 +427,105 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
             n = done - start
             writer.add(_rows(ws, loaded, todo[start:done], hashes[:n], errors[:n], scored))
         torch.set_num_threads(threads)
+        bar.close()
+        writer.flush()
+        results.consolidate(run_dir)
+
+
+def identify_files(ws: Workspace, loaded: inference.Loaded, paths: list[str],
+                   ref: torch.Tensor | None = None, refused: dict[str, str] | None = None,
+                   batch_size: int = 64) -> pa.Table:
+    """The work of every engine on one batch of files, with nothing else: file paths in,
+    their rows of the results table out (SCHEMA, in the order of `paths`).
+
+    Args:
+        ws: the workspace (rows name files relative to its root).
+        loaded: the generation, loaded for inference.
+        paths: absolute file paths.
+        ref: the knn reference (`neighbours.reference`), or None for no knn score.
+        refused: path -> error for files never to be opened (links, pipes).
+        batch_size: images per forward pass.
+    """
+    if not paths:
+        return results.SCHEMA.empty_table()
+    info = loaded.info
+    files = ImageFiles(paths, info["img_size"], info["interpolation"], refused, info["decode"])
+    items = [files[i] for i in range(len(files))]
+    pixels = torch.stack([item[0] for item in items])
+    hashes, errors = [item[1] for item in items], [item[2] for item in items]
+    scored = [_score_batch(loaded, pixels[i:i + batch_size], errors[i:i + batch_size], ref)
+              for i in range(0, len(items), batch_size)]
+    return _rows(ws, loaded, [str(p) for p in paths], hashes, errors, scored)
+
+
+class _RayIdentifier:
+    """A Ray Data actor: the generation loaded once, then `identify_files` per batch."""
+
+    def __init__(self, root: str, generation: str, runtime: str, device: str, knn: bool,
+                 batch_size: int):
+        torch.set_num_threads(1)  # one CPU per actor: the cluster places the actors
+        self.ws = open_workspace(root)
+        self.loaded = inference.load(self.ws, generation, device=device, runtime=runtime)
+        self.ref = neighbours.reference(self.ws, self.loaded) if knn else None
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        paths = batch.column("path").to_pylist()
+        refused = {p: e for p, e in zip(paths, batch.column("refused").to_pylist()) if e}
+        return identify_files(self.ws, self.loaded, paths, self.ref, refused, self.batch_size)
+
+
+def _ray():
+    """The ray module, or a ZoolibError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data is the part used
+    except ImportError as exc:
+        raise ZoolibError(f"engine='ray' needs Ray Data, which is not installed ({exc}): "
+                          f"{RAY_INSTALL}; or use engine='local'") from exc
+    return ray
+
+
+def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[str],
+                 batch_size: int, num_workers: int | None, progress: bool,
+                 on_batch: Callable[[int, int], None] | None, knn: bool,
+                 refused: dict[str, str] | None, address: str | None) -> None:
+    """`_predict` on Ray Data: actors identify, this process writes the parts.
+
+    The rows come back in the order of `todo` (preserve_order), so the parts,
+    the table and resuming are those of the local engine.
+    """
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 num_cpus=None if address or os.environ.get("RAY_ADDRESS") else _cores())
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    actors = int(num_workers) if num_workers else max(1, int(ray.cluster_resources()["CPU"]))
+    gpu = loaded.device.type == "cuda"
+    items = pa.table({"path": todo, "refused": [(refused or {}).get(p, "") for p in todo]})
+    # One block per batch, made here: a repartition would be a task needing a CPU
+    # that the actors hold, and the pipeline would wait for ever on a small cluster.
+    blocks = [items.slice(i, batch_size) for i in range(0, len(todo), batch_size)]
+    rows = ray.data.from_arrow(blocks) \
+        .map_batches(_RayIdentifier, batch_format="pyarrow", batch_size=batch_size,
+                     concurrency=actors, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
+                     fn_constructor_kwargs=dict(
+                         root=str(ws.root), generation=loaded.name, runtime=loaded.runtime,
+                         device=str(loaded.device), knn=knn, batch_size=batch_size))
+    writer = results.PartWriter(run_dir, results.schema(loaded))
+    bar = tqdm(total=len(todo), unit="img", desc=f"identifying with {loaded.name} on Ray",
+               disable=not progress, smoothing=0.1)
+    done = 0
+    try:
+        for table in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(table.cast(results.SCHEMA))  # Ray may widen types (large_binary)
+            done += table.num_rows
+            bar.update(table.num_rows)
+            if on_batch is not None:
+                on_batch(done, len(todo))
+    finally:
         bar.close()
         writer.flush()
         results.consolidate(run_dir)

@@ -168,6 +168,9 @@ def bench(name: str, root: Path, n: int, size: int, args) -> dict:
         for key, learn in learners.items():
             time_fastai(learn, warm, key == "fastai")
         keys = [f"forward {r}" for r in runtimes] + [f"zoolib {r}" for r in runtimes]
+        other = args.compare_workers  # the same runs with another number of decoders
+        if other is not None:
+            keys += [f"zoolib {r} w{other}" for r in runtimes]
         best = dict.fromkeys([*keys, *learners], 0.0)
         for rep in range(args.repeats):
             for r in runtimes:  # interleaved, so that no runtime always runs first
@@ -175,6 +178,9 @@ def bench(name: str, root: Path, n: int, size: int, args) -> dict:
                                            time_forward(loaded[r], files, args.batch_size))
                 best[f"zoolib {r}"] = max(best[f"zoolib {r}"], time_zoolib(
                     ws, files, args.batch_size, args.workers, str(rep), args.device, r))
+                if other is not None:
+                    best[f"zoolib {r} w{other}"] = max(best[f"zoolib {r} w{other}"], time_zoolib(
+                        ws, files, args.batch_size, other, f"w{other}-{rep}", args.device, r))
             for key, learn in learners.items():
                 best[key] = max(best[key], time_fastai(learn, files, key == "fastai"))
     fastest = max(runtimes, key=lambda r: best[f"forward {r}"])
@@ -184,6 +190,8 @@ def bench(name: str, root: Path, n: int, size: int, args) -> dict:
            "zoolib/ceiling": best["zoolib"] / best["ceiling"]}
     for r in runtimes:
         row[f"zoolib {r}/ceiling"] = best[f"zoolib {r}"] / best["ceiling"]
+        if other is not None:
+            row[f"zoolib {r} w{other}/ceiling"] = best[f"zoolib {r} w{other}"] / best["ceiling"]
     if "torch" in runtimes and "onnx" in runtimes:
         row["zoolib onnx/torch"] = best["zoolib onnx"] / best["zoolib torch"]
         row["forward onnx/torch"] = best["forward onnx"] / best["forward torch"]
@@ -204,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers for zoolib and fastai (default: zoolib's)")
+    parser.add_argument("--compare-workers", type=int, default=None,
+                        help="also time zoolib with this many decoding workers, in the same run")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: auto)")
     parser.add_argument("--no-fastai", action="store_true", help="skip the fastai path")

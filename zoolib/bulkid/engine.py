@@ -42,6 +42,7 @@ Scores:
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -63,6 +64,7 @@ _READ_BATCHES = 4  # model batches decoded in a row when decoding in this proces
 _READ_BYTES = 64 << 20  # ... while their pixels take at most this much (or one batch)
 ENGINES = ("local", "ray")
 RAY_INSTALL = "pip install -e '.[ray]' (in the zoolib checkout)"
+RAY_BATCHES = 4  # model batches per Ray call
 LINK_ERROR = "is a symbolic link; zoolib does not follow links"
 SPECIAL_ERROR = "is not a regular file (a pipe, socket or device); zoolib does not open it"
 
@@ -505,11 +507,14 @@ def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: l
     actors = int(num_workers) if num_workers else max(1, int(ray.cluster_resources()["CPU"]))
     gpu = loaded.device.type == "cuda"
     items = pa.table({"path": todo, "refused": [(refused or {}).get(p, "") for p in todo]})
-    # One block per batch, made here: a repartition would be a task needing a CPU
-    # that the actors hold, and the pipeline would wait for ever on a small cluster.
-    blocks = [items.slice(i, batch_size) for i in range(0, len(todo), batch_size)]
+    # Blocks made here: a repartition would be a task needing a CPU that the actors
+    # hold, and the pipeline would wait for ever on a small cluster. A block is a few
+    # model batches, as Ray's cost per call (~10-20 ms) would dominate small images.
+    per_call = batch_size * RAY_BATCHES
+    blocks = [items.slice(i, per_call) for i in range(0, len(todo), per_call)]
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset run
     rows = ray.data.from_arrow(blocks) \
-        .map_batches(_RayIdentifier, batch_format="pyarrow", batch_size=batch_size,
+        .map_batches(_RayIdentifier, batch_format="pyarrow", batch_size=per_call,
                      concurrency=actors, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
                      fn_constructor_kwargs=dict(
                          root=str(ws.root), generation=loaded.name, runtime=loaded.runtime,

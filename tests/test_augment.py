@@ -73,7 +73,8 @@ def test_validation_batches_are_not_augmented():
 def test_a_validation_batch_is_the_inference_preprocessing_of_its_files(demo_ws):
     cfg = TrainConfig(img_size=40, batch_size=16, num_workers=0)
     data, classes = prepare_data(demo_ws, cfg, progress=False)
-    prep = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic"}
+    prep = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic",
+            "decode": "full"}
     dls = make_dataloaders(demo_ws, data, classes, cfg, prep)
     xb, yb = dls.valid.one_batch()
     items = dls.valid_ds.items[: len(xb)]

@@ -70,9 +70,10 @@ def default_runtime() -> str:
     """The CPU runtime of bulk identification and serving when none is given.
 
     ONNX Runtime where the `onnx` extra is installed: measured end to end on 2
-    cores (bench/bulkid_throughput.py, resnet18 on camera photos) it is 1.20x
-    the torch runtime at 224 px and 1.32x at 299, with probabilities within
-    1e-4 (checked at export). Without the extra, torch.
+    cores (bench/bulkid_throughput.py, resnet18), 1.24x the torch runtime on
+    CIFAR files at 32 px, 1.15x on photos at 224 px, 1.10x and 0.98x on camera
+    photos at 224 and 299 px (where decoding is most of the work), with
+    probabilities within 1e-4 (checked at export). Without the extra, torch.
     """
     from importlib.util import find_spec
 

@@ -75,10 +75,13 @@ def default_runtime() -> str:
     photos at 224 and 299 px (where decoding is most of the work), with
     probabilities within 1e-4 (checked at export). Without the extra, torch.
     """
-    from importlib.util import find_spec
+    from . import onnx_export
 
-    have = all(find_spec(package) is not None for package in ("onnxruntime", "onnx"))
-    return "onnx" if have else "torch"
+    try:
+        onnx_export.require()  # the one check of the extra's packages
+    except ZoolibError:
+        return "torch"
+    return "onnx"
 
 
 def resolve_runtime(runtime: str | None, device: str | None = None) -> str:

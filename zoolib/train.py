@@ -287,7 +287,7 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
 
     Args:
         prep: mean, std, interpolation and decode (`models.preprocessing`);
-            a new scratch model's (`models.preprocessing`) when None.
+            a new scratch model's when None.
         progress: show the progress of filling the pixel cache (`cfg.cache`).
 
     Augmentation runs on whole training batches, as fastai does on a GPU; a
@@ -326,7 +326,7 @@ def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
     parent = models.resolve_generation(ws, cfg.init_from)
     model, record = warmstart.warm_start(ws, parent, cfg.arch, classes, carry_rows=cfg.carry_rows,
                                          shrink=cfg.warm_shrink, perturb=cfg.warm_perturb)
-    # the body learned on the parent's inputs: keep its normalisation and resize filter
+    # the body learned on the parent's inputs: keep its normalisation, filter and decode
     p_info = models.read_info(ws, parent)
     prep = {key: p_info[key] for key in ("mean", "std", "interpolation", "decode")}
     return model, record, prep

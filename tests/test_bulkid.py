@@ -250,12 +250,19 @@ def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     assert len(list((run_dir / "parts").glob("part-*.parquet"))) == 3
     assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48
 
+    parts = {p: p.read_bytes() for p in (run_dir / "parts").glob("part-*.parquet")}
     bulkid.results.consolidate(run_dir)
-    shutil.copy(run_dir / "results.parquet", run_dir / "parts" / "part-00009.parquet")
-    assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48  # stale part: deduplicated
+    for p, data in parts.items():  # as if killed after merging, before removing the parts
+        p.write_bytes(data)
+    assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48  # held parts: never read
+    first = (run_dir / "results.parquet").read_bytes()
     out = bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
     assert len(out) == len(_inbox_files(ws)) and out["path"].is_unique
-    assert len(pd.read_parquet(run_dir / "results.parquet")) == len(out)
+    # the rest was appended as a segment: the first file is never rewritten
+    assert (run_dir / "results.parquet").read_bytes() == first
+    (segment,) = (run_dir / "segments").glob("seg-*.parquet")
+    assert len(pd.read_parquet(segment)) == len(out) - 48
+    assert not list((run_dir / "parts").iterdir())
 
 
 def test_embeddings_are_stored_as_float16_bytes(ws):

@@ -25,17 +25,25 @@ def cluster():
     ray.shutdown()
 
 
-def _same_rows(got: pd.DataFrame, ref: pd.DataFrame) -> None:
-    """Equal tables, row for row and value for value (embeddings included)."""
+def _same_rows(got: pd.DataFrame, ref: pd.DataFrame, ulps: bool = False) -> None:
+    """Equal tables, row for row and value for value (embeddings included).
+
+    With `ulps`, numbers may differ in their last bits: CPU kernels round differently
+    for another batch size (a resumed run's batches are not the first run's).
+    """
     assert list(got["path"]) == list(ref["path"])
+    close = (lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-6)) if ulps else np.array_equal
     for column in bulkid.RESULT_COLUMNS:
         if column == "embedding":
             for a, b in zip(got[column], ref[column]):
-                assert (a is None and b is None) or np.array_equal(a, b)
-        elif column in ("top5", "top5_prob"):
+                assert (a is None and b is None) or close(a, b)
+        elif column == "top5":
             assert [list(v) for v in got[column]] == [list(v) for v in ref[column]]
+        elif column == "top5_prob":
+            assert all(close(a, b) for a, b in zip(got[column], ref[column]))
         else:
-            pd.testing.assert_series_equal(got[column], ref[column], check_names=False)
+            pd.testing.assert_series_equal(got[column], ref[column], check_names=False,
+                                           check_exact=not ulps, rtol=1e-4)
 
 
 def test_ray_rows_equal_local_rows(ws, cluster):
@@ -61,7 +69,7 @@ def test_ray_run_resumes_without_duplicates(ws, cluster, monkeypatch):
     got = bulkid.run(ws, name="ray", engine="ray", batch_size=16, progress=False,
                      runtime="torch", on_batch=lambda done, total: calls.append(total))
     assert calls[-1] == len(ref) - len(partial)  # only what was missing
-    _same_rows(got.set_index("path").loc[ref["path"]].reset_index(), ref)
+    _same_rows(got.set_index("path").loc[ref["path"]].reset_index(), ref, ulps=True)
 
 
 def test_the_pure_batch_function_gives_the_engine_rows(ws):

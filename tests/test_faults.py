@@ -41,10 +41,11 @@ from .test_train import COLOUR_TINY, colour_workspace
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the driver forks (POSIX)")
 
 SEED = 18
+MERGED = r"results\.parquet|seg-\d+\.parquet"  # the files a merge writes (first run, later runs)
 CHILD_SECONDS = 120  # a child that neither finishes nor dies by then is killed and reported
 
 DRIVER = r'''
-import io, json, os, signal, sys, time, traceback
+import io, json, os, re, signal, sys, time, traceback
 import torch
 import zoolib.bulkid, zoolib.train  # imported once: every child inherits them
 torch.set_num_threads(1)  # as the test process while it compares (see `one_thread`)
@@ -57,7 +58,8 @@ def kill():
 
 def install(hook):
     """Wrap `module:attr[.attr]` so that its Nth call (among those whose path arguments
-    contain `match`) kills the process before, after or half-way through it."""
+    match the regular expression `match`) kills the process before, after or half-way
+    through it."""
     module, _, dotted = hook["target"].partition(":")
     owner = __import__(module, fromlist=["_"])
     *parents, attr = dotted.split(".")
@@ -67,7 +69,7 @@ def install(hook):
 
     def wrapped(*args, **kw):
         named = " ".join(str(a) for a in args if isinstance(a, (str, os.PathLike)))
-        if hook.get("match", "") in named:
+        if re.search(hook.get("match", ""), named):
             calls[0] += 1
             if calls[0] == hook["nth"]:
                 if hook["when"] == "before":
@@ -262,11 +264,12 @@ def test_bulk_identification_killed_anywhere_resumes_to_the_same_table(driver, o
         ("merging leftover parts: written, not yet renamed",
          [hook("zoolib.bulkid.results:_merge", 1)], {}),
         ("merging leftover parts: renamed, parts not yet removed",
-         [hook("zoolib.bulkid.results:write_atomic", 1, match="results.parquet")], {}),
+         [hook("zoolib.bulkid.results:write_atomic", 1, match=MERGED)], {}),
+        # The kill before left only parts its merged file holds: removed, not merged.
         ("the merge of an interrupted run: written, not yet renamed",
-         [hook("zoolib.bulkid.results:_merge", 2)], {"stop_after_batches": n()}),
+         [hook("zoolib.bulkid.results:_merge", 1)], {"stop_after_batches": n()}),
         ("the merge of an interrupted run: renamed, parts not yet removed",
-         [hook("zoolib.bulkid.results:write_atomic", 2, match="results.parquet")],
+         [hook("zoolib.bulkid.results:write_atomic", 2, match=MERGED)],
          {"stop_after_batches": n()}),
     ]
     seen: set[str] = set()
@@ -288,10 +291,12 @@ def test_bulk_identification_killed_anywhere_resumes_to_the_same_table(driver, o
 
     capsys.readouterr()
     out = bulkid.run(ws, batch_size=1, num_workers=0, progress=False)
-    assert "part(s) left by an interrupted run" in capsys.readouterr().out
+    # The last kill left parts its renamed merge holds: removed, never merged twice.
+    assert "already merged by a killed run" in capsys.readouterr().out
     assert rows_by_rel(out) == reference and set(out["path"]) == files
     run_dir = ws.bulkid / "gen-0001-inbox"
-    stored = pq.read_table(run_dir / "results.parquet").column("path").to_pylist()
+    stored = [p for f in [run_dir / "results.parquet", *(run_dir / "segments").iterdir()]
+              for p in pq.read_table(f).column("path").to_pylist()]
     assert sorted(stored) == sorted(files)  # on disk too: one row per file, no duplicate
     assert not list((run_dir / "parts").iterdir()) and temps(ws) == []
     assert inventory(ws) == before
@@ -316,8 +321,8 @@ def test_training_killed_anywhere_saves_one_generation_like_an_uninterrupted_run
         ("at the end of an epoch",
          [hook("zoolib.callbacks:ReleaseMemory.after_epoch", rng.randint(1, 2))], []),
         ("while writing the checkpoint's last.pth",
-         [hook("torch:save", 1, "cut", match="last.pth")], []),
-        ("kept.pth written, not yet renamed", [hook("torch:save", 1, match=".kept.pth.")], []),
+         [hook("torch:save", 1, "cut", match=r"last\.pth")], []),
+        ("kept.pth written, not yet renamed", [hook("torch:save", 1, match=r"\.kept\.pth\.")], []),
         ("inside save_generation", [hook("zoolib.models:save_file", 1)], []),
         ("after save_generation, before the run folder is removed",
          [hook("zoolib.models:save_generation", 1)], ["gen-0001"]),

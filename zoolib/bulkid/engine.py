@@ -51,6 +51,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
@@ -261,7 +262,8 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     with results.exclusive(run_dir, name):
         results.open_run(run_dir, name, loaded)
         done = results.recover(run_dir)
-        todo = [p for p in paths if p not in done]
+        skip = pc.is_in(pa.array(paths, pa.string()), value_set=done)
+        todo = [p for p, done_ in zip(paths, skip.to_numpy(zero_copy_only=False)) if not done_]
         if todo:
             ref = neighbours.reference(ws, loaded) if knn else None  # cached for actors too
             if engine == "ray":

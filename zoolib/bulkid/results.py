@@ -3,20 +3,26 @@
 A run's table is `WORKSPACE/bulkid/<name>/results.parquet`, one row per file,
 columns RESULT_COLUMNS (schema SCHEMA).
 
-How it is written and resumed:
+How it is written and resumed (a partitioned Parquet dataset, appended to):
 
 - Finished rows are flushed every few seconds to `parts/part-NNNNN.parquet`
   (each written to a temporary name and renamed, so a part is whole or absent).
-  At the end, or when the run is interrupted by an exception, results.parquet
-  and the parts are merged into a new results.parquet (atomic rename) and the
-  parts removed. Even after a hard kill the table is valid: `load_results` reads
-  results.parquet plus any parts, and every merge keeps one row per path.
+  At the end of a run, or when it is interrupted by an exception, that run's
+  parts are merged into one new file of the dataset: `results.parquet` for the
+  first run, `segments/seg-NNNNN.parquet` for each later one. Files already
+  there are never rewritten, so a run costs what it adds, not the whole table.
+  Each merged file records in its metadata the part numbers it holds
+  (`zoolib.parts`); a part whose number a merged file holds is stale (a crash
+  between writing the merged file and removing the parts) and is never read, so
+  no path has two rows.
+- Even after a hard kill the dataset is valid: readers take results.parquet,
+  the segments and any parts, in the order they were written.
 - Re-running with the same name skips every path already in the table. One
   process at a time runs a given name (a lock file, `bulkid/<name>/.lock`); it
   starts by cleaning up after a killed run: temporaries of dead processes are
-  removed, parts left over are merged, and a table that cannot be read is
-  renamed `results.parquet.corrupt-<time>` (never deleted) and its images
-  identified again. Each of these is said in a printed line.
+  removed, parts left over are merged, and a table file that cannot be read is
+  renamed `<file>.corrupt-<time>` (never deleted) and its images identified
+  again. Each of these is said in a printed line.
 - Embeddings (float16) are stored as one binary value per row (the little-endian
   float16 bytes): pyarrow reads and writes a float16 list value by value, ~10x
   slower, which at 32 px cost as much as decoding the images. `load_results`
@@ -35,6 +41,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
@@ -53,6 +60,7 @@ SCHEMA = pa.schema([
     ("generation", pa.string()), ("error", pa.string()),
 ])
 _META_KEY = b"zoolib.bulkid"
+_PARTS_KEY = b"zoolib.parts"  # [first, last]: the part numbers a file holds
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 FLUSH_SECONDS = 10.0  # at most this much finished work is lost by a hard kill
 FLUSH_ROWS = 4096  # ... or this many rows, whichever comes first
@@ -70,6 +78,7 @@ def run_dir(ws: Workspace, name: str) -> Path:
                           "'.', '_' or '-' (it becomes a folder name)")
     run_dir = ws.bulkid / name
     (run_dir / "parts").mkdir(parents=True, exist_ok=True)
+    (run_dir / "segments").mkdir(exist_ok=True)
     return run_dir
 
 
@@ -121,31 +130,60 @@ def open_run(run_dir: Path, name: str, loaded: inference.Loaded) -> None:
         write_atomic(run_dir / "run.json", json.dumps(meta, indent=2))
 
 
-def recover(run_dir: Path) -> set[str]:
+def recover(run_dir: Path) -> pa.Array:
     """Clean up after a killed run of this folder (under its lock); the paths done.
 
     Temporaries of dead processes are removed; a table file that cannot be read is
     set aside (`_set_aside`), so its images are identified again; parts left by a
-    run that never merged are merged into results.parquet. Each is said.
+    run that never merged are merged into a new file of the dataset. Each is said.
+
+    Returns:
+        The paths already in the table, as an Arrow string array (for `pc.is_in`:
+        ten million paths as Python strings would cost a gigabyte).
     """
     remove_dead_temps(run_dir)
-    remove_dead_temps(run_dir / "parts")
+    for sub in ("parts", "segments"):
+        remove_dead_temps(run_dir / sub)
     # the path column alone: a resume never reads the embeddings (most of the bytes)
-    done = set(read_table(run_dir, on_corrupt=_set_aside, columns=["path"])
-               .column("path").to_pylist())
-    parts = sorted((run_dir / "parts").glob("part-*.parquet"))
-    if parts:
-        consolidate(run_dir)
-        print(f"merged {len(parts)} part(s) left by an interrupted run into "
-              f"{run_dir / 'results.parquet'}")
-    return done
+    stored = _paths(_read_sources(run_dir, _set_aside, ["path"], merged=True))
+    _migrate(run_dir)
+    parts = _live_parts(run_dir)
+    stale = set((run_dir / "parts").glob("part-*.parquet")) - set(parts)
+    for p in stale:  # a crash between merging them and removing them: rows kept elsewhere
+        p.unlink()
+    if stale:
+        print(f"removed {len(stale)} part(s) of {run_dir} already merged by a killed run")
+    if not parts:
+        return stored
+    consolidate(run_dir, stored)
+    print(f"merged {len(parts)} part(s) left by an interrupted run into "
+          f"{_sources(run_dir)[-1]}")
+    return _paths(_read_sources(run_dir, _set_aside, ["path"]))
+
+
+def _migrate(run_dir: Path) -> None:
+    """Rewrite, once, each merged file of an older layout (`upgrade`) in SCHEMA's, so
+    that the files of one dataset share a schema and can be read lazily together."""
+    for path in _merged(run_dir):
+        stored = pq.read_schema(path)
+        if stored.remove_metadata().equals(SCHEMA):
+            continue
+        schema = SCHEMA.with_metadata(stored.metadata)
+        write_atomic(path, write=lambda tmp: _merge([path], tmp, schema), fsync=True)
+        print(f"rewrote {path} in the current layout of results tables")
+
+
+def _paths(tables: list[pa.Table]) -> pa.Array:
+    """The path column of `tables`, as one Arrow array."""
+    chunks = [c for t in tables for c in t.column("path").chunks]
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
 def _set_aside(path: Path, exc: Exception) -> None:
     """Rename an unreadable table file `<name>.corrupt-<UTC time>` in the run folder
     (never deleted: it may still be recovered by hand), saying so."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    run_dir = path.parent.parent if path.parent.name == "parts" else path.parent
+    run_dir = _run_of(path)
     target = run_dir / f"{path.name}.corrupt-{stamp}"
     path.replace(target)
     print(f"{path} is not a readable results table ({exc}): renamed it {target.name}; "
@@ -186,6 +224,58 @@ def schema(loaded: inference.Loaded) -> pa.Schema:
     return SCHEMA.with_metadata({_META_KEY: json.dumps(meta).encode()})
 
 
+def _run_of(path: Path) -> Path:
+    """The run folder of one of its table files (results.parquet, a segment, a part)."""
+    return path.parent.parent if path.parent.name in ("parts", "segments") else path.parent
+
+
+def _number(path: Path) -> int:
+    """The number in `part-NNNNN.parquet` / `seg-NNNNN.parquet`."""
+    return int(path.stem.split("-")[1])
+
+
+def _holds(path: Path) -> tuple[int, int] | None:
+    """The part numbers a table file holds (`_PARTS_KEY`), or None for an older file."""
+    meta = pq.read_schema(path).metadata or {}
+    if _PARTS_KEY not in meta:
+        return None
+    first, last = json.loads(meta[_PARTS_KEY])
+    return int(first), int(last)
+
+
+def _merged(run_dir: Path) -> list[Path]:
+    """results.parquet, then the segments in the order they were written."""
+    main = run_dir / "results.parquet"
+    segments = sorted((run_dir / "segments").glob("seg-*.parquet"), key=_number)
+    return ([main] if main.exists() else []) + segments
+
+
+def _held_numbers(merged: list[Path]) -> list[tuple[int, int]]:
+    """The part-number ranges the merged files hold (unreadable files skipped: they
+    are named by whoever reads them)."""
+    ranges = []
+    for path in merged:
+        try:
+            held = _holds(path)
+        except (OSError, pa.ArrowException):
+            continue
+        if held:
+            ranges.append(held)
+    return ranges
+
+
+def _live_parts(run_dir: Path) -> list[Path]:
+    """The parts no merged file holds, in the order they were written."""
+    held = _held_numbers(_merged(run_dir))
+    parts = sorted((run_dir / "parts").glob("part-*.parquet"), key=_number)
+    return [p for p in parts if not any(a <= _number(p) <= b for a, b in held)]
+
+
+def _sources(run_dir: Path) -> list[Path]:
+    """Every file of the dataset, in the order its rows were written."""
+    return _merged(run_dir) + _live_parts(run_dir)
+
+
 class PartWriter:
     """Buffers batches and writes them as numbered, atomically renamed part files."""
 
@@ -194,7 +284,9 @@ class PartWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pending: list[pa.Table] = []
         self.rows, self.last = 0, time.monotonic()
-        numbers = [int(p.stem.split("-")[1]) for p in self.dir.glob("part-*.parquet")]
+        # numbers never repeat in a run folder: a merged file names the parts it holds
+        numbers = [_number(p) for p in self.dir.glob("part-*.parquet")]
+        numbers += [b for _, b in _held_numbers(_merged(run_dir))]
         self.next = max(numbers, default=0) + 1
 
     def add(self, table: pa.Table) -> None:
@@ -206,7 +298,8 @@ class PartWriter:
     def flush(self) -> None:
         if self.pending:
             path = self.dir / f"part-{self.next:05d}.parquet"
-            table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
+            meta = {**self.schema.metadata, _PARTS_KEY: json.dumps([self.next] * 2).encode()}
+            table = pa.concat_tables(self.pending).replace_schema_metadata(meta)
             # fsync: a part counts as done for resume, so it must survive a power cut
             write_atomic(path, write=lambda p: pq.write_table(
                 table, p, use_dictionary=_DICT_COLUMNS, compression=_COMPRESSION), fsync=True)
@@ -214,15 +307,10 @@ class PartWriter:
         self.pending, self.rows, self.last = [], 0, time.monotonic()
 
 
-def _sources(run_dir: Path) -> list[Path]:
-    """results.parquet first, then the parts in the order they were written."""
-    main = run_dir / "results.parquet"
-    parts = sorted((run_dir / "parts").glob("part-*.parquet"))
-    return ([main] if main.exists() else []) + parts
-
-
-def _merge(sources: list[Path], out_path: Path, schema: pa.Schema) -> None:
-    """Stream `sources` into one Parquet file, keeping the first row of each path."""
+def _merge(sources: list[Path], out_path: Path, schema: pa.Schema,
+           stored: pa.Array | None = None) -> None:
+    """Stream `sources` into one Parquet file, keeping the first row of each path and
+    leaving out the paths in `stored` (rows the dataset already has)."""
     seen: set[str] = set()
     with pq.ParquetWriter(out_path, schema, use_dictionary=_DICT_COLUMNS,
                           compression=_COMPRESSION) as out:
@@ -231,33 +319,46 @@ def _merge(sources: list[Path], out_path: Path, schema: pa.Schema) -> None:
                 paths = batch.column("path").to_pylist()
                 keep = [p not in seen for p in paths]
                 seen.update(paths)
-                out.write_table(upgrade(pa.Table.from_batches([batch]).filter(pa.array(keep))))
+                if stored is not None and len(stored):
+                    keep = pc.and_(pa.array(keep), pc.invert(pc.is_in(batch.column("path"),
+                                                                     value_set=stored)))
+                out.write_table(upgrade(pa.Table.from_batches([batch]).filter(keep)))
 
 
-def consolidate(run_dir: Path) -> None:
-    """Merge results.parquet and the parts into a new results.parquet, one row per path.
+def consolidate(run_dir: Path, stored: pa.Array | None = None) -> None:
+    """Merge the run's live parts into one new file of the dataset and remove them.
 
-    Streams batch by batch (memory bounded by a batch, not the table); the
-    parts are removed only after the new table is in place, and a crash between
-    the two steps only leaves rows that the next merge drops as duplicates.
+    The first merge makes results.parquet, later ones `segments/seg-NNNNN.parquet`;
+    files already there are left as they are. Streams batch by batch (memory bounded
+    by a batch); the parts are removed only after the new file is in place, and a
+    crash between the two leaves parts that the new file's metadata marks as held.
+
+    Args:
+        run_dir: the run folder.
+        stored: paths already in the dataset, left out of the merge (after a crash of
+            an older version, whose parts could repeat rows of results.parquet).
     """
-    sources = _sources(run_dir)
-    parts = [p for p in sources if p.parent.name == "parts"]
+    parts = _live_parts(run_dir)
     if not parts:
         return
-    target = run_dir / "results.parquet"
-    if sources == parts[:1]:  # a first run that fitted in one part: nothing to merge
+    first, last = _number(parts[0]), _number(parts[-1])
+    main = run_dir / "results.parquet"
+    target = run_dir / "segments" / f"seg-{first:05d}.parquet" if main.exists() else main
+    target.parent.mkdir(exist_ok=True)
+    if len(parts) == 1 and stored is None:  # one part is already a whole file: rename it
         parts[0].replace(target)
         return
-    schema = SCHEMA.with_metadata(pq.read_schema(parts[-1]).metadata)
-    write_atomic(target, write=lambda tmp: _merge(sources, tmp, schema), fsync=True)
+    meta = {**(pq.read_schema(parts[-1]).metadata or {}),
+            _PARTS_KEY: json.dumps([first, last]).encode()}
+    schema = SCHEMA.with_metadata(meta)
+    write_atomic(target, write=lambda tmp: _merge(parts, tmp, schema, stored), fsync=True)
     for p in parts:
         p.unlink()
 
 
 def _read_source(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """One table file (results.parquet or a part) in SCHEMA's layout (`columns` of it
-    only, as stored, when given).
+    """One table file (results.parquet, a segment or a part) in SCHEMA's layout
+    (`columns` of it only, as stored, when given).
 
     Raises:
         FileNotFoundError: the file is gone (merged by the run meanwhile).
@@ -275,8 +376,9 @@ def _read_source(path: Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None],
-                  columns: list[str] | None = None) -> list[pa.Table]:
-    """The tables of `_sources`, calling `on_corrupt` for each unreadable one.
+                  columns: list[str] | None = None, merged: bool = False) -> list[pa.Table]:
+    """The tables of `_sources` (of `_merged` only, if `merged`), calling `on_corrupt`
+    for each unreadable one.
 
     A file that vanishes while being read was merged by the run meanwhile: the
     list is read again (a few times at most), so a reader never sees a half set.
@@ -284,7 +386,8 @@ def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None],
     attempts = 5
     while True:
         try:
-            tables = [_read_or_report(p, on_corrupt, columns) for p in _sources(run_dir)]
+            files = _merged(run_dir) if merged else _sources(run_dir)
+            tables = [_read_or_report(p, on_corrupt, columns) for p in files]
             return [t for t in tables if t is not None]
         except FileNotFoundError:
             attempts -= 1
@@ -303,7 +406,7 @@ def _read_or_report(path: Path, on_corrupt: Callable[[Path, Exception], None],
 
 def _refuse_corrupt(path: Path, exc: Exception) -> None:
     """`on_corrupt` for readers: a ZoolibError naming the file and what to do."""
-    run_dir = path.parent.parent if path.parent.name == "parts" else path.parent
+    run_dir = _run_of(path)
     raise ZoolibError(f"{path} is not a readable results table ({exc}): run bulk "
                       f"identification again with name={run_dir.name!r} to set it aside "
                       f"(renamed {path.name}.corrupt-<time>) and identify its images again, "
@@ -312,19 +415,30 @@ def _refuse_corrupt(path: Path, exc: Exception) -> None:
 
 def read_table(run_dir: Path, on_corrupt: Callable[[Path, Exception], None] = _refuse_corrupt,
                columns: list[str] | None = None) -> pa.Table:
-    """results.parquet plus any parts (a run interrupted hard), one row per path;
-    only `columns` (which must include "path") when given."""
+    """Every file of the dataset (`_sources`) as one table, one row per path; only
+    `columns` (which must include "path") when given."""
     tables = _read_sources(run_dir, on_corrupt, columns)
     if not tables:
         empty = SCHEMA.empty_table()
         return empty.select(columns) if columns else empty
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    if len(tables) > 1:  # one file alone is a merge's output or one run's part: no repeats
+    if _may_repeat(run_dir):
         _, first = np.unique(np.asarray(table.column("path").to_pylist(), dtype=object),
                              return_index=True)
         if len(first) < table.num_rows:
             table = table.take(np.sort(first))
     return table.replace_schema_metadata(tables[-1].schema.metadata)
+
+
+def _may_repeat(run_dir: Path) -> bool:
+    """Whether two files may hold a row for one path: only parts left beside a
+    results.parquet of an older version (which did not record the parts it held)."""
+    main = run_dir / "results.parquet"
+    try:
+        old = main.exists() and _holds(main) is None
+    except (OSError, pa.ArrowException):
+        return False
+    return old and bool(_live_parts(run_dir))
 
 
 def runs(workspace) -> list[str]:

@@ -173,13 +173,13 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int = 10) -> pd.D
 
 
 def embedding_pairs(ws: Workspace, manifest: pd.DataFrame, generation: str = "last",
-                    min_similarity: float = 0.97, batch_size: int = 64,
-                    block: int = 2048) -> pd.DataFrame:
+                    min_similarity: float = 0.97, batch_size: int = 64) -> pd.DataFrame:
     """Pairs of readable images whose embeddings from a generation are close.
 
     The embedding is the model's pre-logit feature vector (plain torch, the
-    generation's own preprocessing). Similarities are computed block by block,
-    so memory stays at `block` x N.
+    generation's own preprocessing). Pairs come from a nearest-neighbour index
+    (`ann.near_pairs`: exact up to `ann.EXACT_MAX` images, an inverted file above),
+    not from an N x N scan.
 
     Args:
         ws: the workspace.
@@ -187,14 +187,13 @@ def embedding_pairs(ws: Workspace, manifest: pd.DataFrame, generation: str = "la
         generation: a generation name or "last".
         min_similarity: the least cosine similarity that counts as a near duplicate.
         batch_size: images per forward pass.
-        block: rows of the similarity matrix held at once.
 
     Returns:
         PAIR_COLUMNS with kind "embedding" and the cosine similarity.
     """
     import torch  # lazy: torch is only needed when this option is used
 
-    from . import inference
+    from . import ann, inference
 
     ok = manifest[manifest["readable"]].drop_duplicates("hash").reset_index(drop=True)
     loaded = inference.load(ws, generation)
@@ -204,15 +203,9 @@ def embedding_pairs(ws: Workspace, manifest: pd.DataFrame, generation: str = "la
         batch = [inference.file_tensor(ws.library / p, loaded.info) for p in paths]
         feats.append(inference.forward(loaded, torch.stack(batch))[1].numpy())
     emb = np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
-    rows = []
-    for start in range(0, len(emb), block):
-        sims = emb[start:start + block] @ emb.T
-        a, b = np.nonzero(sims >= min_similarity)
-        a += start
-        keep = a < b
-        rows.append((a[keep], b[keep], sims[a[keep] - start, b[keep]]))
-    a, b, s = (np.concatenate(x) for x in zip(*rows)) if rows else ([], [], [])
+    a, b, s = ann.near_pairs(emb, min_similarity)
+    order = np.lexsort((b, a))  # in manifest order, as the pairs of other kinds
+    a, b, s = a[order], b[order], s[order]
     pairs = pd.DataFrame({"path_a": ok["path"].to_numpy()[a], "path_b": ok["path"].to_numpy()[b],
                           "label_a": ok["label"].to_numpy()[a],
                           "label_b": ok["label"].to_numpy()[b], "kind": "embedding",

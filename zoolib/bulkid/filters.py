@@ -68,12 +68,18 @@ def low_count_classes(results: pd.DataFrame, manifest: pd.DataFrame, max_count: 
         max_count: the largest library count that still counts as low.
         generation: if given, the generation the table must come from.
     """
+    rows = _ok(_class_table(results, generation))
+    low = rows["pred"].isin(low_count_labels(manifest, max_count, rows["pred"].unique()))
+    return _by_confidence(rows[low], ascending=False)
+
+
+def low_count_labels(manifest: pd.DataFrame, max_count: int, classes) -> list[str]:
+    """The `classes` with at most `max_count` readable library images (a class the
+    library lacks has 0): the rule of `low_count_classes`, for any table or view."""
     if int(max_count) < 0:
         raise ZoolibError(f"max_count must be at least 0, got {max_count}")
-    rows = _ok(_class_table(results, generation))
     counts = class_counts(manifest).set_index("label")["readable"]
-    low = rows["pred"].map(counts).fillna(0) <= int(max_count)  # unknown to the library: 0
-    return _by_confidence(rows[low], ascending=False)
+    return [c for c in classes if counts.get(c, 0) <= int(max_count)]
 
 
 def synthetic_reliant(results: pd.DataFrame, manifest: pd.DataFrame, min_share: float,
@@ -83,13 +89,20 @@ def synthetic_reliant(results: pd.DataFrame, manifest: pd.DataFrame, min_share: 
 
     Sorted by confidence, highest first.
     """
+    rows = _ok(_class_table(results, generation))
+    reliant = rows["pred"].isin(synthetic_reliant_labels(manifest, min_share,
+                                                         rows["pred"].unique()))
+    return _by_confidence(rows[reliant], ascending=False)
+
+
+def synthetic_reliant_labels(manifest: pd.DataFrame, min_share: float, classes) -> list[str]:
+    """The `classes` whose readable library images are at least `min_share` staged or
+    synthetic (a class the library lacks has share 0): `synthetic_reliant`'s rule."""
     if not 0.0 <= float(min_share) <= 1.0:
         raise ZoolibError(f"min_share must be between 0 and 1, got {min_share}")
-    rows = _ok(_class_table(results, generation))
     counts = class_counts(manifest).set_index("label")
     share = (counts["staged"] + counts["synthetic"]) / counts["readable"].clip(lower=1)
-    reliant = rows["pred"].map(share).fillna(0.0) >= float(min_share)
-    return _by_confidence(rows[reliant], ascending=False)
+    return [c for c in classes if share.get(c, 0.0) >= float(min_share)]
 
 
 def lookalikes(results: pd.DataFrame, cls: str, max_confidence: float,
@@ -100,13 +113,18 @@ def lookalikes(results: pd.DataFrame, cls: str, max_confidence: float,
         ZoolibError: `cls` is not a class of the table's generation.
     """
     rows = _ok(_class_table(results, generation))
-    classes = results.attrs.get("classes") or sorted(set(rows["pred"]))
-    if cls not in classes:
-        gen = ", ".join(_generations(results)) or "this table's generation"
-        raise ZoolibError(f"class {cls!r} is not a class of {gen} "
-                          f"(classes: {', '.join(classes)})")
+    check_class(cls, results.attrs.get("classes") or sorted(set(rows["pred"])),
+                ", ".join(_generations(results)))
     return _by_confidence(rows[(rows["pred"] == cls)
                                & (rows["confidence"] < float(max_confidence))], ascending=True)
+
+
+def check_class(cls: str, classes: list[str], generation: str = "") -> None:
+    """Raise a ZoolibError naming the classes unless `cls` is one of them."""
+    if cls not in classes:
+        gen = generation or "this table's generation"
+        raise ZoolibError(f"class {cls!r} is not a class of {gen} "
+                          f"(classes: {', '.join(classes)})")
 
 
 # The scores mass removal can sort by: column -> whether a low value is bad.
@@ -190,38 +208,34 @@ def combine(*tables: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _embeddings(rows: pd.DataFrame) -> np.ndarray:
-    """Unit-length float32 embedding matrix of rows (one per row)."""
-    emb = np.stack([np.asarray(e, dtype=np.float32) for e in rows["embedding"]])
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-
-
-def more_like_this(results: pd.DataFrame, path_or_rel: str | Path, k: int = 12) -> pd.DataFrame:
+def more_like_this(results, path_or_rel: str | Path, k: int = 12) -> pd.DataFrame:
     """The `k` rows nearest to one image by cosine similarity of their embeddings.
 
-    The image itself is left out; a `similarity` column (1 = same direction) is added.
+    The image itself and unreadable files are left out; a `similarity` column (1 =
+    same direction) is added. Searched through a nearest-neighbour index
+    (`zoolib.ann`): exact up to `ann.EXACT_MAX` rows, approximate above.
 
     Args:
-        results: a results table.
+        results: a results table, or a `view.ResultsView` (whose index is kept, so
+            asking again costs a search, not a build).
         path_or_rel: the chosen image, as its absolute path or its `rel`.
         k: how many neighbours.
 
     Raises:
         ZoolibError: the image is not in the table, or could not be read.
     """
+    from .view import ResultsView
+
     if int(k) < 1:
         raise ZoolibError(f"k must be at least 1, got {k}")
+    view = results if isinstance(results, ResultsView) else \
+        ResultsView.from_frame(_class_table(results, None))
     key = str(path_or_rel)
-    match = results[(results["path"] == key) | (results["rel"] == Path(key).as_posix())]
-    if match.empty:
+    found = view.positions([key])
+    if not len(found):
         raise ZoolibError(f"{key} is not in this results table")
-    query = match.iloc[0]
-    if query["error"]:
-        raise ZoolibError(f"{key} could not be read ({query['error']}): it has no embedding")
-    rows = _ok(_class_table(results, None))
-    rows = rows[rows["path"] != query["path"]]
-    if rows.empty:
-        return rows.assign(similarity=pd.Series(dtype=float))
-    sim = _embeddings(rows) @ _embeddings(match.iloc[:1])[0]
-    order = np.argsort(-sim, kind="stable")[: int(k)]
-    return rows.iloc[order].assign(similarity=sim[order])
+    if not view.ok[found[0]]:
+        error = view.rows(found[:1])["error"].iloc[0]
+        raise ZoolibError(f"{key} could not be read ({error}): it has no embedding")
+    near, sims = view.nearest(int(found[0]), int(k))
+    return view.rows(near).assign(similarity=sims.astype(np.float64))

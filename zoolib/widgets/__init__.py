@@ -9,8 +9,8 @@ Thin ipywidgets layers over tested functions (`zoolib.actions`, `curate`,
     widgets.ReviewWidget(ws, reviewer="anna")
     widgets.MapRegion(ws, cleaning.map_frame(ws))
 """
-from .bulk import (ANY_CLASS, FILTER_TITLES, SORTS, STATUSES, BulkView, ViewState, caption,
-                   filter_sets, n_pages, page_of, rare_classes, select_rows, sort_keys)
+from .bulk import (ANY_CLASS, FILTER_TITLES, SORTS, STATUSES, BulkView, ViewState, as_view,
+                   caption, filter_sets, n_pages, page_of, rare_classes, select_rows)
 from .curate import CurationWidget, item_paths
 from .grid import Item, ThumbGrid, thumbnail
 from .map import MapRegion
@@ -18,5 +18,5 @@ from .review import ReviewWidget
 
 __all__ = ["ANY_CLASS", "FILTER_TITLES", "SORTS", "STATUSES", "BulkView", "CurationWidget",
            "Item", "MapRegion", "ReviewWidget", "ThumbGrid", "ViewState", "caption", "filter_sets",
-           "item_paths", "n_pages", "page_of", "rare_classes", "select_rows", "sort_keys",
+           "as_view", "item_paths", "n_pages", "page_of", "rare_classes", "select_rows",
            "thumbnail"]

@@ -15,9 +15,15 @@ from pathlib import Path
 import ipywidgets as w
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from .. import actions, bulkid, library
-from ..workspace import Workspace, ZoolibError
+from .. import actions, library
+from ..bulkid.filters import (DEFAULT_MASS_REMOVAL_SCORE, FALLBACK_MASS_REMOVAL_SCORE,
+                              MASS_REMOVAL_SCORES, check_class, low_count_labels,
+                              synthetic_reliant_labels)
+from ..bulkid.view import PAGE_COLUMNS, ResultsView
+from ..workspace import UNKNOWN, Workspace, ZoolibError
 from .grid import Item, ThumbGrid
 
 ANY_CLASS = "(any class)"
@@ -61,19 +67,25 @@ class ViewState:
     page_size: int = 24
 
 
-def _mask(results: pd.DataFrame, subset: pd.DataFrame | pd.Series) -> pd.Series:
-    """Rows of `results` that a bulkid filter returned, as a boolean mask."""
-    paths = subset["path"] if isinstance(subset, pd.DataFrame) else subset
-    return results["path"].isin(set(paths))
+STATUS_CODES = {"": 0, "added": 1, "discarded": 2}  # a mark per row, as a small int
+STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}
 
 
-def filter_sets(results: pd.DataFrame, manifest: pd.DataFrame, max_count: int = 49,
+def as_view(results) -> ResultsView:
+    """A `ResultsView` of a results table (a view is returned as it is)."""
+    return results if isinstance(results, ResultsView) else ResultsView.from_frame(results)
+
+
+def filter_sets(results, manifest: pd.DataFrame, max_count: int = 49,
                 min_share: float = 0.4, lookalike_class: str = "",
-                max_confidence: float = 0.8, lowest_n: int = 24) -> dict[str, pd.Series]:
+                max_confidence: float = 0.8, lowest_n: int = 24) -> dict:
     """The named filters of the widget (and of the batch CSVs), as boolean masks.
 
+    The rules are the bulkid filters' (`bulkid.low_count_classes` and the rest),
+    evaluated on a view's arrays, so ten million rows cost a few vector operations.
+
     Args:
-        results: bulk-identification results.
+        results: bulk-identification results (a DataFrame or a `ResultsView`).
         manifest: the library manifest (library.scan), for class counts and sources.
         max_count: "low_count": predicted classes with at most this many library images.
         min_share: "synthetic_reliant": predicted classes whose library images are at
@@ -85,25 +97,53 @@ def filter_sets(results: pd.DataFrame, manifest: pd.DataFrame, max_count: int = 
             from the training images where the run has the knn score, else least sure).
 
     Returns:
-        Filter name -> mask aligned with `results`; "all" holds the readable
-        rows and "unreadable" the files that could not be decoded; "unknown"
-        (only when the table holds such rows, see `bulkid.combine`) the files
-        filed in the library as Unknown.
+        Filter name -> mask aligned with `results` (boolean Series for a DataFrame,
+        numpy arrays for a view); "all" holds the readable rows and "unreadable" the
+        files that could not be decoded; "unknown" (only when the table holds such
+        rows, see `bulkid.combine`) the files filed in the library as Unknown.
     """
-    ok = results["error"].fillna("") == ""
+    view = as_view(results)
+    ok = view.ok
     sets = {"all": ok,
-            "low_count": _mask(results, bulkid.low_count_classes(results, manifest, max_count)),
-            "synthetic_reliant": _mask(results, bulkid.synthetic_reliant(results, manifest,
-                                                                         min_share))}
+            "low_count": view.is_pred(low_count_labels(manifest, max_count, view.classes)),
+            "synthetic_reliant": view.is_pred(synthetic_reliant_labels(manifest, min_share,
+                                                                       view.classes))}
     if lookalike_class:
-        sets["lookalikes"] = _mask(results, bulkid.lookalikes(results, lookalike_class,
-                                                              max_confidence))
-    unknown = _mask(results, bulkid.filed_unknown(results))
+        check_class(lookalike_class, view.attrs.get("classes") or view.classes,
+                    str(view.attrs.get("generation") or ""))
+        sets["lookalikes"] = view.is_pred([lookalike_class]) & (
+            view.scores["confidence"] < float(max_confidence))
+    unknown = view.under(f"library/{UNKNOWN}/") & ok
     if unknown.any():
         sets["unknown"] = unknown
-    sets["lowest"] = _mask(results, bulkid.lowest_scores(results, n=lowest_n))
+    sets["lowest"] = lowest_mask(view, lowest_n)
     sets["unreadable"] = ~ok
-    return {name: mask & ok if name != "unreadable" else mask for name, mask in sets.items()}
+    masks = {name: mask & ok if name != "unreadable" else mask for name, mask in sets.items()}
+    if isinstance(results, pd.DataFrame):
+        return {name: pd.Series(mask, index=results.index) for name, mask in masks.items()}
+    return masks
+
+
+def lowest_mask(view: ResultsView, n: int) -> np.ndarray:
+    """The `n` worst-scored readable rows (`bulkid.lowest_scores`' rule: its default
+    score, worst first, equal scores by rel), as a mask."""
+    by = "knn" if np.isfinite(view.scores[DEFAULT_MASS_REMOVAL_SCORE]).any() \
+        else FALLBACK_MASS_REMOVAL_SCORE
+    low_is_bad = MASS_REMOVAL_SCORES[by]
+    order = view.order(by, low_is_bad)
+    ranked = order[view.ok[order]]
+    top, mask = ranked[:int(n)], np.zeros(len(view), bool)
+    if len(top) == len(ranked) or not len(top):
+        mask[top] = True
+        return mask
+    key = view.scores[by]
+    last = key[top[-1]]
+    tied = ranked[(key[ranked] == last) | (np.isnan(key[ranked]) & np.isnan(last))]
+    sure = top[~np.isin(top, tied)]
+    by_rel = pc.sort_indices(view.rel.take(pa.array(tied))).to_numpy()
+    mask[sure] = True
+    mask[tied[by_rel][:len(top) - len(sure)]] = True
+    return mask
 
 
 def rare_classes(results: pd.DataFrame, manifest: pd.DataFrame, min_images: int = 40
@@ -126,32 +166,21 @@ def rare_classes(results: pd.DataFrame, manifest: pd.DataFrame, min_images: int 
     return out.reset_index(drop=True)
 
 
-def sort_keys(results: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Numeric sort keys per sortable column, computed once (text becomes rank codes,
-    missing numbers sort last), so a re-sort of 100,000 rows is one argsort."""
-    keys = {}
-    for column, _ in SORTS.values():
-        if column not in results:  # "similarity": set by the view when asked
-            keys[column] = np.full(len(results), np.nan)
-            continue
-        values = results[column]
-        if pd.api.types.is_numeric_dtype(values):
-            keys[column] = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        else:
-            keys[column] = pd.factorize(values.fillna(""), sort=True)[0].astype(np.float64)
-    return keys
-
-
-def select_rows(results: pd.DataFrame, state: ViewState, masks: dict[str, pd.Series],
-                status: pd.Series, keys: dict[str, np.ndarray] | None = None) -> np.ndarray:
+def select_rows(results, state: ViewState, masks: dict, status,
+                orders: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Row positions of `results` that the view shows, in display order.
 
+    Each sort is an order of every row computed once (`ResultsView.order`), so a
+    filter change costs one gather over the rows, not a sort.
+
     Args:
-        results: bulk-identification results.
+        results: bulk-identification results (a DataFrame or a `ResultsView`).
         state: the filter controls.
         masks: from `filter_sets` (plus any "more like this" mask).
-        status: mark per row ("", "added", "discarded"), from `actions.status_of`.
-        keys: from `sort_keys` (computed here when None).
+        status: mark per row: strings ("", "added", "discarded", as
+            `actions.status_of` gives) or their STATUS_CODES.
+        orders: sort column -> every position in order, overriding the view's
+            (the widget's "similarity" after "more like this"; else row order).
 
     Raises:
         ZoolibError: unknown filter, status or sort.
@@ -160,20 +189,30 @@ def select_rows(results: pd.DataFrame, state: ViewState, masks: dict[str, pd.Ser
                                "status"), (state.sort, SORTS, "sort")):
         if value not in known:
             raise ZoolibError(f"unknown {what} {value!r}: choose from {', '.join(known)}")
-    keep = masks[state.filter].to_numpy(dtype=bool, copy=True)
+    view = as_view(results)
+    keep = np.asarray(masks[state.filter], dtype=bool).copy()
     if state.pred != ANY_CLASS:
-        keep &= results["pred"].to_numpy() == state.pred
+        keep &= view.pred == view.code(state.pred)
     low, high = state.conf
     if (low, high) != (0.0, 1.0):
-        conf = results["confidence"].to_numpy(dtype=np.float64, na_value=np.nan)
+        conf = view.scores["confidence"]
         keep &= (conf >= low) & (conf <= high)
     if state.status != "all":
-        keep &= status.to_numpy() == ("" if state.status == "open" else state.status)
-    rows = np.flatnonzero(keep)
+        keep &= _codes(status) == STATUS_CODES["" if state.status == "open" else state.status]
     column, ascending = SORTS[state.sort]
-    key = (keys or sort_keys(results))[column][rows]
-    order = np.argsort(key if ascending else -key, kind="stable")  # NaN last either way
-    return rows[order]
+    order = (orders or {}).get(column)
+    if order is None:
+        order = np.arange(len(view)) if column == "similarity" else view.order(column,
+                                                                               ascending)
+    return order[keep[order]]
+
+
+def _codes(status) -> np.ndarray:
+    """STATUS_CODES of a mark per row (strings or codes already)."""
+    values = np.asarray(status)
+    if values.dtype.kind in "iu":
+        return values
+    return pd.Series(values).map(STATUS_CODES).fillna(0).to_numpy(np.int8)
 
 
 def n_pages(n_rows: int, page_size: int) -> int:
@@ -201,7 +240,8 @@ class BulkView:
 
     Args:
         ws: the workspace (journal, library, trash).
-        results: bulk-identification results (bulkid.run / load_results).
+        results: bulk-identification results: a table (bulkid.run / load_results) or,
+            for big runs, a lazy `bulkid.open_view` (rows read a page at a time).
         masks: filter name -> mask, from `filter_sets`.
         run: the run name (journal details, default export file).
         classes: class names offered for "add to library" (any plain name may be typed).
@@ -210,16 +250,17 @@ class BulkView:
         columns: tiles per grid row.
     """
 
-    def __init__(self, ws: Workspace, results: pd.DataFrame, masks: dict[str, pd.Series],
-                 run: str = "", classes: list[str] | None = None, page_size: int = 24,
+    def __init__(self, ws: Workspace, results, masks: dict, run: str = "",
+                 classes: list[str] | None = None, page_size: int = 24,
                  thumb_size: int = 96, columns: int = 6):
         self.ws, self.run, self.thumb_size = ws, run, thumb_size
-        self.results = results.reset_index(drop=True)
-        self.masks = {k: v.reset_index(drop=True) for k, v in masks.items()}
-        self.keys = sort_keys(self.results)
+        self.view = as_view(results.reset_index(drop=True) if isinstance(results, pd.DataFrame)
+                            else results)
+        self.masks = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
+        self.orders: dict[str, np.ndarray] = {}  # "similarity", after "more like this"
         self.state = ViewState(page_size=page_size)
         self._busy = False
-        self._build_controls(classes or sorted(self.results["pred"].dropna().unique()))
+        self._build_controls(classes or list(self.view.classes))
         self.thumbs = ThumbGrid(page_size, thumb_size, columns, on_change=self._update_label)
         self.selected, self.tiles, self.grid = (self.thumbs.selected, self.thumbs.tiles,
                                                 self.thumbs.widget)
@@ -230,8 +271,7 @@ class BulkView:
     # ---- building -------------------------------------------------------------------
     def _build_controls(self, classes: list[str]) -> None:
         self.filter = w.Dropdown(options=self._filter_options(), description="filter")
-        self.pred = w.Dropdown(options=[ANY_CLASS, *sorted(self.results["pred"].dropna()
-                                                           .unique())], description="class")
+        self.pred = w.Dropdown(options=[ANY_CLASS, *self.view.classes], description="class")
         self.conf = w.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.01,
                                        description="confidence", continuous_update=False)
         self.status = w.Dropdown(options=STATUSES, value="open", description="marks")
@@ -277,7 +317,7 @@ class BulkView:
     def reload_marks(self) -> None:
         """Re-read the marks from the journal and redraw (after any action)."""
         self.marks = actions.marks(self.ws)
-        self.status_col = actions.status_of(self.results["path"], self.marks)
+        self.status_col = self.view.status_codes(self.marks, STATUS_CODES)
         self.dest = dict(zip(self.marks["path"], self.marks["dest"]))
         self.refresh()
 
@@ -296,19 +336,20 @@ class BulkView:
 
     def refresh(self) -> None:
         """Recompute the rows the controls select and draw the current page."""
-        self.rows = select_rows(self.results, self.state, self.masks, self.status_col,
-                                self.keys)
+        self.rows = select_rows(self.view, self.state, self.masks, self.status_col,
+                                self.orders)
         self.go(self.state.page)
 
     def page_rows(self) -> pd.DataFrame:
         """The result rows on the current page."""
-        return self.results.iloc[page_of(self.rows, self.state.page, self.state.page_size)]
+        return self.view.rows(page_of(self.rows, self.state.page, self.state.page_size),
+                              PAGE_COLUMNS)
 
     def _draw(self) -> None:
         styles = {"added": "success", "discarded": "danger"}
         items = []
         for pos, row in self.page_rows().iterrows():
-            status = self.status_col.iat[pos]
+            status = STATUS_NAMES[int(self.status_col[pos])]
             items.append(Item(row["path"], self._where(row["path"]), caption(row, status),
                               row["rel"], styles.get(status, "")))
         self.thumbs.show(items)
@@ -373,12 +414,14 @@ class BulkView:
         if len(self.selected) != 1:
             raise ZoolibError("select exactly one image for 'more like this'")
         (path,) = self.selected
-        near = bulkid.more_like_this(self.results, path,
-                                     k=k or max(1, self.state.page_size - 1))
-        similarity = self.results["path"].map(dict(zip(near["path"], near["similarity"])))
-        similarity[self.results["path"] == path] = 1.0
-        self.masks["like"] = similarity.notna()
-        self.keys["similarity"] = similarity.to_numpy(dtype=np.float64)
+        (chosen,) = self.view.positions([path])[:1]
+        near, _ = self.view.nearest(int(chosen), k or max(1, self.state.page_size - 1))
+        first = np.concatenate([[chosen], near])
+        like = np.zeros(len(self.view), bool)
+        like[first] = True
+        self.masks["like"] = like
+        # the chosen image, its neighbours nearest first, then every other row
+        self.orders["similarity"] = np.concatenate([first, np.flatnonzero(~like)])
         self._busy = True
         try:
             self.filter.options = self._filter_options()
@@ -391,7 +434,8 @@ class BulkView:
 
     def export(self) -> str:
         """Write the selection (with marks) as CSV."""
-        out = actions.export_selection(self.ws, self.results, sorted(self.selected),
+        chosen = self.view.rows(self.view.positions(self.selected))
+        out = actions.export_selection(self.ws, chosen, sorted(self.selected),
                                        self.export_path.value, run=self.run)
         return f"{len(self.selected)} row(s) written to {out}"
 

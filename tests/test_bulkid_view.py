@@ -1,0 +1,100 @@
+"""The lazy view of a run: the partitioned dataset read back exactly, the widget's
+filters and sorts equal to those over the whole table, "more like this" through the
+index kept beside the run."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from zoolib import bulkid, library, widgets
+from zoolib.widgets import ViewState
+
+from .test_bulkid import Stop, _generation, _inbox_files, _stop_after
+
+NAME = "gen-0001-inbox"
+
+
+@pytest.fixture
+def ws(demo_ws):
+    _generation(demo_ws)
+    return demo_ws
+
+
+@pytest.fixture
+def segmented(ws):
+    """A run interrupted once, then finished: results.parquet plus a segment."""
+    with pytest.raises(Stop):
+        bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(2))
+    bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
+    assert list((ws.bulkid / NAME / "segments").glob("seg-*.parquet"))
+    return ws
+
+
+def test_the_view_reads_back_every_row_exactly(segmented):
+    frame = bulkid.load_results(segmented, NAME)
+    view = bulkid.open_view(segmented, NAME)
+    assert len(view) == len(frame) == len(_inbox_files(segmented))
+    rows = view.rows(np.arange(len(view)))
+    pd.testing.assert_frame_equal(rows.reset_index(drop=True),
+                                  frame.drop(columns="embedding"), check_dtype=False)
+    assert view.rel.to_pylist() == frame["rel"].tolist()
+    assert [view.classes[c] if c >= 0 else "" for c in view.pred] == \
+        frame["pred"].fillna("").tolist()
+    np.testing.assert_array_equal(view.ok, (frame["error"].fillna("") == "").to_numpy())
+    np.testing.assert_array_equal(view.scores["confidence"],
+                                  frame["confidence"].to_numpy(np.float64, na_value=np.nan))
+    shuffled = np.random.default_rng(0).permutation(len(view))[:20]
+    assert view.rows(shuffled)["path"].tolist() == frame["path"].iloc[shuffled].tolist()
+    for i in np.flatnonzero(view.ok)[:5]:
+        np.testing.assert_array_equal(view.embedding(i), frame["embedding"].iloc[i])
+
+
+def test_filters_sorts_and_pages_equal_the_whole_table(segmented):
+    frame = bulkid.load_results(segmented, NAME)
+    view = bulkid.open_view(segmented, NAME)
+    manifest = library.scan(segmented, progress=False)
+    args = dict(max_count=49, min_share=0.4, lookalike_class="leopard", lowest_n=7)
+    on_frame = widgets.filter_sets(frame, manifest, **args)
+    on_view = widgets.filter_sets(view, manifest, **args)
+    assert list(on_frame) == list(on_view)
+    for name in on_frame:
+        np.testing.assert_array_equal(on_frame[name].to_numpy(), on_view[name], name)
+    lowest = bulkid.lowest_scores(frame, n=7)["path"]
+    assert set(frame["path"][on_view["lowest"]]) == set(lowest)
+    status = np.zeros(len(view), np.int8)
+    for sort in widgets.SORTS:
+        state = ViewState(sort=sort, status="all", conf=(0.2, 0.9))
+        a = widgets.select_rows(frame, state, on_frame, status)
+        b = widgets.select_rows(view, state, on_view, status)
+        np.testing.assert_array_equal(a, b, sort)
+
+
+def test_more_like_this_on_the_view_keeps_its_index_and_extends_it(segmented, ws):
+    frame = bulkid.load_results(segmented, NAME)
+    view = bulkid.open_view(segmented, NAME)
+    query = frame.loc[frame["error"] == "", "path"].iloc[3]
+    near = bulkid.more_like_this(view, query, k=6)
+    want = bulkid.more_like_this(frame, query, k=6)
+    assert near["path"].tolist() == want["path"].tolist()
+    np.testing.assert_allclose(near["similarity"], want["similarity"], atol=1e-5)
+    saved = ws.bulkid / NAME / "ann" / "index.faiss"
+    assert saved.exists()
+    # A later run adds a segment: the saved index is extended, not rebuilt.
+    extra = ws.inbox / "later"
+    extra.mkdir()
+    for i, src in enumerate(_inbox_files(ws)[:3]):
+        (extra / f"copy{i}{src.suffix}").write_bytes(src.read_bytes())
+    bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
+    again = bulkid.open_view(ws, NAME)
+    assert len(again) == len(view) + 3
+    assert again.index.ntotal == len(again)
+    copy = str(extra / f"copy0{_inbox_files(ws)[0].suffix}")
+    if again.ok[again.positions([copy])[0]]:
+        top = bulkid.more_like_this(again, copy, k=1)
+        assert top["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-3)  # its original
+
+
+def test_a_view_of_an_unknown_run_names_the_runs(ws):
+    from zoolib.workspace import ZoolibError
+
+    with pytest.raises(ZoolibError, match="no bulk identification run"):
+        bulkid.open_view(ws, "nope")

@@ -1,0 +1,369 @@
+"""A results table opened lazily: what the widget filters and sorts on, as arrays.
+
+`open_view(ws, name)` reads only the small columns (rel, pred, the scores, whether
+a file was readable) into numpy and Arrow arrays, a few dozen bytes a row. Whole
+rows (for the thumbnails on a page, an export) are read from the Parquet files
+by row group when asked for; embeddings only for "more like this", through a
+nearest-neighbour index (`zoolib.ann`) built once per run and kept beside the
+table (`bulkid/<run>/ann/`), extended when later runs add segments.
+
+`ResultsView.from_frame` wraps a table already in memory (a `load_results` or
+`combine` frame) the same way, so the widget and the filters have one code path.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import ann
+from ..workspace import ZoolibError, open_workspace, write_atomic
+from . import results as store
+
+SCORES = ["confidence", "margin", "entropy", "ood", "knn"]
+ROW_COLUMNS = [c for c in store.RESULT_COLUMNS if c != "embedding"]
+# What a thumbnail's caption and actions need: a page reads these, not the top-5 lists
+PAGE_COLUMNS = ["path", "rel", "pred", "confidence", "error"]
+_BATCH = 1 << 16  # rows decoded at a time while opening: bounds the temporaries
+
+
+class ResultsView:
+    """The arrays a results table is filtered and sorted on; rows read on demand.
+
+    Positions 0..n-1 number the rows (the dataset's order). Build with
+    `open_view` or `from_frame`, not directly.
+
+    Attributes:
+        rel: the `rel` column (Arrow strings: no Python object per row).
+        path: the `path` column for tables in memory; None when opened from disk
+            (paths are then matched through `rel` and the workspace root).
+        pred: class code per row (-1: none); `classes[code]` is the name.
+        classes: the predicted class names, sorted.
+        scores: column -> float64 array (NaN where missing), for SCORES.
+        ok: whether each file was readable.
+        attrs: name, generation and classes, as `load_results` frames carry.
+    """
+
+    def __init__(self, rel: pa.Array, pred: np.ndarray, classes: list[str],
+                 scores: dict[str, np.ndarray], ok: np.ndarray, attrs: dict,
+                 fetch: Callable[[np.ndarray, list[str]], pd.DataFrame],
+                 embeddings: Callable[[], Iterator[np.ndarray]],
+                 embedding_at: Callable[[int], np.ndarray], files: _Files | None = None,
+                 index_dir: Path | None = None, path: pa.Array | None = None):
+        self.rel, self.path, self.pred, self.classes = rel, path, pred, classes
+        self.scores, self.ok, self.attrs = scores, ok, attrs
+        self._fetch, self._embeddings, self._embedding_at = fetch, embeddings, embedding_at
+        self._files, self._index_dir = files, index_dir
+        self._orders: dict[tuple[str, bool], np.ndarray] = {}
+        self._index: ann.Index | None = None
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+    # ---- building ---------------------------------------------------------------------
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> ResultsView:
+        """A view over a results table in memory (positions = its row order)."""
+        frame = frame.reset_index(drop=True)
+        codes, classes = pd.factorize(frame["pred"], sort=True)
+        scores = {c: frame[c].to_numpy(np.float64, na_value=np.nan) if c in frame
+                  else np.full(len(frame), np.nan) for c in SCORES}
+        ok = (frame["error"].fillna("") == "").to_numpy(bool)
+
+        def fetch(positions: np.ndarray, columns: list[str]) -> pd.DataFrame:
+            return frame[[c for c in columns if c in frame]].iloc[positions]  # older: no knn
+
+        def embeddings() -> Iterator[np.ndarray]:
+            yield _stack(frame["embedding"])
+
+        def embedding_at(position: int) -> np.ndarray:
+            return _stack(frame["embedding"].iloc[position:position + 1])[0]
+
+        return cls(pa.array(frame["rel"].fillna("").astype(str), pa.string()),
+                   codes.astype(np.int32), list(classes), scores, ok, dict(frame.attrs),
+                   fetch, embeddings, embedding_at,
+                   path=pa.array(frame["path"].fillna("").astype(str), pa.string()))
+
+    # ---- what filters and sorts read ------------------------------------------------
+    def code(self, cls: str) -> int:
+        """The code of a class name (-1 if no row predicts it)."""
+        return self.classes.index(cls) if cls in self.classes else -1
+
+    def is_pred(self, labels) -> np.ndarray:
+        """Rows predicted as one of `labels`."""
+        codes = [self.code(c) for c in labels if c in self.classes]
+        return np.isin(self.pred, codes) if codes else np.zeros(len(self), bool)
+
+    def under(self, prefix: str) -> np.ndarray:
+        """Rows whose rel starts with `prefix`."""
+        return pc.starts_with(self.rel, prefix).to_numpy(zero_copy_only=False)
+
+    def order(self, column: str, ascending: bool) -> np.ndarray:
+        """Every position sorted by a column (missing last, ties by position); computed
+        once per column and direction, so a filter change is one gather, not a sort."""
+        key = (column, ascending)
+        if key not in self._orders:
+            if column == "rel":
+                self._orders[key] = _text_order(self.rel, ascending)
+            else:
+                values = self.sort_key(column)
+                self._orders[key] = np.argsort(values if ascending else -values,
+                                               kind="stable")
+        return self._orders[key]
+
+    def sort_key(self, column: str) -> np.ndarray:
+        if column == "pred":  # codes follow the sorted names; no class sorts last
+            return np.where(self.pred < 0, np.nan, self.pred)
+        return self.scores[column]
+
+    # ---- rows -----------------------------------------------------------------------
+    def rows(self, positions, columns: list[str] | None = None) -> pd.DataFrame:
+        """Rows at `positions`, in that order, indexed by position: `columns` of them
+        (default ROW_COLUMNS: every column but the embedding)."""
+        positions = np.asarray(positions, np.int64)
+        out = self._fetch(positions, list(columns or ROW_COLUMNS))
+        out.index = positions
+        return out
+
+    def positions(self, paths) -> np.ndarray:
+        """Positions of rows whose path (absolute) or rel is in `paths`, in row order."""
+        wanted = [str(p) for p in paths]
+        rels = pa.array(sorted(set(wanted) | {self._rel_of(p) for p in wanted}), pa.string())
+        hit = pc.is_in(self.rel, value_set=rels)
+        if self.path is not None:
+            hit = pc.or_(hit, pc.is_in(self.path, value_set=pa.array(wanted, pa.string())))
+        return np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+
+    def _rel_of(self, path: str) -> str:
+        """The rel of an absolute path, as bulkid writes it (relative to the workspace
+        root when under it)."""
+        root = str(self.attrs.get("root") or "").rstrip("/")
+        return path[len(root) + 1:] if root and path.startswith(root + "/") else path
+
+    def status_codes(self, marks: pd.DataFrame, codes: dict[str, int]) -> np.ndarray:
+        """A small int per row: `codes[status]` of its mark in `marks` (path, status), 0
+        for unmarked."""
+        out = np.zeros(len(self), np.int8)
+        if marks.empty:
+            return out
+        if self.path is not None:
+            found = pc.index_in(self.path, value_set=pa.array(marks["path"], pa.string()))
+        else:
+            rels = [self._rel_of(p) for p in marks["path"]]
+            found = pc.index_in(self.rel, value_set=pa.array(rels, pa.string()))
+        hit = found.is_valid().to_numpy(zero_copy_only=False)
+        which = found.fill_null(0).to_numpy(zero_copy_only=False)[hit]
+        out[hit] = np.array([codes.get(s, 0) for s in marks["status"]], np.int8)[which]
+        return out
+
+    # ---- more like this -------------------------------------------------------------
+    def nearest(self, position: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` readable rows nearest to the row at `position` by cosine similarity
+        of the embeddings (itself left out): (positions, similarities), nearest first.
+
+        Raises:
+            ZoolibError: that row could not be read (it has no embedding).
+        """
+        if not self.ok[position]:
+            raise ZoolibError(f"{self.rel[position]} could not be read: it has no embedding")
+        index = self.index
+        query = self.embedding(position)[None]
+        # More than k: unreadable rows (zero vectors) and the query itself are
+        # dropped, and equal similarities are ordered by position (as a stable sort
+        # of a full scan would), which a heap's cut-off at exactly k would not do.
+        want = 2 * int(k) + 8
+        while True:
+            sims, ids = index.search(query, min(want, index.ntotal))
+            ids, sims = ids[0], sims[0]
+            keep = (ids >= 0) & (ids != position)
+            keep[keep] &= self.ok[ids[keep]]
+            if keep.sum() >= k or want >= index.ntotal:
+                ids, sims = ids[keep], sims[keep]
+                order = np.lexsort((ids, -sims))[:k]
+                return ids[order], sims[order]
+            want *= 4
+
+    def embedding(self, position: int) -> np.ndarray:
+        """The float32 embedding of one row."""
+        return self._embedding_at(int(position))
+
+    @property
+    def index(self) -> ann.Index:
+        """The nearest-neighbour index of the embeddings (built or loaded once)."""
+        if self._index is None:
+            self._index = _load_or_build(self)
+        return self._index
+
+    @cached_property
+    def dim(self) -> int:
+        return int(next(iter(self._embeddings())).shape[1])
+
+
+def _stack(column) -> np.ndarray:
+    """float32 matrix of an embedding column (zero rows where missing)."""
+    vectors = [None if v is None else np.asarray(v, np.float32) for v in column]
+    dim = next((len(v) for v in vectors if v is not None), 1)
+    zero = np.zeros(dim, np.float32)
+    return np.stack([zero if v is None else v for v in vectors]) if vectors \
+        else np.zeros((0, dim), np.float32)
+
+
+def _text_order(values: pa.Array, ascending: bool) -> np.ndarray:
+    order = pc.sort_indices(values, sort_keys=[("", "ascending" if ascending
+                                                else "descending")])
+    return order.to_numpy()
+
+
+# ----------------------------------------------------------------------------- on disk
+
+class _Files:
+    """The Parquet files of a run's dataset, addressed by global row position."""
+
+    def __init__(self, paths: list[Path]):
+        self.files = [pq.ParquetFile(p) for p in paths]
+        self.names = [p.name for p in paths]
+        sizes = [[f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
+                 for f in self.files]
+        self.groups = [(fi, gi) for fi, s in enumerate(sizes) for gi in range(len(s))]
+        self.starts = np.cumsum([0] + [n for s in sizes for n in s])
+        self.rows_per_file = [sum(s) for s in sizes]
+
+    def locate(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, positions, side="right") - 1
+
+    def read(self, positions: np.ndarray, columns: list[str]) -> pa.Table:
+        """Rows at `positions`, in that order."""
+        groups = self.locate(positions)
+        pieces, where = [], np.empty(len(positions), np.int64)
+        done = 0
+        for g in np.unique(groups):
+            fi, gi = self.groups[g]
+            mine = np.flatnonzero(groups == g)
+            table = self.files[fi].read_row_group(gi, columns=columns)
+            pieces.append(table.take(pa.array(positions[mine] - self.starts[g])))
+            where[mine] = np.arange(done, done + len(mine))
+            done += len(mine)
+        if not pieces:
+            return pa.table({c: pa.array([], store.SCHEMA.field(c).type) for c in columns})
+        return pa.concat_tables(pieces).take(pa.array(where))
+
+    def embeddings(self) -> Iterator[np.ndarray]:
+        for f in self.files:
+            for batch in f.iter_batches(batch_size=_BATCH, columns=["embedding"]):
+                yield _decode(batch.column(0))
+
+
+def _decode(column: pa.Array) -> np.ndarray:
+    """float32 matrix of a binary float16 embedding column (zero rows where null; one
+    model wrote the table, so every value has the same length)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = np.frombuffer(column.buffers()[2] or b"", dtype=store.EMBEDDING)
+    ends = np.frombuffer(column.buffers()[1], dtype=np.int32, count=len(column) + 1,
+                         offset=4 * column.offset) // store.EMBEDDING.itemsize
+    lengths = np.diff(ends)
+    dim = int(lengths.max(initial=0)) or 1
+    out = np.zeros((len(column), dim), np.float32)
+    full = lengths == dim  # nulls (and empty values) stay zero
+    if full.any():
+        starts = ends[:-1][full]
+        out[full] = values[starts[:, None] + np.arange(dim)]
+    return out
+
+
+def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
+    """Open a run's results lazily (see the module doc); also while it runs.
+
+    Raises:
+        ZoolibError: no run of that name, or a file of it cannot be read.
+    """
+    ws = open_workspace(workspace)
+    run_dir = ws.bulkid / str(name)
+    if not (run_dir / "run.json").exists():
+        return ResultsView.from_frame(store.load_results(ws, name))  # raises, naming runs
+    if store._may_repeat(run_dir):  # an older version's leftovers: rows to de-duplicate
+        return ResultsView.from_frame(store.load_results(ws, name))
+    meta = store._read_run_json(run_dir)
+    files = _Files(store._sources(run_dir))
+    n = int(files.starts[-1])
+    # float64 as stored: a threshold (confidence < 0.8) must cut where pandas cuts
+    scores = {c: np.full(n, np.nan) for c in SCORES}
+    ok, pred = np.ones(n, bool), np.full(n, -1, np.int32)
+    rels, names, start = [], {}, 0  # names: class -> code, in the order first seen
+    for f in files.files:
+        have = [c for c in ["rel", "pred", "error", *SCORES] if c in f.schema_arrow.names]
+        for batch in f.iter_batches(batch_size=_BATCH, columns=have):
+            stop = start + batch.num_rows
+            rels.append(batch.column("rel"))
+            for c in SCORES:
+                if c in have:
+                    scores[c][start:stop] = batch.column(c).to_numpy(zero_copy_only=False)
+            error = batch.column("error")  # null or "": readable
+            ok[start:stop] = pc.fill_null(pc.equal(error.cast(pa.string()), ""), True
+                                          ).to_numpy(zero_copy_only=False)
+            pred[start:stop] = _codes(batch.column("pred"), names)
+            start = stop
+    classes = sorted(names)
+    remap = np.array([classes.index(c) for c in names] or [0], np.int32)  # first seen -> sorted
+    pred = np.where(pred < 0, -1, remap[np.maximum(pred, 0)]).astype(np.int32)
+    rel = pa.concat_arrays([r.cast(pa.string()) for r in rels]) if rels else pa.array([], pa.string())
+    attrs = {"name": str(name), "generation": meta["generation"],
+             "classes": list(meta["classes"]), "root": str(ws.root)}
+
+    def fetch(positions: np.ndarray, columns: list[str]) -> pd.DataFrame:
+        return files.read(positions, columns).to_pandas()
+
+    def embedding_at(position: int) -> np.ndarray:
+        return _decode(files.read(np.array([position]), ["embedding"]).column(0))[0]
+
+    return ResultsView(rel, pred, classes, scores, ok, attrs, fetch, files.embeddings,
+                       embedding_at, files, index_dir=run_dir / "ann")
+
+
+def _codes(column: pa.Array, names: dict[str, int]) -> np.ndarray:
+    """Codes of a string column: `names` maps each name to its code (first seen first,
+    extended here); -1 where null."""
+    encoded = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
+    local = np.array([names.setdefault(v, len(names)) for v in
+                      encoded.dictionary.to_pylist()] or [0], np.int32)
+    idx = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    valid = encoded.is_valid().to_numpy(zero_copy_only=False)
+    return np.where(valid, local[idx], -1)
+
+
+# ----------------------------------------------------------------------------- the index
+
+def _load_or_build(view: ResultsView) -> ann.Index:
+    """The view's index: loaded from `index_dir` and extended by the files added since,
+    or built; saved back when the view is over merged files only."""
+    files = view._files
+    if view._index_dir is None or files is None:
+        return ann.Index.build(view._embeddings, len(view), view.dim, compressed=True)
+    listing = [[n, r] for n, r in zip(files.names, files.rows_per_file)]
+    meta_path, index_path = view._index_dir / "index.json", view._index_dir / "index.faiss"
+    index, covered = None, 0
+    if meta_path.exists() and index_path.exists():
+        saved = json.loads(meta_path.read_text())["files"]
+        if saved == listing[:len(saved)]:
+            index, covered = ann.Index.load(index_path), len(saved)
+    if index is None:
+        index = ann.Index.build(view._embeddings, len(view), view.dim, compressed=True)
+    else:
+        for f in files.files[covered:]:
+            for batch in f.iter_batches(batch_size=_BATCH, columns=["embedding"]):
+                index.add(_decode(batch.column(0)))
+    if not any(n.startswith("part-") for n in files.names) and covered < len(listing):
+        view._index_dir.mkdir(exist_ok=True)
+        write_atomic(index_path, write=index.save)
+        write_atomic(meta_path, json.dumps({"files": listing}))
+    return index
+
+
+__all__ = ["PAGE_COLUMNS", "ROW_COLUMNS", "SCORES", "ResultsView", "open_view"]

@@ -181,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--only", choices=["update", "like"], help="one measurement")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -192,7 +193,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in run_dir.rglob("*.parquet")) / 2**30
         print(f"wrote {args.rows:,} rows ({args.dim}-value float16 embeddings, "
               f"{size:.2f} GiB) in {time.perf_counter() - t:.0f} s")
-        for what in ("update", "like", "like"):  # like twice: build, then load the index
+        # like twice: build the index, then load it
+        for what in [args.only] if args.only else ["update", "like", "like"]:
             proc = subprocess.run([sys.executable, __file__, "--child", str(run_dir.parent.parent),
                                    what], capture_output=True, text=True)
             if proc.returncode:

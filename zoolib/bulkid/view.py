@@ -28,10 +28,15 @@ from ..workspace import ZoolibError, open_workspace, write_atomic
 from . import results as store
 
 SCORES = ["confidence", "margin", "entropy", "ood", "knn"]
+# float64 as stored where a filter cuts at a threshold or ranks (confidence < 0.8,
+# the lowest knn) so it cuts where pandas cuts; float32 for the sort-only scores
+SCORE_TYPES = {"confidence": np.float64, "knn": np.float64, "margin": np.float32,
+               "entropy": np.float32, "ood": np.float32}
 ROW_COLUMNS = [c for c in store.RESULT_COLUMNS if c != "embedding"]
 # What a thumbnail's caption and actions need: a page reads these, not the top-5 lists
 PAGE_COLUMNS = ["path", "rel", "pred", "confidence", "error"]
 _BATCH = 1 << 16  # rows decoded at a time while opening: bounds the temporaries
+_INDEX = np.int32  # sort orders: half of int64's 80 MB per order at ten million rows
 
 
 class ResultsView:
@@ -46,7 +51,7 @@ class ResultsView:
             (paths are then matched through `rel` and the workspace root).
         pred: class code per row (-1: none); `classes[code]` is the name.
         classes: the predicted class names, sorted.
-        scores: column -> float64 array (NaN where missing), for SCORES.
+        scores: column -> float array (NaN where missing), for SCORES (SCORE_TYPES).
         ok: whether each file was readable.
         attrs: name, generation and classes, as `load_results` frames carry.
     """
@@ -73,8 +78,8 @@ class ResultsView:
         """A view over a results table in memory (positions = its row order)."""
         frame = frame.reset_index(drop=True)
         codes, classes = pd.factorize(frame["pred"], sort=True)
-        scores = {c: frame[c].to_numpy(np.float64, na_value=np.nan) if c in frame
-                  else np.full(len(frame), np.nan) for c in SCORES}
+        scores = {c: frame[c].to_numpy(SCORE_TYPES[c], na_value=np.nan) if c in frame
+                  else np.full(len(frame), np.nan, SCORE_TYPES[c]) for c in SCORES}
         ok = (frame["error"].fillna("") == "").to_numpy(bool)
 
         def fetch(positions: np.ndarray, columns: list[str]) -> pd.DataFrame:
@@ -115,7 +120,7 @@ class ResultsView:
             else:
                 values = self.sort_key(column)
                 self._orders[key] = np.argsort(values if ascending else -values,
-                                               kind="stable")
+                                               kind="stable").astype(_INDEX)
         return self._orders[key]
 
     def sort_key(self, column: str) -> np.ndarray:
@@ -218,7 +223,7 @@ def _stack(column) -> np.ndarray:
 def _text_order(values: pa.Array, ascending: bool) -> np.ndarray:
     order = pc.sort_indices(values, sort_keys=[("", "ascending" if ascending
                                                 else "descending")])
-    return order.to_numpy()
+    return order.to_numpy().astype(_INDEX)
 
 
 # ----------------------------------------------------------------------------- on disk
@@ -293,8 +298,7 @@ def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
     meta = store._read_run_json(run_dir)
     files = _Files(store._sources(run_dir))
     n = int(files.starts[-1])
-    # float64 as stored: a threshold (confidence < 0.8) must cut where pandas cuts
-    scores = {c: np.full(n, np.nan) for c in SCORES}
+    scores = {c: np.full(n, np.nan, SCORE_TYPES[c]) for c in SCORES}
     ok, pred = np.ones(n, bool), np.full(n, -1, np.int32)
     rels, names, start = [], {}, 0  # names: class -> code, in the order first seen
     for f in files.files:
@@ -313,7 +317,8 @@ def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
     classes = sorted(names)
     remap = np.array([classes.index(c) for c in names] or [0], np.int32)  # first seen -> sorted
     pred = np.where(pred < 0, -1, remap[np.maximum(pred, 0)]).astype(np.int32)
-    rel = pa.concat_arrays([r.cast(pa.string()) for r in rels]) if rels else pa.array([], pa.string())
+    # chunked as read: concatenating would hold every path twice for a moment
+    rel = pa.chunked_array(rels, pa.string())
     attrs = {"name": str(name), "generation": meta["generation"],
              "classes": list(meta["classes"]), "root": str(ws.root)}
 

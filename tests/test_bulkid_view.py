@@ -98,3 +98,9 @@ def test_a_view_of_an_unknown_run_names_the_runs(ws):
 
     with pytest.raises(ZoolibError, match="no bulk identification run"):
         bulkid.open_view(ws, "nope")
+
+
+def test_a_lazy_run_returns_the_view(ws):
+    view = bulkid.run(ws, batch_size=16, num_workers=0, progress=False, lazy=True)
+    assert isinstance(view, bulkid.ResultsView) and len(view) == len(_inbox_files(ws))
+    assert sorted(view.rows(range(len(view)))["path"]) == sorted(map(str, _inbox_files(ws)))

@@ -201,7 +201,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         progress: bool = True, files: list[Path] | None = None,
         on_batch: Callable[[int, int], None] | None = None, device: str | None = None,
         knn: bool = True, runtime: str | None = None, engine: str = "local",
-        address: str | None = None) -> pd.DataFrame:
+        address: str | None = None, lazy: bool = False):
     """Predict every file under an inbox folder into `bulkid/<name>/results.parquet`.
 
     Args:
@@ -233,6 +233,8 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
             files and the workspace must be readable at the same paths on every node.
         address: with engine="ray", the cluster to join ("auto", "ray://host:10001");
             None = RAY_ADDRESS if set, else a local cluster on this machine's cores.
+        lazy: return the run opened lazily (`view.open_view`) instead of loading the
+            whole table: memory then does not grow with the inbox.
 
     Symbolic links, pipes, sockets and devices are never opened: each gets a row
     with an error (`LINK_ERROR`, `SPECIAL_ERROR`), as unreadable files do. Hidden
@@ -242,6 +244,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     Returns:
         The whole results table of the run (rows of earlier calls included), with
         columns `results.RESULT_COLUMNS`; `attrs` holds generation, classes and name.
+        With `lazy`, a `view.ResultsView` of it.
 
     Raises:
         ZoolibError: missing or empty inbox, an inbox that is, holds or lies inside
@@ -272,6 +275,10 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
             else:
                 _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress,
                          on_batch, ref, refused)
+    if lazy:  # a big inbox: the table stays on disk, opened as the widget reads it
+        from .view import open_view
+
+        return open_view(ws, name)
     return results.load_results(ws, name)
 
 

@@ -36,7 +36,7 @@ ROW_COLUMNS = [c for c in store.RESULT_COLUMNS if c != "embedding"]
 # What a thumbnail's caption and actions need: a page reads these, not the top-5 lists
 PAGE_COLUMNS = ["path", "rel", "pred", "confidence", "error"]
 _BATCH = 1 << 16  # rows decoded at a time while opening: bounds the temporaries
-_INDEX = np.int32  # sort orders: half of int64's 80 MB per order at ten million rows
+_INDEX = np.intp  # sort orders: numpy would convert any other index type on every gather
 
 
 class ResultsView:
@@ -232,7 +232,8 @@ class _Files:
     """The Parquet files of a run's dataset, addressed by global row position."""
 
     def __init__(self, paths: list[Path]):
-        self.files = [pq.ParquetFile(p) for p in paths]
+        self.paths = list(paths)
+        self.files = [pq.ParquetFile(p) for p in paths]  # for row groups read by position
         self.names = [p.name for p in paths]
         sizes = [[f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
                  for f in self.files]
@@ -259,10 +260,18 @@ class _Files:
             return pa.table({c: pa.array([], store.SCHEMA.field(c).type) for c in columns})
         return pa.concat_tables(pieces).take(pa.array(where))
 
-    def embeddings(self) -> Iterator[np.ndarray]:
-        for f in self.files:
-            for batch in f.iter_batches(batch_size=_BATCH, columns=["embedding"]):
-                yield _decode(batch.column(0))
+    def scan(self, columns: list[str], start: int = 0) -> Iterator[pa.RecordBatch]:
+        """Every row's `columns`, batch by batch, from file `start` on. A reader of its
+        own, dropped at the end: a reader that streamed a file keeps decoded buffers
+        (~45 bytes a row here), which the readers kept for row groups must not."""
+        for path in self.paths[start:]:
+            with pq.ParquetFile(path) as f:
+                have = [c for c in columns if c in f.schema_arrow.names]
+                yield from f.iter_batches(batch_size=_BATCH, columns=have)
+
+    def embeddings(self, start: int = 0) -> Iterator[np.ndarray]:
+        for batch in self.scan(["embedding"], start):
+            yield _decode(batch.column(0))
 
 
 def _decode(column: pa.Array) -> np.ndarray:
@@ -301,19 +310,18 @@ def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
     scores = {c: np.full(n, np.nan, SCORE_TYPES[c]) for c in SCORES}
     ok, pred = np.ones(n, bool), np.full(n, -1, np.int32)
     rels, names, start = [], {}, 0  # names: class -> code, in the order first seen
-    for f in files.files:
-        have = [c for c in ["rel", "pred", "error", *SCORES] if c in f.schema_arrow.names]
-        for batch in f.iter_batches(batch_size=_BATCH, columns=have):
-            stop = start + batch.num_rows
-            rels.append(batch.column("rel"))
-            for c in SCORES:
-                if c in have:
-                    scores[c][start:stop] = batch.column(c).to_numpy(zero_copy_only=False)
-            error = batch.column("error")  # null or "": readable
-            ok[start:stop] = pc.fill_null(pc.equal(error.cast(pa.string()), ""), True
-                                          ).to_numpy(zero_copy_only=False)
-            pred[start:stop] = _codes(batch.column("pred"), names)
-            start = stop
+    for batch in files.scan(["rel", "pred", "error", *SCORES]):
+        stop = start + batch.num_rows
+        # a copy: a slice of the batch would keep every column's decoded buffers
+        rels.append(pa.concat_arrays([batch.column("rel")]))
+        for c in SCORES:
+            if c in batch.schema.names:  # older tables have no knn
+                scores[c][start:stop] = batch.column(c).to_numpy(zero_copy_only=False)
+        error = batch.column("error")  # null or "": readable
+        ok[start:stop] = pc.fill_null(pc.equal(error.cast(pa.string()), ""), True
+                                      ).to_numpy(zero_copy_only=False)
+        pred[start:stop] = _codes(batch.column("pred"), names)
+        start = stop
     classes = sorted(names)
     remap = np.array([classes.index(c) for c in names] or [0], np.int32)  # first seen -> sorted
     pred = np.where(pred < 0, -1, remap[np.maximum(pred, 0)]).astype(np.int32)
@@ -361,9 +369,8 @@ def _load_or_build(view: ResultsView) -> ann.Index:
     if index is None:
         index = ann.Index.build(view._embeddings, len(view), view.dim, compressed=True)
     else:
-        for f in files.files[covered:]:
-            for batch in f.iter_batches(batch_size=_BATCH, columns=["embedding"]):
-                index.add(_decode(batch.column(0)))
+        for batch in files.embeddings(covered):
+            index.add(batch)
     if not any(n.startswith("part-") for n in files.names) and covered < len(listing):
         view._index_dir.mkdir(exist_ok=True)
         write_atomic(index_path, write=index.save)

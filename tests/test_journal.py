@@ -1,3 +1,6 @@
+from contextlib import closing
+
+import pandas as pd
 import pytest
 
 from zoolib import journal
@@ -39,3 +42,57 @@ def test_trash_outside_workspace_refused(demo_ws, tmp_path):
         journal.trash(demo_ws, outside)
     with pytest.raises(ZoolibError, match="no event 99"):
         journal.undo(demo_ws, 99)
+
+
+def _events(ws, n=10):
+    """n events: "mark" on even ids, "note" on odd ones (ids 1..n); event 3 undone by the last."""
+    ids = [journal.record(ws, "mark" if i % 2 == 0 else "note", f"f{i}.jpg") for i in range(1, n)]
+    ids.append(journal.record(ws, "undo", "f3.jpg", undoes=3))
+    return ids
+
+
+def test_read_pages_filter_and_order_in_sql(demo_ws):
+    assert _events(demo_ws) == list(range(1, 11))
+    page = journal.read(demo_ws, limit=3, offset=2)
+    assert page["id"].tolist() == [3, 4, 5] and page.index.tolist() == [0, 1, 2]
+    newest = journal.read(demo_ws, actions=["note"], limit=2, offset=1, newest_first=True)
+    assert newest["id"].tolist() == [7, 5]
+    assert journal.read(demo_ws, "mark", offset=3)["id"].tolist() == [8]
+    assert journal.read(demo_ws, ids=[9, 2, 3, 99])["id"].tolist() == [2, 3, 9]
+    assert journal.read(demo_ws, ids=range(5000))["id"].tolist() == list(range(1, 11))
+    assert journal.read(demo_ws, actions=[], limit=5).empty
+    # undone looks at the whole journal: the undo (id 10) is on no page of notes
+    notes = journal.read(demo_ws, actions=["note"], columns=["undone", "id"])
+    assert list(notes.columns) == ["undone", "id"] and notes["undone"].dtype == bool
+    assert notes.set_index("id")["undone"].to_dict() == {1: False, 3: True, 5: False,
+                                                          7: False, 9: False}
+    assert journal.count(demo_ws) == 10 and journal.count(demo_ws, actions=["note"]) == 5
+    assert journal.count(demo_ws, "mark", ids=[2, 3, 4]) == 2
+
+
+def test_read_without_arguments_is_the_whole_table(demo_ws):
+    _events(demo_ws)
+    with closing(journal.connect(demo_ws)) as con:
+        table = pd.read_sql_query("SELECT * FROM journal ORDER BY id", con)
+    table["undone"] = table["id"].isin(set(table["undoes"].dropna().astype(int)))
+    pd.testing.assert_frame_equal(journal.read(demo_ws), table)
+    marks = table[table["action"] == "mark"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(journal.read(demo_ws, "mark"), marks)
+
+
+def test_read_refuses_unknown_columns_and_bad_pages(demo_ws):
+    for ws_has_db in (False, True):
+        with pytest.raises(ValueError, match="no column 'id; DROP TABLE journal'"):
+            journal.read(demo_ws, columns=["id", "id; DROP TABLE journal"])
+        with pytest.raises(ValueError, match="limit must be a non-negative integer"):
+            journal.read(demo_ws, limit=-1)
+        with pytest.raises(ValueError, match="offset"):
+            journal.read(demo_ws, offset=1.5)
+        with pytest.raises(ValueError, match="not both"):
+            journal.read(demo_ws, "mark", actions=["note"])
+        if not ws_has_db:
+            assert journal.read(demo_ws, columns=["id"]).columns.tolist() == ["id"]
+            assert journal.count(demo_ws) == 0
+            _events(demo_ws, 3)
+    assert journal.read(demo_ws, "x' OR '1'='1").empty  # a value is never SQL
+    assert journal.count(demo_ws) == 3

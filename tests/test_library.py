@@ -119,3 +119,87 @@ def test_duplicate_counts(demo_ws):
     m = library.scan(demo_ws, progress=False)
     t = library.class_counts(m).set_index("label")
     assert t.loc["lion", "readable"] == t.loc["lion", "unique"] + 1
+
+
+def _bad_files(ws):
+    """An unreadable file of each kind beside the demo's: truncated, garbage, a link."""
+    good = (ws.library / "lion" / "lion_0002.jpg").read_bytes()
+    (ws.library / "lion" / "cut_short.jpg").write_bytes(good[: len(good) // 2])
+    (ws.library / "zebra" / "not_an_image.png").write_bytes(b"\x89PNG but not really")
+    (ws.library / "zebra" / "linked.jpg").symlink_to(ws.library / "lion" / "lion_0002.jpg")
+    return ["lion/cut_short.jpg", "zebra/not_an_image.png", "zebra/linked.jpg"]
+
+
+class _CountingPool:
+    """A stand-in process pool, run in this process: counts results not yet collected."""
+
+    def __init__(self):
+        self.open = self.most = self.tasks = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        self.open, self.tasks = self.open + 1, self.tasks + 1
+        self.most = max(self.most, self.open)
+        pool = self
+
+        class Pending:
+            def result(self):
+                pool.open -= 1
+                return fn(*args)
+        return Pending()
+
+
+def test_parallel_scan_gives_the_serial_rows_including_unreadable_files(demo_ws, truth,
+                                                                        monkeypatch):
+    bad = _bad_files(demo_ws)
+    pooled = []
+    real = library._describe_all
+    monkeypatch.setattr(library, "_describe_all", lambda *a: pooled.append(a[2]) or real(*a))
+    monkeypatch.setattr(library, "POOL_MIN_FILES", 1)  # the demo is far below the threshold
+    serial = library.scan(demo_ws, progress=False, workers=1)
+    library._cache_path(demo_ws).unlink()
+    parallel = library.scan(demo_ws, progress=False, workers=2)
+    assert pooled == [2]  # only the second scan used a pool, of two processes
+    pd.testing.assert_frame_equal(serial, parallel)
+    rows = parallel.set_index("path").loc[bad + truth["unreadable"]]
+    assert not rows["readable"].any() and rows["error"].str.len().gt(0).all()
+    assert rows.loc["zebra/linked.jpg", "error"].startswith("symbolic link")
+    assert rows.loc["lion/cut_short.jpg", "error"] == serial.set_index("path").loc[
+        "lion/cut_short.jpg", "error"]
+
+
+def test_parallel_scan_keeps_a_bounded_number_of_chunks_in_flight(demo_ws, monkeypatch):
+    serial = library.scan(demo_ws, progress=False, workers=1)
+    library._cache_path(demo_ws).unlink()
+    pool = _CountingPool()
+    monkeypatch.setattr(library, "_pool", lambda workers: pool)
+    monkeypatch.setattr(library, "CHUNK", 10)
+    monkeypatch.setattr(library, "POOL_MIN_FILES", 1)
+    pd.testing.assert_frame_equal(library.scan(demo_ws, progress=False, workers=3), serial)
+    assert pool.tasks == -(-len(serial) // 10)  # every file went out, in chunks of 10
+    assert pool.most == library.IN_FLIGHT * 3  # never more waiting than that, of 42 chunks
+
+
+def test_small_libraries_are_scanned_without_a_pool(demo_ws, monkeypatch):
+    monkeypatch.setattr(library, "_pool", lambda workers: pytest.fail("pool started"))
+    assert len(library.scan(demo_ws, progress=False, workers=8)) > 0
+    with pytest.raises(ZoolibError, match="workers must be at least 1"):
+        library.scan(demo_ws, progress=False, workers=0)
+
+
+def test_a_worker_that_dies_is_a_message_naming_the_fix(demo_ws, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    class Dead(_CountingPool):
+        def submit(self, fn, *args):
+            raise BrokenProcessPool("a process terminated abruptly")
+
+    monkeypatch.setattr(library, "_pool", lambda workers: Dead())
+    monkeypatch.setattr(library, "POOL_MIN_FILES", 1)
+    with pytest.raises(ZoolibError, match="__name__ == \"__main__\".*workers=1"):
+        library.scan(demo_ws, progress=False, workers=2)

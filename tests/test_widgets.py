@@ -229,3 +229,39 @@ def test_view_export_and_more_like_this(demo_ws, results, masks):
     assert [t.path for t in _visible(view)] == [query, *near["path"]]
     assert near["similarity"].is_monotonic_decreasing
     assert not near["confidence"].is_monotonic_increasing  # the default sort would differ
+
+
+def test_journal_view_pages_newest_first_reading_one_page_at_a_time(demo_ws, monkeypatch):
+    from zoolib.widgets.curate import JournalView
+
+    ids = [journal.record(demo_ws, "discard" if i % 3 else "mark", f"library/lion/{i}.jpg")
+           for i in range(36)]
+    shown = [i for k, i in enumerate(ids) if k % 3][::-1]  # 24 discards, newest first
+    reads = []
+    real = journal.read
+    monkeypatch.setattr(journal, "read", lambda *a, **k: reads.append(k) or real(*a, **k))
+    view = JournalView(demo_ws, page_size=10)
+    assert view.rows["id"].tolist() == shown[:10] and view.previous.disabled
+    view.next.click()
+    assert view.page == 1 and view.rows["id"].tolist() == shown[10:20]
+    assert view.info.value == "page 2 of 3 (24 events)"
+    assert f"library/lion/{shown[10] - 1}.jpg" in view.table.value and "mark" not in \
+        view.table.value
+    view.next.click()
+    assert view.rows["id"].tolist() == shown[20:] and view.next.disabled
+    view.next.click()  # past the end: stays on the last page
+    view.previous.click()
+    assert view.page == 1 and not view.previous.disabled
+    assert [(k["limit"], k["offset"], k["newest_first"]) for k in reads] == [
+        (10, 0, True), (10, 10, True), (10, 20, True), (10, 20, True), (10, 10, True)]
+
+
+def test_journal_view_of_the_curation_widget_shows_the_action_just_done(demo_ws, manifest):
+    from zoolib import curate
+
+    w = widgets.CurationWidget(demo_ws, {"unreadable": curate.unreadable(manifest)})
+    assert w.journal.rows.empty and w.journal.info.value == "page 1 of 1 (0 events)"
+    next(b for b in w.buttons if b.description == "discard").click()
+    assert w.journal.rows["action"].tolist() == ["discard"]
+    next(b for b in w.buttons if b.description == "undo last").click()
+    assert w.journal.rows["undone"].tolist() == [True]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import numbers
 import os
 import shutil
 import sqlite3
@@ -31,7 +32,13 @@ CREATE TABLE IF NOT EXISTS journal (
     details TEXT,
     undoes INTEGER REFERENCES journal(id)
 );
+CREATE INDEX IF NOT EXISTS journal_undoes ON journal (undoes);
+CREATE INDEX IF NOT EXISTS journal_action ON journal (action, id);
 """
+# The indexes serve `read`: `undone` looks a row up by the row that undoes it, and a
+# page of some actions, newest first, walks (action, id) instead of sorting them all.
+COLUMNS = ("id", "time", "action", "path", "dest", "label", "details", "undoes")
+UNDONE = "undone"  # computed by `read`: whether a later row reversed this one
 
 
 def connect(ws: Workspace) -> sqlite3.Connection:
@@ -68,16 +75,111 @@ def record(ws: Workspace, action: str, path: str | None = None, dest: str | None
         return int(cur.lastrowid)
 
 
-def read(ws: Workspace, action: str | None = None) -> pd.DataFrame:
-    """All journal rows (optionally of one action), oldest first, with an
-    `undone` column telling whether a later row reversed each one."""
+def read(ws: Workspace, action: str | None = None, *, columns=None, ids=None, actions=None,
+         limit: int | None = None, offset: int = 0, newest_first: bool = False) -> pd.DataFrame:
+    """Journal rows, oldest first, with an `undone` column telling whether a later
+    row reversed each one; filtered, paged and narrowed in SQL.
+
+    `undone` is computed over the whole journal, whatever the filters and the page.
+
+    Args:
+        ws: the workspace.
+        action: only rows of this action (as `actions=[action]`).
+        columns: the columns to return, in this order (COLUMNS, the table's own
+            columns, and "undone"); default all, "undone" last.
+        ids: only rows with these ids (any number).
+        actions: only rows of these actions.
+        limit: at most this many rows (None: all).
+        offset: skip this many rows first (of the filtered, ordered rows).
+        newest_first: order by id descending instead of ascending.
+
+    Returns:
+        One row per event, index 0..n-1.
+
+    Raises:
+        ValueError: an unknown column (named), `action` and `actions` both
+            given, or a limit or offset that is not a non-negative integer.
+
+    Example:
+        >>> read(ws, actions=["trash"], limit=2, newest_first=True)["id"].tolist()
+        [9, 4]
+    """
+    where, params = _where(action, actions, ids)
+    params += [-1 if limit is None else _non_negative("limit", limit),
+               _non_negative("offset", offset)]  # SQLite: LIMIT -1 is no limit
     if not ws.journal_db.exists():
-        cols = ["id", "time", "action", "path", "dest", "label", "details", "undoes", "undone"]
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=_checked(columns, COLUMNS))
     with closing(connect(ws)) as con:
-        rows = pd.read_sql_query("SELECT * FROM journal ORDER BY id", con)
-    rows["undone"] = rows["id"].isin(set(rows["undoes"].dropna().astype(int)))
-    return rows if action is None else rows[rows["action"] == action].reset_index(drop=True)
+        table = tuple(r[1] for r in con.execute("PRAGMA table_info(journal)"))
+        columns = _checked(columns, table)
+        # The names were checked against the table, so quoting them is safe; every
+        # value goes in as a parameter.
+        fields = ", ".join(f'"{c}"' if c != UNDONE else _UNDONE_SQL for c in columns)
+        order = "DESC" if newest_first else "ASC"
+        rows = pd.read_sql_query(f"SELECT {fields} FROM journal{where} ORDER BY id {order} "
+                                 "LIMIT ? OFFSET ?", con, params=params)
+    if UNDONE in rows.columns:
+        rows[UNDONE] = rows[UNDONE].astype(bool)
+    if "undoes" in rows.columns:  # NaN where none, as on the whole table, whatever the page
+        rows["undoes"] = rows["undoes"].astype("float64")
+    return rows
+
+
+_UNDONE_SQL = "EXISTS (SELECT 1 FROM journal AS u WHERE u.undoes = journal.id) AS undone"
+
+
+def _checked(columns, table: tuple[str, ...]) -> list[str]:
+    """The columns asked for (default: the table's, then undone), each one known.
+
+    Raises:
+        ValueError: a column the table lacks, named with the ones it has.
+    """
+    if columns is None:
+        return [*table, UNDONE]
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    for c in columns:
+        if c not in table and c != UNDONE:
+            raise ValueError(f"journal has no column {c!r}; it has "
+                             f"{', '.join((*table, UNDONE))}")
+    return columns
+
+
+def _non_negative(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def count(ws: Workspace, action: str | None = None, *, actions=None, ids=None) -> int:
+    """How many journal rows `read` would return with these filters and no limit.
+
+    Raises:
+        ValueError: `action` and `actions` both given.
+    """
+    where, params = _where(action, actions, ids)
+    if not ws.journal_db.exists():
+        return 0
+    with closing(connect(ws)) as con:
+        return int(con.execute(f"SELECT COUNT(*) FROM journal{where}", params).fetchone()[0])
+
+
+def _where(action, actions, ids) -> tuple[str, list]:
+    """The WHERE clause of the filters and its parameters.
+
+    A list goes in as one JSON parameter read by `json_each`, so any number of
+    ids fits (SQLite caps the number of parameters of one statement).
+    """
+    if action is not None and actions is not None:
+        raise ValueError("give action or actions, not both")
+    actions = [action] if action is not None else actions
+    clauses, params = [], []
+    if actions is not None:
+        clauses.append("action IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps([str(a) for a in actions]))
+    if ids is not None:
+        clauses.append("id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps([int(i) for i in ids]))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def _rel(ws: Workspace, path: Path) -> str:

@@ -7,6 +7,10 @@ journal. Nothing in zoolib imports it.
 
     w = CurationWidget(ws, {"label issues": issues, "near duplicates": groups})
     w.show()
+
+Below the actions, `JournalView` pages through the curation events, newest
+first: each page is one `journal.read` with a limit and an offset plus a
+`journal.count`, so a long journal costs what one page costs.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from .grid import Item, ThumbGrid
 
 THUMB = 128
 MAX_TILES = 12  # a problem item (a duplicate group) shows at most this many images
+JOURNAL_PAGE = 10  # events per journal page
+JOURNAL_COLUMNS = ["id", "time", "action", "path", "dest", "label", "undone"]
 
 
 def item_paths(row: pd.Series) -> list[str]:
@@ -35,6 +41,41 @@ def _caption(row: pd.Series, path: str, keeper: bool) -> str:
     if "suggested" in row and "path" in row and row["path"] == path:
         return f"{row['label']} → {row['suggested']}?"
     return path.rsplit("/", 1)[-1] + (" (keeper)" if keeper else "")
+
+
+class JournalView:
+    """Journal events a page at a time, newest first, with previous/next buttons.
+
+    Args:
+        ws: the workspace.
+        actions: the actions shown (default: the curation actions).
+        page_size: events per page.
+    """
+
+    def __init__(self, ws: Workspace, actions=curate.CURATION_ACTIONS,
+                 page_size: int = JOURNAL_PAGE):
+        self.ws, self.actions, self.page_size, self.page = ws, tuple(actions), page_size, 0
+        self.rows = pd.DataFrame(columns=JOURNAL_COLUMNS)  # the page on screen
+        self.table, self.info = W.HTML(), W.Label()
+        self.previous = W.Button(description="◀ newer")
+        self.next = W.Button(description="older ▶")
+        self.previous.on_click(lambda _: self.show_page(self.page - 1))
+        self.next.on_click(lambda _: self.show_page(self.page + 1))
+        self.widget = W.VBox([W.HBox([self.previous, self.info, self.next]), self.table])
+        self.show_page(0)
+
+    def show_page(self, page: int) -> None:
+        """Query and draw one page (0 = newest); the number is clamped to the pages."""
+        total = journal.count(self.ws, actions=self.actions)
+        pages = max(1, -(-total // self.page_size))  # an empty journal: page 1 of 1
+        self.page = min(max(page, 0), pages - 1)
+        self.rows = journal.read(self.ws, actions=self.actions, columns=JOURNAL_COLUMNS,
+                                 limit=self.page_size, offset=self.page * self.page_size,
+                                 newest_first=True)
+        self.table.value = self.rows.to_html(index=False, na_rep="", escape=True)
+        self.info.value = f"page {self.page + 1} of {pages} ({total} events)"
+        self.previous.disabled = self.page == 0
+        self.next.disabled = self.page >= pages - 1
 
 
 class CurationWidget:
@@ -60,6 +101,7 @@ class CurationWidget:
         self.relabel_to = W.Combobox(options=[f.name for f in class_folders(ws)],
                                      description="class", ensure_option=False)
         self.log = W.Output()
+        self.journal = JournalView(ws)
         buttons = [("rotate 90", lambda p: [curate.rotate(ws, x, 90) for x in p]),
                    ("rotate 180", lambda p: [curate.rotate(ws, x, 180) for x in p]),
                    ("rotate 270", lambda p: [curate.rotate(ws, x, 270) for x in p]),
@@ -80,7 +122,7 @@ class CurationWidget:
         self.box = W.VBox([W.HBox([self.which, self.index]), self.pictures,
                            W.HBox([self.reason, self.split, self.source, self.relabel_to]),
                            W.HBox(self.buttons, layout=W.Layout(flex_flow="row wrap")),
-                           self.log])
+                           self.log, self.journal.widget])
         self._reset()
 
     @property
@@ -94,7 +136,8 @@ class CurationWidget:
         return button
 
     def _last_event(self) -> int:
-        rows = curate.history(self.ws)
+        rows = journal.read(self.ws, columns=["id", "undone"], actions=curate.CURATION_ACTIONS,
+                            newest_first=True)  # curate.history's rows, two columns only
         rows = rows[~rows["undone"]]
         if rows.empty:
             raise ValueError("nothing to undo")
@@ -107,6 +150,7 @@ class CurationWidget:
                 print(f"journal events {ids}")
             except Exception as exc:  # noqa: BLE001 - show the message, keep the widget alive
                 print(f"error: {exc}")
+        self.journal.show_page(0)  # the newest events: what was just done
         self._render()
 
     def row(self) -> pd.Series | None:

@@ -32,6 +32,11 @@ time the epoch's files are written) starts again from epoch 1 instead, saying so
 A run killed after saving its generation but before removing its folder is
 not trained again: its run.json carries an id (`attempt`) that the saved
 model.json repeats (`run_attempt`), and the next start finds it.
+
+Under torchrun (zoolib/distributed.py) every process calls `train`; rank 0 alone
+writes (data preparation, the run folder, checkpoints, the generation) and sends
+what it decided to the others (`distributed.on_main`). model.json records the
+number of processes: the effective batch is `processes` x `batch_size`.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import partial
@@ -54,10 +59,12 @@ from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.training import BnFreeze
 from fastai.vision.all import (CategoryBlock, ColReader, CrossEntropyLossFlat, DataBlock,
                                ImageBlock, Learner, Normalize, accuracy, set_seed)
+from fastai.torch_core import get_model
 
 from . import augment, library, models, splits, warmstart
 from .callbacks import (RNG_FILE, Checkpoint, CpuAutocast, Ema, ReleaseMemory, SkipDone,
                         cpu_has_bf16, release_memory)
+from .distributed import is_main, on_main, parallel_callbacks, rank0_first, world_size
 from .images import read_file, squished_pixels
 from .pixel_cache import PixelCache
 from .schedule import PlateauSchedule, Progress
@@ -86,7 +93,8 @@ class TrainConfig:
         min_improvement: a validation loss lower by this share of the best counts
             as better (0.005 = 0.5%).
         anneal_pct: anneal length as a share of the epochs before it.
-        batch_size: images per batch.
+        batch_size: images per batch (per process: under torchrun N processes step
+            on N x batch_size images, see zoolib/distributed.py).
         weight_decay: decoupled weight decay of fastai's Adam.
         label_smoothing: share of the target spread over the other classes.
         ema_decay: largest decay of the weight average (0 = no averaging).
@@ -502,32 +510,50 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
     """
     cfg.check()
     ws = open_workspace(workspace)
+    progress = progress and is_main()  # one process reports for all
     precision = resolve_precision(cfg)
-    data, classes = prepare_data(ws, cfg, progress=progress)
+    data, classes = on_main(prepare_data, ws, cfg, progress=progress)  # it writes the scan
     set_seed(cfg.seed, reproducible=True)
     model, init, prep = _initial_model(ws, cfg, classes)
     warm = init["init"] == "warm"
     config = {k: v for k, v in asdict(cfg).items() if k != "cache"}  # same pixels either way
     run_key = {"config": config, "classes": classes, "data": data_hash(data),
                "init": init}
+    if world_size() > 1:  # N processes step on N x batch_size images: another run
+        run_key["processes"] = world_size()
     run_dir = _run_path(ws, run_key)
-    with _exclusive(run_dir):
-        models.remove_dead_temps(run_dir.parent)  # folders of finished runs killed mid-removal
-        saved = _saved_as(ws, run_dir) if cfg.resume else None
+    with ExitStack() as held:
+        saved, state = on_main(_open_run, held, ws, run_dir, run_key, cfg.resume)
         if saved is not None:
-            return _already_saved(ws, saved, run_dir, data)
-        state = _run_dir(run_dir, run_key, cfg.resume)
+            return _already_saved(ws, saved, data)
         run = {"ws": ws, "cfg": cfg, "data": data, "classes": classes, "init": init,
                "prep": prep, "precision": precision, "warm": warm, "state": state,
                "attempt": _attempt(run_dir)}
         return _fit(run, model, run_dir, progress, extra_cbs)
 
 
-def _already_saved(ws: Workspace, name: str, run_dir: Path, data: pd.DataFrame) -> TrainResult:
-    """The result of a run that saved `name` and was stopped before removing its folder."""
-    print(f"this run was saved as {name} before it was interrupted: removing its "
+def _open_run(held: ExitStack, ws: Workspace, run_dir: Path, run_key: dict,
+              resume: bool) -> tuple[str | None, dict | None]:
+    """Take the run's lock into `held` and find where the run stands (rank 0: it writes).
+
+    Returns:
+        The generation an earlier attempt of this run saved before it was stopped
+        (its leftover folder removed) or None; the state of an interrupted run to
+        resume or None.
+    """
+    held.enter_context(_exclusive(run_dir))
+    models.remove_dead_temps(run_dir.parent)  # folders of finished runs killed mid-removal
+    saved = _saved_as(ws, run_dir) if resume else None
+    if saved is None:
+        return None, _run_dir(run_dir, run_key, resume)
+    print(f"this run was saved as {saved} before it was interrupted: removing its "
           f"leftover folder {run_dir}")
     _discard_run(run_dir)
+    return saved, None
+
+
+def _already_saved(ws: Workspace, name: str, data: pd.DataFrame) -> TrainResult:
+    """The result of a run that saved `name` and was stopped before removing its folder."""
     history = pd.read_csv(ws.models / name / "history.csv")
     return TrainResult(name=name, info=models.read_info(ws, name), history=history, splits=data)
 
@@ -547,27 +573,35 @@ def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
                             warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
                             anneal_pct=cfg.anneal_pct, min_improvement=cfg.min_improvement,
                             progress=Progress(**state["schedule"]) if state else None,
-                            on_kept=partial(_save_kept, ckpt))
-    cbs = [sched, _MarkedCheckpoint(run_dir, history, lambda: asdict(sched.state)),
-           SkipDone(start, ckpt / RNG_FILE),
+                            on_kept=partial(_save_kept, ckpt) if is_main() else None)
+    saves = [_MarkedCheckpoint(run_dir, history, lambda: asdict(sched.state))] if is_main() else []
+    cbs = [sched, *saves, SkipDone(start, ckpt / RNG_FILE),
            ChannelsLast(), *_precision_cbs(precision),
            *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
-           *extra_cbs]
-    learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs, progress)
+           *parallel_callbacks(), *extra_cbs]
+    with rank0_first():  # rank 0 fills the pixel cache; the others then only read it
+        learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs, progress)
     if state:
         _load_checkpoint(learn, run_dir)
-        print(f"resuming an interrupted run after epoch {start}")
+        if is_main():
+            print(f"resuming an interrupted run after epoch {start}")
     started = time.perf_counter()
     with _quiet(learn, progress):
         if sched.state.phase != "done" and start < cfg.epochs:
             learn.fit(cfg.epochs, lr=lr_max(cfg, warm)[-1])
     seconds = time.perf_counter() - started
-    learn.model.load_state_dict(torch.load(ckpt / "kept.pth", weights_only=True))
     run.update(history=history, seconds=seconds, start=start, schedule=sched.summary())
-    result = _finish(learn.model, run, run_dir)
+    result = on_main(_keep, learn, run, run_dir)  # one generation, whatever the processes
     del learn
     release_memory()
     return result
+
+
+def _keep(learn: Learner, run: dict, run_dir: Path) -> TrainResult:
+    """Save the kept epoch's weights (kept.pth) as the generation."""
+    learn.model.load_state_dict(torch.load(run_dir / "checkpoint" / "kept.pth",
+                                           weights_only=True))
+    return _finish(learn.model, run, run_dir)
 
 
 def _load_checkpoint(learn: Learner, run_dir: Path) -> None:
@@ -583,7 +617,8 @@ def _load_checkpoint(learn: Learner, run_dir: Path) -> None:
 
 def _save_kept(ckpt: Path, learn: Learner) -> None:
     """Save the weights a run keeps (the averaged ones when averaging) to kept.pth."""
-    model = learn.ema.average.module if hasattr(learn, "ema") else learn.model
+    # get_model: under several processes the model is wrapped in DistributedDataParallel
+    model = learn.ema.average.module if hasattr(learn, "ema") else get_model(learn.model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_atomic(ckpt / "kept.pth", write=lambda p: torch.save(state, p))
 
@@ -618,6 +653,7 @@ def _finish(model: torch.nn.Module, run: dict, run_dir: Path) -> TrainResult:
         "schedule": {"kind": "warm fine-tune" if run["init"]["init"] == "warm"
                      else "warmup, flat, anneal at plateau", **sched},
         "precision": run["precision"],
+        "processes": world_size(),  # data-parallel: the effective batch is this x batch_size
         "metrics": {
             "best_valid_loss": float(hist["valid_loss"].iloc[kept - 1]),
             "valid_accuracy": float(hist["accuracy"].iloc[kept - 1]),

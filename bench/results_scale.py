@@ -111,10 +111,12 @@ def child(root: str, what: str) -> dict:
     t0 = time.perf_counter()
     view = bulkid.open_view(root, "big")
     opened = time.perf_counter() - t0
+    rss_view = _rss_mb()
     manifest = library.scan(root, progress=False)
     masks = widgets.filter_sets(view, manifest, lookalike_class=CLASSES[3])
     out = {"open_s": opened, "masks_s": time.perf_counter() - t0 - opened,
-           "rss_before_mb": base, "rss_open_mb": _rss_mb()}
+           "rss_before_mb": base, "rss_view_mb": rss_view,
+           "rss_open_mb": _rss_mb()}
     if what == "update":
         status = np.zeros(len(view), np.int8)
         states = [ViewState(), ViewState(filter="lowest"), ViewState(pred=CLASSES[5]),
@@ -182,6 +184,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--only", choices=["update", "like"], help="one measurement")
+    parser.add_argument("--data", type=Path,
+                        help="keep the generated workspace here (reused when it exists)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -189,10 +193,13 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         t = time.perf_counter()
-        run_dir = write(Path(tmp) / "ws", args.rows, args.dim)
+        ws = args.data or Path(tmp) / "ws"
+        run_dir = ws / "bulkid" / "big"
+        if not (run_dir / "run.json").exists():
+            run_dir = write(ws, args.rows, args.dim)
         size = sum(p.stat().st_size for p in run_dir.rglob("*.parquet")) / 2**30
-        print(f"wrote {args.rows:,} rows ({args.dim}-value float16 embeddings, "
-              f"{size:.2f} GiB) in {time.perf_counter() - t:.0f} s")
+        print(f"{args.rows:,} rows ({args.dim}-value float16 embeddings, "
+              f"{size:.2f} GiB) written or found in {time.perf_counter() - t:.0f} s")
         # like twice: build the index, then load it
         for what in [args.only] if args.only else ["update", "like", "like"]:
             proc = subprocess.run([sys.executable, __file__, "--child", str(run_dir.parent.parent),

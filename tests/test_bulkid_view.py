@@ -7,6 +7,7 @@ import pytest
 
 from zoolib import bulkid, library, widgets
 from zoolib.widgets import ViewState
+from zoolib.widgets.bulk import lowest_mask
 
 from .test_bulkid import Stop, _generation, _inbox_files, _stop_after
 
@@ -104,3 +105,46 @@ def test_a_lazy_run_returns_the_view(ws):
     view = bulkid.run(ws, batch_size=16, num_workers=0, progress=False, lazy=True)
     assert isinstance(view, bulkid.ResultsView) and len(view) == len(_inbox_files(ws))
     assert sorted(view.rows(range(len(view)))["path"]) == sorted(map(str, _inbox_files(ws)))
+
+
+def _tied_table(n: int = 480, seed: int = 0) -> pd.DataFrame:
+    """A results table with many equal scores, missing ones and unreadable rows."""
+    rng = np.random.default_rng(seed)
+    names = [f"inbox/{k:04d}.jpg" for k in rng.permutation(n)]
+
+    def score():
+        values = np.round(rng.random(n), 1)  # eleven values: ties everywhere
+        values[rng.random(n) < 0.1] = np.nan
+        return values
+
+    return pd.DataFrame({
+        "path": ["/ws/" + r for r in names], "rel": names,
+        "pred": rng.choice(np.array(["ant", "bee", "cat", None], object), n),
+        "error": np.where(rng.random(n) < 0.1, "OSError: truncated", ""),
+        "confidence": score(), "margin": score(), "entropy": score(), "ood": score(),
+        "knn": score(), "embedding": [np.zeros(4, np.float16)] * n})
+
+
+@pytest.mark.parametrize("share", [0.02, 0.5])  # sorted on its own / through the order
+def test_a_selection_sorts_as_a_stable_sort_of_the_table(share):
+    frame = _tied_table()
+    view = bulkid.view.ResultsView.from_frame(frame)
+    keep = np.random.default_rng(1).random(len(frame)) < share
+    assert (np.count_nonzero(keep) * bulkid.view.FEW < len(view)) == (share < 0.05)
+    for column, ascending in {*widgets.SORTS.values()} - {("similarity", False)}:
+        want = frame[keep].sort_values(column, ascending=ascending, kind="stable",
+                                       na_position="last").index.to_numpy()
+        got = view.sorted(keep, column, ascending)
+        np.testing.assert_array_equal(got, want, f"{column} ascending={ascending}")
+
+
+def test_the_lowest_filter_is_lowest_scores_whatever_the_ties():
+    frame = _tied_table()
+    view = bulkid.view.ResultsView.from_frame(frame)
+    for n in (0, 1, 7, 40, 200, 431, 1000):  # 431: past the rows with a score
+        mask = lowest_mask(view, n)
+        want = bulkid.lowest_scores(frame, n=n)
+        assert set(frame["path"][mask]) == set(want["path"]), n
+    frame["knn"] = np.nan  # no knn: the fallback score, confidence
+    mask = lowest_mask(bulkid.view.ResultsView.from_frame(frame), 25)
+    assert set(frame["path"][mask]) == set(bulkid.lowest_scores(frame, n=25)["path"])

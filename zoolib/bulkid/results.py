@@ -315,7 +315,9 @@ def _merge(sources: list[Path], out_path: Path, schema: pa.Schema,
     with pq.ParquetWriter(out_path, schema, use_dictionary=_DICT_COLUMNS,
                           compression=_COMPRESSION) as out:
         for src in sources:
-            for batch in pq.ParquetFile(src).iter_batches(batch_size=FLUSH_ROWS):
+            # pre_buffer=False: else the reader holds every byte it read until closed
+            for batch in pq.ParquetFile(src, pre_buffer=False).iter_batches(
+                    batch_size=FLUSH_ROWS):
                 paths = batch.column("path").to_pylist()
                 keep = [p not in seen for p in paths]
                 seen.update(paths)

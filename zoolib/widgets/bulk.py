@@ -129,10 +129,8 @@ def lowest_mask(view: ResultsView, n: int) -> np.ndarray:
     score, worst first, equal scores by rel), as a mask."""
     by = "knn" if np.isfinite(view.scores[DEFAULT_MASS_REMOVAL_SCORE]).any() \
         else FALLBACK_MASS_REMOVAL_SCORE
-    low_is_bad = MASS_REMOVAL_SCORES[by]
-    order = view.order(by, low_is_bad)
-    ranked = order[view.ok[order]]
-    top, mask = ranked[:int(n)], np.zeros(len(view), bool)
+    ranked = _worst_first(view, by, MASS_REMOVAL_SCORES[by], int(n))
+    top, mask = ranked[:max(int(n), 0)], np.zeros(len(view), bool)
     if len(top) == len(ranked) or not len(top):
         mask[top] = True
         return mask
@@ -144,6 +142,23 @@ def lowest_mask(view: ResultsView, n: int) -> np.ndarray:
     mask[sure] = True
     mask[tied[by_rel][:len(top) - len(sure)]] = True
     return mask
+
+
+def _worst_first(view: ResultsView, by: str, low_is_bad: bool, n: int) -> np.ndarray:
+    """Readable rows worst first (as `view.order` ranks them), cut after the n-th worst
+    and every row tied with it: a partition, then a sort of those few (an order of
+    all ten million rows would take seconds and 80 MB)."""
+    key, ok = view.scores[by], view.ok
+    near = ok
+    if 0 < n < np.count_nonzero(ok):
+        signed = np.where(ok, key if low_is_bad else -key, np.nan)  # unreadable: last
+        signed.partition(n - 1)  # in place, NaN last as in a sort: no second copy
+        nth = signed[n - 1]
+        del signed
+        if not np.isnan(nth):
+            near = ok & ((key <= nth) if low_is_bad else (key >= -nth))
+    rows = np.flatnonzero(near)
+    return rows[np.argsort(key[rows] if low_is_bad else -key[rows], kind="stable")]
 
 
 def rare_classes(results: pd.DataFrame, manifest: pd.DataFrame, min_images: int = 40
@@ -201,10 +216,10 @@ def select_rows(results, state: ViewState, masks: dict, status,
         keep &= _codes(status) == STATUS_CODES["" if state.status == "open" else state.status]
     column, ascending = SORTS[state.sort]
     order = (orders or {}).get(column)
-    if order is None:
-        order = np.arange(len(view)) if column == "similarity" else view.order(column,
-                                                                               ascending)
-    return order[keep[order]]
+    if order is not None:
+        return order[keep[order]]
+    return np.flatnonzero(keep) if column == "similarity" else view.sorted(keep, column,
+                                                                           ascending)
 
 
 def _codes(status) -> np.ndarray:

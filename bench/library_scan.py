@@ -146,15 +146,16 @@ def threshold(tmp: Path, workers: int) -> None:
               f"pool/serial time {pool['cold_s'] / serial['cold_s']:.2f}", flush=True)
 
 
-def compare(tmp: Path, files: int, classes: int, workers: int, repeats: int) -> None:
+def compare(tmp: Path, files: int, classes: int, workers: int, repeats: int,
+            kinds: list[str]) -> None:
     t0 = time.perf_counter()
     root = make_library(tmp / "ws", files, classes)
     print(f"{files} files in {classes} class folders written in "
           f"{time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs, pool of {workers}; "
           f"{repeats} runs each, alternating", flush=True)
-    runs = {"serial": [], "parallel": []}
+    runs = {name: [] for name in kinds}
     for k in range(repeats):  # alternate, so a slow spell of a shared host hits both
-        for name in (("serial", "parallel") if k % 2 == 0 else ("parallel", "serial")):
+        for name in (kinds if k % 2 == 0 else kinds[::-1]):
             w = 1 if name == "serial" else workers
             runs[name].append(run_child(root, w, tmp / f"{name}.parquet"))
     best = {}
@@ -168,6 +169,8 @@ def compare(tmp: Path, files: int, classes: int, workers: int, repeats: int) -> 
               f"median {statistics.median(cold):.1f} s, all {', '.join(f'{c:.1f}' for c in cold)};"
               f" cached rescan {r['warm_s']:.1f} s; peak RSS {r['self_mb']:.0f} MB (scanning "
               f"process), PSS {r['tree_mb']:.0f} MB (with its workers)", flush=True)
+    if len(kinds) < 2:
+        return
     s, p = best["serial"], best["parallel"]
     same = pd.read_parquet(tmp / "serial.parquet").equals(pd.read_parquet(tmp / "parallel.parquet"))
     print(f"parallel / serial files/s (best runs): {s['cold_s'] / p['cold_s']:.2f}x; peak RSS "
@@ -182,6 +185,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=library.default_workers())
     parser.add_argument("--repeats", type=int, default=3, help="cold scans of each kind")
     parser.add_argument("--threshold", action="store_true", help="place POOL_MIN_FILES")
+    parser.add_argument("--kinds", nargs="+", choices=["serial", "parallel"],
+                        default=["serial", "parallel"], help="the scans to run")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--force-pool", action="store_true", help=argparse.SUPPRESS)
@@ -192,7 +197,8 @@ def main() -> None:
         if args.threshold:
             threshold(Path(tmp), args.workers)
         else:
-            compare(Path(tmp), args.files, args.classes, args.workers, args.repeats)
+            compare(Path(tmp), args.files, args.classes, args.workers, args.repeats,
+                    args.kinds)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -33,6 +34,9 @@ SOURCES = ("real", "staged", "synthetic")
 MANIFEST_COLUMNS = ["path", "label", "hash", "width", "height", "mode", "format", "bytes",
                     "mtime_ns", "orientation", "phash", "source", "notes", "readable", "error"]
 _FILE_COLUMNS = MANIFEST_COLUMNS[:11] + ["readable", "error"]
+_FILE_TYPES = {c: "str" for c in _FILE_COLUMNS} | {  # str: Arrow-backed, no object per row
+    "bytes": "int64", "mtime_ns": "int64", "width": "int64", "height": "int64",
+    "orientation": "int64", "readable": "bool"}
 
 # A pool pays off only past this many files to describe. Measured with
 # `bench/library_scan.py --threshold` (32 px images, 2 cores, a fresh process):
@@ -55,8 +59,8 @@ def _read_file(path: Path) -> bytes:
 
 def _describe(library: Path, path: Path, size: int, mtime_ns: int) -> dict:
     """One file's row (_FILE_COLUMNS); never raises for a bad image."""
-    row = {"path": path.relative_to(library).as_posix(),
-           "label": path.relative_to(library).parts[0],
+    rel = path.relative_to(library)
+    row = {"path": rel.as_posix(), "label": rel.parts[0],
            "bytes": size, "mtime_ns": mtime_ns}
     if path.is_symlink():  # listed, never read: its target may lie outside the workspace
         row.update(probe(b""), hash="", error=f"symbolic link to {os.readlink(path)}: zoolib "
@@ -67,8 +71,10 @@ def _describe(library: Path, path: Path, size: int, mtime_ns: int) -> dict:
     return row
 
 
-def _list_files(ws: Workspace) -> list[Path]:
-    """Every file and file link under the class folders; links are never followed.
+def _list_files(ws: Workspace) -> list[str]:
+    """Every file and file link under the class folders (absolute POSIX paths,
+    sorted); links are never followed. Strings, not Paths: a million Path objects
+    would hold several hundred MB while the scan runs.
 
     Raises:
         ZoolibError: a class folder is itself a symbolic link.
@@ -81,8 +87,8 @@ def _list_files(ws: Workspace) -> list[Path]:
                               "lie outside the workspace); replace it with a real folder")
         for top, dirs, names in os.walk(folder):  # followlinks=False: linked folders not entered
             here = Path(top)
-            files.extend(here / n for n in names if is_candidate(here / n))
-            files.extend(here / d for d in dirs if (here / d).is_symlink())
+            files.extend(str(here / n) for n in names if is_candidate(here / n))
+            files.extend(str(here / d) for d in dirs if (here / d).is_symlink())
     return sorted(files)
 
 
@@ -163,10 +169,16 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def _describe_chunk(library: str, chunk: list[tuple[str, int, int]]) -> list[dict]:
-    """Rows of a chunk of (path, size, mtime_ns), in order: the pool's task."""
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a frame of _FILE_COLUMNS with fixed dtypes, whatever rows it holds."""
+    return pd.DataFrame(rows, columns=_FILE_COLUMNS).astype(_FILE_TYPES)
+
+
+def _describe_chunk(library: str, chunk: list[tuple[str, int, int]]) -> pd.DataFrame:
+    """Rows of a chunk of (path, size, mtime_ns), in order: the task of a worker (and
+    of the serial scan). A frame, not dicts: a dict per file costs ~1 KB."""
     root = Path(library)
-    return [_describe(root, Path(p), size, mtime) for p, size, mtime in chunk]
+    return _frame([_describe(root, Path(p), size, mtime) for p, size, mtime in chunk])
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -194,7 +206,7 @@ def _worker_died(exc: BrokenProcessPool) -> ZoolibError:
 
 
 def _describe_all(library: Path, todo: list[tuple[str, int, int]], workers: int,
-                  bar: tqdm) -> Iterator[dict]:
+                  bar: tqdm) -> Iterator[pd.DataFrame]:
     """Rows of `todo` in its order, from a pool of `workers` processes.
 
     At most IN_FLIGHT chunks per worker are submitted ahead of the one being
@@ -206,12 +218,12 @@ def _describe_all(library: Path, todo: list[tuple[str, int, int]], workers: int,
         for chunk in chunks:
             pending.append(pool.submit(_describe_chunk, str(library), chunk))
             if len(pending) >= IN_FLIGHT * workers:
-                yield from _collect(pending.popleft(), bar)
+                yield _collect(pending.popleft(), bar)
         while pending:
-            yield from _collect(pending.popleft(), bar)
+            yield _collect(pending.popleft(), bar)
 
 
-def _collect(future, bar: tqdm) -> list[dict]:
+def _collect(future, bar: tqdm) -> pd.DataFrame:
     rows = future.result()
     bar.update(len(rows))
     return rows
@@ -241,11 +253,10 @@ def scan(workspace, progress: bool = True, workers: int | None = None) -> pd.Dat
     if workers is not None and workers < 1:
         raise ZoolibError(f"workers must be at least 1 (or None for all CPUs), got {workers}")
     ws = open_workspace(workspace)
-    rows, todo = _reuse_cached(ws)
-    rows.extend(_describe_new(ws.library, todo, workers, progress))
-    del todo
-    files = pd.DataFrame(rows, columns=_FILE_COLUMNS)
-    del rows  # the frame holds its own copy: free the dicts before the merge copies again
+    reused, todo = _reuse_cached(ws)
+    files = pd.concat([reused, *_describe_new(ws.library, todo, workers, progress)],
+                      ignore_index=True)
+    del reused, todo
     _save_cache(ws, files)
     manifest = files.merge(read_meta(ws), on="path", how="left")
     manifest["source"] = manifest["source"].fillna("real")
@@ -253,24 +264,28 @@ def scan(workspace, progress: bool = True, workers: int | None = None) -> pd.Dat
     return manifest[MANIFEST_COLUMNS].sort_values("path", ignore_index=True)
 
 
-def _reuse_cached(ws: Workspace) -> tuple[list[dict], list[tuple[str, int, int]]]:
+def _reuse_cached(ws: Workspace) -> tuple[pd.DataFrame, list[tuple[str, int, int]]]:
     """Cached rows of unchanged files, and (path, size, mtime_ns) of the others."""
-    cached = _load_cache(ws)
-    cut = len(ws.library.as_posix()) + 1  # listed paths start with it: cheaper than relative_to
-    rows, todo = [], []
+    listed = []
     for path in _list_files(ws):
-        stat = path.lstat()  # a link's own size and time: its target is never read
-        hit = cached.pop(path.as_posix()[cut:], None)  # popped: the cache shrinks as rows grow
-        if hit and hit["bytes"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns:
-            rows.append(hit)
-        else:
-            todo.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return rows, todo
+        stat = os.lstat(path)  # a link's own size and time: its target is never read
+        listed.append((path, stat.st_size, stat.st_mtime_ns))
+    cached = _load_cache(ws)
+    if cached.empty or not listed:
+        return cached.iloc[:0], listed
+    cut = len(ws.library.as_posix()) + 1  # listed paths start with it: cheaper than relative_to
+    at = pd.Index(cached["path"]).get_indexer([p[cut:] for p, _, _ in listed])
+    size, mtime = (np.fromiter((x[k] for x in listed), np.int64, len(listed)) for k in (1, 2))
+    hit = at >= 0
+    hit[hit] = (cached["bytes"].to_numpy()[at[hit]] == size[hit]) & (
+        cached["mtime_ns"].to_numpy()[at[hit]] == mtime[hit])
+    return cached.iloc[at[hit]], [listed[i] for i in np.flatnonzero(~hit)]
 
 
 def _describe_new(library: Path, todo: list[tuple[str, int, int]], workers: int | None,
-                  progress: bool) -> list[dict]:
-    """Rows of `todo` in order: in a pool when there are enough files, else here."""
+                  progress: bool) -> list[pd.DataFrame]:
+    """Rows of `todo` in order, a frame per chunk: in a pool when there are enough
+    files, else here."""
     workers = default_workers() if workers is None else workers
     with tqdm(total=len(todo), desc="scanning new or changed files", unit="img",
               disable=not progress or not todo) as bar:
@@ -279,24 +294,25 @@ def _describe_new(library: Path, todo: list[tuple[str, int, int]], workers: int 
                 return list(_describe_all(library, todo, workers, bar))
             except BrokenProcessPool as exc:
                 raise _worker_died(exc) from exc
-        rows = []
-        for path, size, mtime in todo:
-            rows.append(_describe(library, Path(path), size, mtime))
-            bar.update()
-        return rows
+        frames = []
+        for i in range(0, len(todo), CHUNK):
+            frames.append(_describe_chunk(str(library), todo[i:i + CHUNK]))
+            bar.update(len(frames[-1]))
+        return frames
 
 
-def _load_cache(ws: Workspace) -> dict[str, dict]:
+def _load_cache(ws: Workspace) -> pd.DataFrame:
+    """The cached rows (none when the cache is missing, broken or of another layout)."""
     path = _cache_path(ws)
     if not path.exists():
-        return {}
+        return _frame([])
     try:
         frame = pd.read_parquet(path)
     except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
-        return {}
-    if list(frame.columns) != _FILE_COLUMNS:
-        return {}
-    return {r["path"]: r for r in frame.to_dict("records")}
+        return _frame([])
+    if list(frame.columns) != _FILE_COLUMNS or frame["path"].duplicated().any():
+        return _frame([])
+    return frame.astype(_FILE_TYPES)
 
 
 def _save_cache(ws: Workspace, files: pd.DataFrame) -> None:

@@ -49,3 +49,21 @@ def test_bulk_identification_scores_distance_to_the_library(trained_ws):
     off = bulkid.run(trained_ws, "gen-0001", name="no-knn", knn=False, progress=False)
     assert off["knn"].isna().all()
     assert np.allclose(off["confidence"], results["confidence"], equal_nan=True)
+
+
+def test_kth_distance_does_not_depend_on_batch_boundaries_or_threads():
+    torch.manual_seed(0)
+    ref = torch.nn.functional.normalize(torch.randn(3000, 512), dim=1)
+    feats = torch.randn(150, 512) * 3
+    threads = torch.get_num_threads()
+    whole = neighbours.kth_distance(ref, feats)
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for size in (64, 7, 6, 1, 100):  # a last batch of 6 rounded apart (2 threads)
+                parts = torch.cat([neighbours.kth_distance(ref, feats[i:i + size])
+                                   for i in range(0, len(feats), size)])
+                assert torch.equal(parts, whole), (n_threads, size)
+    finally:
+        torch.set_num_threads(threads)
+    assert neighbours.kth_distance(ref, feats[:0]).shape == (0,)

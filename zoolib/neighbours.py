@@ -72,6 +72,13 @@ def features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return final, pooled(maps[0])
 
 
+# Rows per matrix product in kth_distance, the last block padded with zeros: one shape
+# whatever the batch. BLAS splits the sum of a product of a few rows across threads,
+# so a last batch of 6 rounded differently with 2 threads than inside a batch of 64,
+# and a run's scores depended on its batch boundaries (the Ray engine's differ).
+BLOCK = 32
+
+
 def kth_distance(ref: torch.Tensor, feats: torch.Tensor, k: int = K) -> torch.Tensor:
     """Distance (1 - cosine similarity) from each row to its k-th nearest reference row.
 
@@ -84,8 +91,14 @@ def kth_distance(ref: torch.Tensor, feats: torch.Tensor, k: int = K) -> torch.Te
     """
     if len(ref) == 0:
         return torch.full((len(feats),), float("nan"), device=feats.device)
-    sims = unit(feats) @ ref.T
-    return 1.0 - sims.topk(min(k, len(ref)), dim=1).values[:, -1]
+    rows = unit(feats)
+    n = len(rows)
+    if n == 0:
+        return rows.new_zeros(0)
+    rows = torch.cat([rows, rows.new_zeros(-n % BLOCK, rows.shape[1])])
+    kth = [(block @ ref.T).topk(min(k, len(ref)), dim=1).values[:, -1]
+           for block in rows.split(BLOCK)]
+    return (1.0 - torch.cat(kth))[:n]
 
 
 def reference(ws: Workspace, loaded: inference.Loaded, batch_size: int = 256) -> torch.Tensor:

@@ -67,6 +67,12 @@ def test_filters_sorts_and_pages_equal_the_whole_table(segmented):
         a = widgets.select_rows(frame, state, on_frame, status)
         b = widgets.select_rows(view, state, on_view, status)
         np.testing.assert_array_equal(a, b, sort)
+        every = ViewState(sort=sort, status="all")  # enough rows for a partitioned head
+        whole = widgets.select_rows(frame, every, on_frame, status)
+        assert len(whole) > 5 * bulkid.view.FEW
+        head, total = widgets.select_head(view, every, on_view, status, need=5)
+        assert total == len(whole) and len(head) >= 5
+        np.testing.assert_array_equal(head[:5], whole[:5], sort)
 
 
 def test_more_like_this_on_the_view_keeps_its_index_and_extends_it(segmented, ws):
@@ -148,3 +154,25 @@ def test_the_lowest_filter_is_lowest_scores_whatever_the_ties():
     frame["knn"] = np.nan  # no knn: the fallback score, confidence
     mask = lowest_mask(bulkid.view.ResultsView.from_frame(frame), 25)
     assert set(frame["path"][mask]) == set(bulkid.lowest_scores(frame, n=25)["path"])
+
+
+def test_a_page_of_a_new_sort_is_the_head_of_the_whole_order():
+    frame = _tied_table(n=2000, seed=3)
+    view = bulkid.view.ResultsView.from_frame(frame)
+    keep = ~np.isnan(frame["ood"].to_numpy()) | (np.arange(len(frame)) % 3 == 0)
+    for column, ascending in [("confidence", True), ("confidence", False), ("ood", False),
+                              ("margin", True)]:
+        for need in (1, 24, 48, 110):  # 110 x FEW < rows kept: partitioned
+            head = view.sorted(keep, column, ascending, need)
+            assert (column, ascending) not in view._orders  # no order of every row
+            whole = view.sorted(keep, column, ascending)  # computes (or waits for) the order
+            np.testing.assert_array_equal(head[:need], whole[:need], f"{column} {need}")
+            np.testing.assert_array_equal(view.order(column, ascending), view._argsort(
+                column, ascending))
+            view._orders.clear()
+    state = ViewState(sort="out-of-distribution, high first", status="all")
+    masks = {"all": keep}
+    rows, total = widgets.select_head(view, state, masks, np.zeros(len(view), np.int8), need=24)
+    assert total == keep.sum() and len(rows) >= 24
+    np.testing.assert_array_equal(rows[:24], widgets.select_rows(view, state, masks,
+                                                                 np.zeros(len(view), np.int8))[:24])

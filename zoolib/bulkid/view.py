@@ -37,6 +37,7 @@ ROW_COLUMNS = [c for c in store.RESULT_COLUMNS if c != "embedding"]
 PAGE_COLUMNS = ["path", "rel", "pred", "confidence", "error"]
 _BATCH = 1 << 16  # rows decoded at a time while opening: bounds the temporaries
 FEW = 16  # `sorted`: a selection under 1/FEW of the rows is sorted on its own
+HEAD_MAX = 1024  # `sorted`: up to this many positions by a partition; deeper, one full order
 _INDEX = np.intp  # sort orders: numpy would convert any other index type on every gather
 
 
@@ -68,6 +69,7 @@ class ResultsView:
         self._fetch, self._embeddings, self._embedding_at = fetch, embeddings, embedding_at
         self._files, self._index_dir = files, index_dir
         self._orders: dict[tuple[str, bool], np.ndarray] = {}
+        self._buffer: np.ndarray | None = None  # `_head`'s scratch
         self._index: ann.Index | None = None
 
     def __len__(self) -> int:
@@ -119,17 +121,48 @@ class ResultsView:
             self._orders[key] = self._argsort(column, ascending)
         return self._orders[key]
 
-    def sorted(self, keep: np.ndarray, column: str, ascending: bool) -> np.ndarray:
+    def sorted(self, keep: np.ndarray, column: str, ascending: bool,
+               need: int | None = None) -> np.ndarray:
         """The positions where `keep` is true, in `order(column, ascending)`'s order.
 
         A selection under 1/FEW of the rows (a class, a band) is sorted on its own:
         faster than a gather through every row, and no order of every row is needed.
+        With `need` (at most HEAD_MAX), the answer may stop after the first `need`
+        positions: a score whose order is not computed yet is then partitioned, not
+        sorted (a first page of a new sort in a fraction of a second instead of
+        seconds at ten million rows); a page deeper than that computes the order,
+        and so does a sort by path (Arrow's string sort, once).
         """
-        if np.count_nonzero(keep) * FEW < len(self):
+        count = np.count_nonzero(keep)
+        if count * FEW < len(self):
             positions = np.flatnonzero(keep)
             return positions[self._argsort(column, ascending, positions)]
+        if need is not None and (column, ascending) not in self._orders \
+                and column in self.scores and 0 < need <= HEAD_MAX \
+                and need * FEW < count:
+            return self._head(keep, column, ascending, need)
         order = self.order(column, ascending)
         return order[keep[order]]
+
+    def _head(self, keep: np.ndarray, column: str, ascending: bool, need: int) -> np.ndarray:
+        """The first `need` positions of `sorted` (ties by position, missing last): the
+        rows at least as far forward as the need-th, found by a partition, then sorted."""
+        key = self.scores[column]
+        signed = self._scratch(key.dtype)
+        np.copyto(signed, key) if ascending else np.negative(key, out=signed)
+        np.copyto(signed, np.nan, where=~keep)  # left out: last, as missing values
+        signed.partition(need - 1)  # in place
+        nth = signed[need - 1]
+        near = keep if np.isnan(nth) else keep & ((key <= nth) if ascending else (key >= -nth))
+        rows = np.flatnonzero(near)
+        return rows[np.argsort(key[rows] if ascending else -key[rows], kind="stable")][:need]
+
+    def _scratch(self, dtype) -> np.ndarray:
+        """A reused array of a row per position (fresh pages for 80 MB cost more
+        than the partition that fills them)."""
+        if self._buffer is None or self._buffer.dtype != dtype:
+            self._buffer = np.empty(len(self), dtype)
+        return self._buffer
 
     def _argsort(self, column: str, ascending: bool, positions: np.ndarray | None = None
                  ) -> np.ndarray:

@@ -10,7 +10,8 @@ Thin ipywidgets layers over tested functions (`zoolib.actions`, `curate`,
     widgets.MapRegion(ws, cleaning.map_frame(ws))
 """
 from .bulk import (ANY_CLASS, FILTER_TITLES, SORTS, STATUSES, BulkView, ViewState, as_view,
-                   caption, filter_sets, n_pages, page_of, rare_classes, select_rows)
+                   caption, filter_sets, n_pages, page_of, rare_classes, select_head,
+                   select_rows)
 from .curate import CurationWidget, item_paths
 from .grid import Item, ThumbGrid, thumbnail
 from .map import MapRegion
@@ -18,5 +19,6 @@ from .review import ReviewWidget
 
 __all__ = ["ANY_CLASS", "FILTER_TITLES", "SORTS", "STATUSES", "BulkView", "CurationWidget",
            "Item", "MapRegion", "ReviewWidget", "ThumbGrid", "ViewState", "caption", "filter_sets",
-           "as_view", "item_paths", "n_pages", "page_of", "rare_classes", "select_rows",
+           "as_view", "item_paths", "n_pages", "page_of", "rare_classes", "select_head",
+           "select_rows",
            "thumbnail"]

@@ -200,11 +200,34 @@ def select_rows(results, state: ViewState, masks: dict, status,
     Raises:
         ZoolibError: unknown filter, status or sort.
     """
+    return select_head(results, state, masks, status, orders)[0]
+
+
+def select_head(results, state: ViewState, masks: dict, status,
+                orders: dict[str, np.ndarray] | None = None, need: int | None = None
+                ) -> tuple[np.ndarray, int]:
+    """`select_rows`, told how many positions are needed: (positions, how many rows
+    the view shows). The positions are right as far as they go and hold at least
+    `need` of them (all, without `need`); what the widget asks for a page."""
+    view = as_view(results)
+    keep = _kept(view, state, masks, status)
+    column, ascending = SORTS[state.sort]
+    order = (orders or {}).get(column)
+    if order is not None:
+        rows = order[keep[order]]
+    elif column == "similarity":
+        rows = np.flatnonzero(keep)
+    else:
+        rows = view.sorted(keep, column, ascending, need)
+    return rows, int(np.count_nonzero(keep))
+
+
+def _kept(view: ResultsView, state: ViewState, masks: dict, status) -> np.ndarray:
+    """Whether each row passes the controls (see `select_rows`)."""
     for value, known, what in ((state.filter, masks, "filter"), (state.status, STATUSES,
                                "status"), (state.sort, SORTS, "sort")):
         if value not in known:
             raise ZoolibError(f"unknown {what} {value!r}: choose from {', '.join(known)}")
-    view = as_view(results)
     keep = np.asarray(masks[state.filter], dtype=bool).copy()
     if state.pred != ANY_CLASS:
         keep &= view.pred == view.code(state.pred)
@@ -214,12 +237,7 @@ def select_rows(results, state: ViewState, masks: dict, status,
         keep &= (conf >= low) & (conf <= high)
     if state.status != "all":
         keep &= _codes(status) == STATUS_CODES["" if state.status == "open" else state.status]
-    column, ascending = SORTS[state.sort]
-    order = (orders or {}).get(column)
-    if order is not None:
-        return order[keep[order]]
-    return np.flatnonzero(keep) if column == "similarity" else view.sorted(keep, column,
-                                                                           ascending)
+    return keep
 
 
 def _codes(status) -> np.ndarray:
@@ -345,15 +363,22 @@ class BulkView:
 
     def go(self, page: int) -> None:
         """Show page `page` (clamped)."""
-        last = n_pages(len(self.rows), self.state.page_size) - 1
+        last = n_pages(self.total, self.state.page_size) - 1
         self.state = replace(self.state, page=min(max(page, 0), last))
+        if len(self.rows) < min(self.total, (self.state.page + 1) * self.state.page_size):
+            self._select()  # a page past the positions found so far
         self._draw()
 
     def refresh(self) -> None:
         """Recompute the rows the controls select and draw the current page."""
-        self.rows = select_rows(self.view, self.state, self.masks, self.status_col,
-                                self.orders)
+        self._select()
         self.go(self.state.page)
+
+    def _select(self) -> None:
+        """The positions up to the current page (`select_head`) and how many in all."""
+        need = (self.state.page + 1) * self.state.page_size
+        self.rows, self.total = select_head(self.view, self.state, self.masks,
+                                            self.status_col, self.orders, need)
 
     def page_rows(self) -> pd.DataFrame:
         """The result rows on the current page."""
@@ -372,8 +397,8 @@ class BulkView:
 
     def _update_label(self) -> None:
         self.page_label.value = (f"page {self.state.page + 1} / "
-                                 f"{n_pages(len(self.rows), self.state.page_size)} · "
-                                 f"{len(self.rows)} images · {len(self.selected)} selected")
+                                 f"{n_pages(self.total, self.state.page_size)} · "
+                                 f"{self.total} images · {len(self.selected)} selected")
 
     def _where(self, path: str) -> str:
         """Where a file is now (a discarded file is in the trash)."""

@@ -176,3 +176,18 @@ def test_a_page_of_a_new_sort_is_the_head_of_the_whole_order():
     assert total == keep.sum() and len(rows) >= 24
     np.testing.assert_array_equal(rows[:24], widgets.select_rows(view, state, masks,
                                                                  np.zeros(len(view), np.int8))[:24])
+
+
+def test_the_widget_pages_a_partitioned_sort_as_the_whole_order(demo_ws):
+    frame = _tied_table(n=2000, seed=5)
+    frame["path"] = [str(demo_ws.root / r) for r in frame["rel"]]  # thumbnails: missing files
+    masks = {"all": (frame["error"] == "").to_numpy(), "unreadable": (frame["error"] != "")
+             .to_numpy()}
+    w = widgets.BulkView(demo_ws, frame, masks, page_size=24, thumb_size=16)
+    whole = widgets.select_rows(frame, w.state, masks, np.zeros(len(frame), np.int8))
+    assert len(w.rows) < len(whole) == w.total  # only the first pages were found
+    for page in (0, 1, 3, 30, 500):  # 30: past what a partition gives; 500: the last page
+        w.go(page)
+        want = widgets.page_of(whole, page, 24)
+        assert w.page_rows()["path"].tolist() == frame["path"].iloc[want].tolist(), page
+    assert f"{len(whole)} images" in w.page_label.value

@@ -191,3 +191,29 @@ def test_the_widget_pages_a_partitioned_sort_as_the_whole_order(demo_ws):
         want = widgets.page_of(whole, page, 24)
         assert w.page_rows()["path"].tolist() == frame["path"].iloc[want].tolist(), page
     assert f"{len(whole)} images" in w.page_label.value
+
+
+def test_a_merge_keeps_the_first_row_of_each_path_and_leaves_out_stored_ones(ws, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zoolib.bulkid import results
+
+    bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
+    table = pq.read_table(ws.bulkid / NAME / "results.parquet")
+    n = table.num_rows
+    again = table.slice(n // 2).set_column(  # a repeat of the second half, other scores
+        table.schema.get_field_index("confidence"), "confidence",
+        pa.array(np.full(n - n // 2, 0.5)))
+    parts = [tmp_path / "part-00001.parquet", tmp_path / "part-00002.parquet"]
+    q = 3 * n // 4
+    pq.write_table(table.slice(0, q), parts[0])
+    pq.write_table(again, parts[1])  # rows n/2..q repeated; q.. only here
+    want = pa.concat_tables([table.slice(0, q), again.slice(q - n // 2)]).to_pandas()
+    out = tmp_path / "merged.parquet"
+    results._merge(parts, out, table.schema)
+    pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(), want)  # the firsts, in order
+    stored = table.column("path").combine_chunks().slice(0, 5)
+    results._merge(parts, out, table.schema, stored)
+    pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(),
+                                  want.iloc[5:].reset_index(drop=True))

@@ -69,7 +69,7 @@ class ResultsView:
         self._fetch, self._embeddings, self._embedding_at = fetch, embeddings, embedding_at
         self._files, self._index_dir = files, index_dir
         self._orders: dict[tuple[str, bool], np.ndarray] = {}
-        self._buffer: np.ndarray | None = None  # `_head`'s scratch
+        self._buffer: np.ndarray | None = None  # `head`'s scratch
         self._index: ann.Index | None = None
 
     def __len__(self) -> int:
@@ -140,13 +140,13 @@ class ResultsView:
         if need is not None and (column, ascending) not in self._orders \
                 and column in self.scores and 0 < need <= HEAD_MAX \
                 and need * FEW < count:
-            return self._head(keep, column, ascending, need)
+            return self.head(keep, column, ascending, need)
         order = self.order(column, ascending)
         return order[keep[order]]
 
-    def _head(self, keep: np.ndarray, column: str, ascending: bool, need: int) -> np.ndarray:
-        """The first `need` positions of `sorted` (ties by position, missing last): the
-        rows at least as far forward as the need-th, found by a partition, then sorted."""
+    def head(self, keep: np.ndarray, column: str, ascending: bool, need: int) -> np.ndarray:
+        """The start of `sorted` (ties by position, missing last) through its need-th
+        position and every row tied with it: a partition, then a sort of those few."""
         key = self.scores[column]
         signed = self._scratch(key.dtype)
         np.copyto(signed, key) if ascending else np.negative(key, out=signed)
@@ -155,11 +155,11 @@ class ResultsView:
         nth = signed[need - 1]
         near = keep if np.isnan(nth) else keep & ((key <= nth) if ascending else (key >= -nth))
         rows = np.flatnonzero(near)
-        return rows[np.argsort(key[rows] if ascending else -key[rows], kind="stable")][:need]
+        return rows[np.argsort(key[rows] if ascending else -key[rows], kind="stable")]
 
     def _scratch(self, dtype) -> np.ndarray:
-        """A reused array of a row per position (fresh pages for 80 MB cost more
-        than the partition that fills them)."""
+        """`head`'s reused array of a row per position (fresh pages for 80 MB cost
+        more than the partition that fills them)."""
         if self._buffer is None or self._buffer.dtype != dtype:
             self._buffer = np.empty(len(self), dtype)
         return self._buffer

@@ -145,20 +145,13 @@ def lowest_mask(view: ResultsView, n: int) -> np.ndarray:
 
 
 def _worst_first(view: ResultsView, by: str, low_is_bad: bool, n: int) -> np.ndarray:
-    """Readable rows worst first (as `view.order` ranks them), cut after the n-th worst
-    and every row tied with it: a partition, then a sort of those few (an order of
-    all ten million rows would take seconds and 80 MB)."""
-    key, ok = view.scores[by], view.ok
-    near = ok
-    if 0 < n < np.count_nonzero(ok):
-        signed = np.where(ok, key if low_is_bad else -key, np.nan)  # unreadable: last
-        signed.partition(n - 1)  # in place, NaN last as in a sort: no second copy
-        nth = signed[n - 1]
-        del signed
-        if not np.isnan(nth):
-            near = ok & ((key <= nth) if low_is_bad else (key >= -nth))
-    rows = np.flatnonzero(near)
-    return rows[np.argsort(key[rows] if low_is_bad else -key[rows], kind="stable")]
+    """Readable rows worst first (as `view.order` ranks them), through the n-th worst
+    and every row tied with it (`ResultsView.head`: no order of all the rows)."""
+    if 0 < n < np.count_nonzero(view.ok):
+        return view.head(view.ok, by, low_is_bad, n)
+    rows = np.flatnonzero(view.ok)
+    return rows[np.argsort(view.scores[by][rows] if low_is_bad else -view.scores[by][rows],
+                           kind="stable")]
 
 
 def rare_classes(results: pd.DataFrame, manifest: pd.DataFrame, min_images: int = 40

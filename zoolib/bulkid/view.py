@@ -155,7 +155,7 @@ class ResultsView:
         nth = signed[need - 1]
         near = keep if np.isnan(nth) else keep & ((key <= nth) if ascending else (key >= -nth))
         rows = np.flatnonzero(near)
-        return rows[np.argsort(key[rows] if ascending else -key[rows], kind="stable")]
+        return rows[self._argsort(column, ascending, rows)]
 
     def _scratch(self, dtype) -> np.ndarray:
         """`head`'s reused array of a row per position (fresh pages for 80 MB cost

@@ -127,11 +127,17 @@ def filter_sets(results, manifest: pd.DataFrame, max_count: int = 49,
 def lowest_mask(view: ResultsView, n: int) -> np.ndarray:
     """The `n` worst-scored readable rows (`bulkid.lowest_scores`' rule: its default
     score, worst first, equal scores by rel), as a mask."""
+    n = int(n)
+    if n <= 0:
+        return np.zeros(len(view), bool)
+    if n >= np.count_nonzero(view.ok):  # every readable row: no order needed
+        return view.ok.copy()
     by = "knn" if np.isfinite(view.scores[DEFAULT_MASS_REMOVAL_SCORE]).any() \
         else FALLBACK_MASS_REMOVAL_SCORE
-    ranked = _worst_first(view, by, MASS_REMOVAL_SCORES[by], int(n))
-    top, mask = ranked[:max(int(n), 0)], np.zeros(len(view), bool)
-    if len(top) == len(ranked) or not len(top):
+    # worst first through the n-th and the rows tied with it: a partition, not a sort
+    ranked = view.head(view.ok, by, MASS_REMOVAL_SCORES[by], n)
+    top, mask = ranked[:n], np.zeros(len(view), bool)
+    if len(top) == len(ranked):
         mask[top] = True
         return mask
     key = view.scores[by]
@@ -142,16 +148,6 @@ def lowest_mask(view: ResultsView, n: int) -> np.ndarray:
     mask[sure] = True
     mask[tied[by_rel][:len(top) - len(sure)]] = True
     return mask
-
-
-def _worst_first(view: ResultsView, by: str, low_is_bad: bool, n: int) -> np.ndarray:
-    """Readable rows worst first (as `view.order` ranks them), through the n-th worst
-    and every row tied with it (`ResultsView.head`: no order of all the rows)."""
-    if 0 < n < np.count_nonzero(view.ok):
-        return view.head(view.ok, by, low_is_bad, n)
-    rows = np.flatnonzero(view.ok)
-    return rows[np.argsort(view.scores[by][rows] if low_is_bad else -view.scores[by][rows],
-                           kind="stable")]
 
 
 def rare_classes(results: pd.DataFrame, manifest: pd.DataFrame, min_images: int = 40

@@ -96,3 +96,13 @@ def test_read_refuses_unknown_columns_and_bad_pages(demo_ws):
             _events(demo_ws, 3)
     assert journal.read(demo_ws, "x' OR '1'='1").empty  # a value is never SQL
     assert journal.count(demo_ws) == 3
+
+
+def test_dest_reads_one_event(demo_ws):
+    ids = _events(demo_ws, 4)
+    moved = journal.trash(demo_ws, demo_ws.library / "lion" / "lion_0000.jpg", "test")
+    assert journal.dest(demo_ws, moved) == journal.read(demo_ws).set_index("id").loc[moved,
+                                                                                       "dest"]
+    assert journal.dest(demo_ws, moved).startswith("_trash/")
+    with pytest.raises(ZoolibError, match=f"no event {ids[-1] + 99}"):
+        journal.dest(demo_ws, ids[-1] + 99)

@@ -509,7 +509,7 @@ def rotate(ws: Workspace, path: str, degrees: int) -> int:
     _keep_split(ws, rel, src.read_bytes(), buf.getvalue())
     trashed = journal.trash(ws, src.relative_to(ws.root), reason=f"rotate {degrees}")
     src.write_bytes(buf.getvalue())
-    dest = journal.read(ws).set_index("id").loc[trashed, "dest"]
+    dest = journal.dest(ws, trashed)
     return journal.record(ws, "rotate", path=src.relative_to(ws.root).as_posix(), dest=dest,
                           degrees=degrees, trash_event=trashed)
 
@@ -571,7 +571,7 @@ def strip_orientation(ws: Workspace, path: str) -> int:
     _keep_split(ws, rel, src.read_bytes(), buf.getvalue())
     trashed = journal.trash(ws, src.relative_to(ws.root), reason="strip orientation tag")
     src.write_bytes(buf.getvalue())
-    dest = journal.read(ws).set_index("id").loc[trashed, "dest"]
+    dest = journal.dest(ws, trashed)
     return journal.record(ws, "rotate", path=src.relative_to(ws.root).as_posix(), dest=dest,
                           degrees=0, trash_event=trashed)
 
@@ -659,7 +659,7 @@ def _move_images(ws: Workspace, files: list[Path], into: str) -> tuple[list[int]
                                   move=True)
         events.append(event)
         moves[f.relative_to(ws.library).as_posix()] = \
-            journal.read(ws).set_index("id").loc[event, "dest"].removeprefix("library/")
+            journal.dest(ws, event).removeprefix("library/")
     tables = [_rekey(ws, table, columns, moves) for table, columns in
               ((ws.meta_csv, ["source", "notes"]), (library.flags_csv(ws), library.FLAG_COLUMNS))]
     return events, [t for t in tables if t]
@@ -740,8 +740,7 @@ CURATION_ACTIONS = ("rotate", "discard", "undiscard", "pin", "unpin", "source", 
                     "relabel", "checked")
 
 
-def history(ws: Workspace) -> pd.DataFrame:
-    """Curation events of the journal, newest first, with whether each was undone."""
-    rows = journal.read(ws)
-    rows = rows[rows["action"].isin(CURATION_ACTIONS)]
-    return rows.sort_values("id", ascending=False, ignore_index=True)
+def history(ws: Workspace, columns=None) -> pd.DataFrame:
+    """Curation events of the journal, newest first, with whether each was undone
+    (`columns` of them only, as `journal.read` names them; default all)."""
+    return journal.read(ws, actions=CURATION_ACTIONS, columns=columns, newest_first=True)

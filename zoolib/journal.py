@@ -150,6 +150,18 @@ def _non_negative(name: str, value) -> int:
     return int(value)
 
 
+def dest(ws: Workspace, event: int) -> str:
+    """Where event `event` put its file (its `dest`), read by id, not the whole journal.
+
+    Raises:
+        ZoolibError: no event of that id.
+    """
+    rows = read(ws, ids=[event], columns=["dest"])
+    if rows.empty:
+        raise ZoolibError(f"the journal has no event {event}")
+    return rows["dest"].iloc[0]
+
+
 def count(ws: Workspace, action: str | None = None, *, actions=None, ids=None) -> int:
     """How many journal rows `read` would return with these filters and no limit.
 

@@ -136,8 +136,7 @@ class CurationWidget:
         return button
 
     def _last_event(self) -> int:
-        rows = journal.read(self.ws, columns=["id", "undone"], actions=curate.CURATION_ACTIONS,
-                            newest_first=True)  # curate.history's rows, two columns only
+        rows = curate.history(self.ws, columns=["id", "undone"])
         rows = rows[~rows["undone"]]
         if rows.empty:
             raise ValueError("nothing to undo")

@@ -212,15 +212,19 @@ def _describe_all(library: Path, todo: list[tuple[str, int, int]], workers: int,
     At most IN_FLIGHT chunks per worker are submitted ahead of the one being
     collected, so pending results never pile up however many files there are.
     """
-    chunks = (todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK))
     with _pool(workers) as pool:
         pending: deque = deque()
-        for chunk in chunks:
+        for chunk in _chunks(todo):
             pending.append(pool.submit(_describe_chunk, str(library), chunk))
             if len(pending) >= IN_FLIGHT * workers:
                 yield _collect(pending.popleft(), bar)
         while pending:
             yield _collect(pending.popleft(), bar)
+
+
+def _chunks(todo: list) -> Iterator[list]:
+    """`todo` in slices of CHUNK files: the unit of work, in a pool or here."""
+    return (todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK))
 
 
 def _collect(future, bar: tqdm) -> pd.DataFrame:
@@ -295,9 +299,9 @@ def _describe_new(library: Path, todo: list[tuple[str, int, int]], workers: int 
             except BrokenProcessPool as exc:
                 raise _worker_died(exc) from exc
         frames = []
-        for i in range(0, len(todo), CHUNK):
-            frames.append(_describe_chunk(str(library), todo[i:i + CHUNK]))
-            bar.update(len(frames[-1]))
+        for chunk in _chunks(todo):
+            frames.append(_describe_chunk(str(library), chunk))
+            bar.update(len(chunk))
         return frames
 
 

@@ -377,16 +377,20 @@ def _edit_table(ws: Workspace, path: Path, columns: list[str], action: str,
     """Set columns of rows keyed by image path, rewrite the table, journal old and new."""
     with lock(ws):
         table = _read_table(path, columns)
-        changes = []
+        # Edited as a dict of rows, then one frame: adding rows to a frame one at a
+        # time copies it each time (pinning 12,000 images took 4 minutes).
+        rows, changes = table.to_dict("index"), []
         for img, values in updates.items():
-            old = table.loc[img].to_dict() if img in table.index else None
+            old = rows.get(img)
             row = None if values is None else {**(old or {c: "" for c in table.columns}),
                                                 **values}
             if row is None:
-                table = table.drop(index=img, errors="ignore")
+                rows.pop(img, None)
             else:
-                table.loc[img] = pd.Series(row)
+                rows[img] = row
             changes.append({"path": img, "old": old, "new": row})
+        table = pd.DataFrame.from_dict(rows, orient="index", columns=table.columns)
+        table.index.name = "path"
         # Row first: a kill before the rewrite leaves an undo that restores what
         # is already there, never an edit without its row.
         event = journal.record(ws, action, path=path.relative_to(ws.root).as_posix(),

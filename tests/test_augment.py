@@ -9,7 +9,7 @@ from zoolib import augment, inference
 from zoolib.images import load_rgb
 from zoolib.train import TrainConfig, make_dataloaders, prepare_data
 
-NONE = dict(flip=False, max_rotate=0.0, max_zoom=1.0, max_shift=0.0)
+NONE = dict(flip="none", max_rotate=0.0, max_zoom=1.0, max_shift=0.0)
 
 
 def _apply(cfg: TrainConfig, x: torch.Tensor, split_idx: int = 0):
@@ -26,7 +26,7 @@ def _batch(n=32, size=32):
 
 def test_flip_mirrors_about_half_the_images_and_nothing_else():
     x = _batch()
-    out, _ = _apply(TrainConfig(img_size=32, **{**NONE, "flip": True}), x)
+    out, _ = _apply(TrainConfig(img_size=32, **{**NONE, "flip": "random"}), x)
     same = [torch.allclose(o, i, atol=1e-5) for o, i in zip(out, x)]
     mirrored = [torch.allclose(o, i.flip(2), atol=1e-5) for o, i in zip(out, x)]
     assert all(s or m for s, m in zip(same, mirrored))

@@ -20,6 +20,8 @@ from .conftest import TINY
 from .test_models import dead_pid
 
 COLOUR_TINY = {**TINY, "batch_size": 8, "min_images": 10}  # 7 batches an epoch
+# The plateau schedule and the weight average: the classic recipe (Adam, EMA, plateau).
+PLATEAU = {**TINY, "recipe": "classic"}
 
 
 def colour_workspace(root):
@@ -49,7 +51,9 @@ def test_scratch_generation_saved_with_its_record(trained_ws, truth):
     m, sched = info["metrics"], info["schedule"]
     assert m["best_epoch"] == sched["best_epoch"] >= sched["anneal_start"]
     assert m["best_valid_loss"] == pytest.approx(hist["valid_loss"].iloc[m["best_epoch"] - 1])
-    assert sched["phase"] == "done" and sched["lr_max"] == [TINY.get("lr", 0.01)] * 2
+    assert sched["phase"] == "done" and sched["kind"] == "triangle"
+    _, body, bias, head = sched["lr_max"]  # filters (muon), body, batch-norm biases, head
+    assert bias == pytest.approx(64 * body) and head == pytest.approx(body)
     assert sum(info["split_counts"].values()) > 300 and info["split_counts"]["valid"] > 0
     assert not (trained_ws.models / INPROGRESS).exists()
 
@@ -62,7 +66,8 @@ def test_warm_start_generation_after_adding_a_class(trained_ws):
     assert r.info["classes_added"] == ["giraffe"]
     assert "giraffe" in r.info["classes"] and len(r.info["classes"]) == 8
     parent, _ = models.load_generation(trained_ws, "gen-0001")
-    assert r.info["transferred_tensors"] == len(parent.state_dict()) - 2  # all but the head
+    head = models.classifier_keys(parent)  # airbench's head has no bias: one tensor
+    assert r.info["transferred_tensors"] == len(parent.state_dict()) - len(head)
 
 
 def test_throwaway_run_with_lower_cutoff(trained_ws):
@@ -103,7 +108,7 @@ class _ScriptedLoss(Callback):
 
 
 def test_plateau_starts_the_anneal_and_records_the_epoch(demo_ws):
-    cfg = TrainConfig(**{**TINY, "epochs": 6, "patience": 2})
+    cfg = TrainConfig(**{**PLATEAU, "epochs": 6, "patience": 2})
     r = train(demo_ws, cfg, progress=False,
               extra_cbs=[_ScriptedLoss([1.0, 0.8, 0.9, 0.95, 0.5, 0.4])])
     # best at 2, no better at 3 and 4: plateau; anneal ceil(0.25 * 4) = 1 epoch, then stop
@@ -127,7 +132,7 @@ class _Grab(Callback):
 
 def test_the_best_annealed_epoch_is_kept_not_the_last(demo_ws):
     grab = _Grab()
-    cfg = TrainConfig(**{**TINY, "epochs": 4, "patience": 5, "anneal_pct": 1.0})
+    cfg = TrainConfig(**{**PLATEAU, "epochs": 4, "patience": 5, "anneal_pct": 1.0})
     # anneal over epochs 3-4 (budget); epoch 1's loss is lowest but never annealed
     r = train(demo_ws, cfg, progress=False, extra_cbs=[_ScriptedLoss([0.1, 0.9, 0.3, 0.5]), grab])
     assert r.info["metrics"]["best_epoch"] == 3
@@ -154,7 +159,7 @@ class _First(Callback):
 
 def test_interrupted_run_resumes_the_same_run(demo_ws, capsys):
     losses = [1.0, 0.8, 0.9, 0.95, 0.5, 0.4]
-    cfg = TrainConfig(**{**TINY, "epochs": 6, "patience": 2})
+    cfg = TrainConfig(**{**PLATEAU, "epochs": 6, "patience": 2})
     raw, avg = _Grab(average=False), _Grab()
     with pytest.raises(_Stop, match="interrupted"):
         train(demo_ws, cfg, progress=False,
@@ -220,7 +225,7 @@ def test_a_run_with_other_settings_leaves_an_interrupted_one_alone(demo_ws):
 
 
 def test_a_crash_after_the_last_epoch_still_saves_the_kept_weights(demo_ws):
-    cfg = TrainConfig(**{**TINY, "epochs": 4, "patience": 5, "anneal_pct": 1.0})
+    cfg = TrainConfig(**{**PLATEAU, "epochs": 4, "patience": 5, "anneal_pct": 1.0})
     grab = _Grab()
     with pytest.raises(_Stop):
         train(demo_ws, cfg, progress=False,
@@ -327,17 +332,20 @@ def test_a_frozen_warm_epoch_trains_the_head_alone(trained_ws):
     demo.add_class(trained_ws)
     parent, _ = models.load_generation(trained_ws, "gen-0001")
     check = _FrozenCheck()
-    cfg = TrainConfig(**{**TINY, "epochs": 2}, init_from="last", freeze_epochs=1, lr_mult=10.0)
+    cfg = TrainConfig(**{**TINY, "epochs": 2}, init_from="last", freeze_epochs=1, lr_mult=10.0,
+                      optimizer="sgd")
     r = train(trained_ws, cfg, progress=False, extra_cbs=[check])
     body = [k for k in parent.state_dict() if not k.startswith("head.")]
     assert len(body) > 20
     for k in body:  # weights and batch-norm statistics alike
         assert torch.equal(check.after_first[k], parent.state_dict()[k]), k
     assert not torch.equal(check.after_first["head.weight"], check.head0["weight"])
-    body_lr, head_lr = check.lrs  # two parameter groups with distinct rates
+    body_lr, bias_lr, head_lr = check.lrs  # body, batch-norm biases, head: distinct rates
     assert body_lr == pytest.approx(head_lr / 10) and body_lr != head_lr
+    assert bias_lr == pytest.approx(64 * body_lr)
     assert r.info["schedule"]["freeze_epochs"] == 1
-    assert r.info["schedule"]["lr_max"] == [pytest.approx(cfg.lr_warm / 10), cfg.lr_warm]
+    body_max, _, head_max = r.info["schedule"]["lr_max"]
+    assert body_max == pytest.approx(head_max / 10)
     model, _ = models.load_generation(trained_ws, r.name)
     assert any(not torch.equal(model.state_dict()[k], parent.state_dict()[k]) for k in body)
 

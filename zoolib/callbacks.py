@@ -193,3 +193,79 @@ class SkipDone(Callback):
         if self.epoch == self.done and self.done and self.rng_file and self.rng_file.exists():
             # the resumed epoch shuffles and augments as the interrupted run would have
             restore_random_state(self.learn, torch.load(self.rng_file, weights_only=False))
+
+
+class LookaheadRate(Callback):
+    """airbench's lookahead schedule on timm's `Lookahead` optimizer.
+
+    timm's `Lookahead` keeps slow weights and, every k steps, moves them
+    `lookahead_alpha` of the way to the fast ones and resets the fast ones there.
+    airbench moves them all the way at first and ever less as training goes on
+    (`recipe.lookahead_alpha`), and ends with the slow weights: this callback sets
+    the rate before each step and copies the slow weights into the model at the
+    end of the last training epoch, before that epoch's validation.
+
+    Args:
+        total_steps: the run's budget in optimizer steps.
+    """
+
+    order = Recorder.order + 3  # after the schedule has set the step's rates
+
+    def __init__(self, total_steps: int):
+        self.total = int(total_steps)
+
+    def _lookahead(self):
+        opt = getattr(self.learn.opt, "opt", None)
+        return opt if hasattr(opt, "sync_lookahead") else None
+
+    def before_batch(self):
+        opt = self._lookahead()
+        if self.training and opt is not None:
+            from .recipe import lookahead_alpha
+
+            # the step from the epoch, not fastai's train_iter, which a resumed run
+            # starts again at 0
+            alpha = lookahead_alpha(self.epoch * self.n_iter + self.iter + 1, self.total)
+            for group in opt.param_groups:
+                group["lookahead_alpha"] = alpha
+
+    def after_train(self):
+        opt = self._lookahead()
+        if opt is not None and self.epoch == self.n_epoch - 1:
+            for group in opt.param_groups:
+                group["lookahead_alpha"] = 0.0  # the slow weights as they are
+            opt.sync_lookahead()
+
+
+class TrainableUntil(Callback):
+    """Train some parameters for the first `epochs` epochs only (airbench trains the
+    whitening layer's bias for 3 epochs, then fixes it).
+
+    Runs after the schedule's `before_epoch`, which may have unfrozen every group;
+    before then it leaves them as the schedule set them (a warm start's head-only
+    epochs keep them frozen).
+    """
+
+    order = Recorder.order + 3
+
+    def __init__(self, params: list[torch.nn.Parameter], epochs: int):
+        self.params, self.epochs = list(params), int(epochs)
+
+    def before_epoch(self):
+        if self.epoch >= self.epochs:
+            for p in self.params:
+                p.requires_grad_(False)
+
+
+class GroupWeightDecay(Callback):
+    """Set each parameter group's weight decay once the optimizer exists.
+
+    fastai's `Learner.fit` gives every group the same decay; airbench gives each
+    group `decay / rate` (see `recipe.sgd_rates`).
+    """
+
+    def __init__(self, decays: list[float]):
+        self.decays = list(decays)
+
+    def before_fit(self):
+        self.learn.opt.set_hyper("wd", self.decays)

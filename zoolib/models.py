@@ -43,7 +43,8 @@ _OLD_TEMP = re.compile(r"^\.gen-\d{4,}\.[a-z0-9_]{8}$")
 _OLD_TEMP_SECONDS = 3600.0
 
 
-def create_model(arch: str, num_classes: int, pretrained: bool = False) -> torch.nn.Module:
+def create_model(arch: str, num_classes: int, pretrained: bool = False,
+                 **model_args) -> torch.nn.Module:
     """Build a timm model by name.
 
     Args:
@@ -51,6 +52,9 @@ def create_model(arch: str, num_classes: int, pretrained: bool = False) -> torch
         num_classes: size of the output layer.
         pretrained: download ImageNet weights (needs internet); off by default
             because generation 1 trains from random weights.
+        model_args: keyword arguments of the model's constructor (model.json
+            `model_args`: a zoo_cnn trained with the airbench recipe has no head
+            bias and scaled logits, see `archs.ZooCNN`).
 
     Raises:
         ZoolibError: unknown architecture, with the closest names.
@@ -63,7 +67,7 @@ def create_model(arch: str, num_classes: int, pretrained: bool = False) -> torch
         raise ZoolibError(f"unknown architecture {arch!r}{hint}")
     if num_classes < 2:
         raise ZoolibError(f"a classifier needs at least 2 classes, got {num_classes}")
-    return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+    return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **model_args)
 
 
 def preprocessing(model: torch.nn.Module, pretrained: bool) -> dict:
@@ -186,12 +190,13 @@ def load_generation(ws: Workspace, name: str) -> tuple[torch.nn.Module, dict]:
     try:
         # Built on the meta device, the model skips a random initialisation that the
         # saved weights replace anyway (5-8x faster: bulkid and serving start sooner).
+        args = info.get("model_args") or {}
         with torch.device("meta"):
-            model = create_model(info["arch"], len(info["classes"]))
+            model = create_model(info["arch"], len(info["classes"]), **args)
         model.load_state_dict(state, assign=True)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             # A tensor the file does not hold (a non-persistent buffer) needs the real init.
-            model = create_model(info["arch"], len(info["classes"]))
+            model = create_model(info["arch"], len(info["classes"]), **args)
             model.load_state_dict(state)
     except RuntimeError as exc:
         raise ZoolibError(f"{path} does not hold a {info['arch']} with "

@@ -180,3 +180,68 @@ class PlateauSchedule(Callback):
                 "patience": self.patience, "anneal_pct": self.anneal_pct,
                 "monitor": self.monitor, "min_improvement": self.min_improvement,
                 **asdict(self.state)}
+
+
+class TriangleSchedule(PlateauSchedule):
+    """airbench's fixed-budget schedule: a linear rise, then a linear fall, per step.
+
+    The rate goes from `start` x peak to the peak over the first `peak_at` share of
+    the steps, then down to `end` x peak at the last step (airbench94: 0.2, 0.23,
+    0.07). The budget is fixed (`epochs`), so the run always ends there and keeps
+    its last epoch (`best_epoch`); there is no plateau test (`plateau_epoch` is
+    None). A warm start's head-only epochs (`freeze_epochs`) come first, with the
+    frozen phase's warmup, and the triangle spans the epochs after them.
+
+    Args:
+        start, peak_at, end: the shape (see above).
+        Others: as `PlateauSchedule`.
+    """
+
+    def __init__(self, lr_max: list[float], epochs: int, freeze_epochs: int = 0,
+                 warmup_epochs: float = 1.0, start: float = 0.2, peak_at: float = 0.23,
+                 end: float = 0.07, monitor: str = "valid_loss",
+                 progress: Progress | None = None, on_kept=None):
+        super().__init__(lr_max, epochs, freeze_epochs=freeze_epochs,
+                         warmup_epochs=warmup_epochs, monitor=monitor,
+                         progress=progress, on_kept=on_kept)
+        self.start, self.peak_at, self.end = float(start), float(peak_at), float(end)
+
+    def before_epoch(self):
+        s = self.state
+        if s.phase == "done":
+            raise CancelFitException()
+        if s.phase in ("frozen", "flat") and self.epoch >= self.freeze_epochs:
+            s.phase, s.anneal_start = "triangle", self.freeze_epochs + 1
+            s.anneal_epochs = self.epochs - self.freeze_epochs
+        self._set_trainable()
+
+    def after_epoch(self):
+        s, e = self.state, self.epoch + 1
+        value = float(self.recorder.values[-1][self.idx])
+        if s.best is None or self._better(value, s.best, strict=False):
+            s.best, s.last_improved = value, e
+        if e >= self.epochs:
+            s.kept, s.best_epoch, s.phase = value, e, "done"
+            if self.on_kept is not None:
+                self.on_kept(self.learn)
+
+    def factor(self, pos: float) -> float:
+        """The rate as a share of the peak at `pos` epochs into the run."""
+        if self.state.phase == "frozen" or pos < self.freeze_epochs:
+            if self.warmup > 0 and pos < self.warmup:
+                return SchedLin(1 / _DIV, 1.0)(max(0.0, pos) / self.warmup)
+            return 1.0
+        t = (pos - self.freeze_epochs) / max(self.epochs - self.freeze_epochs, 1e-9)
+        return triangle(t, self.start, self.peak_at, self.end)
+
+    def summary(self) -> dict:
+        return {**super().summary(), "start": self.start, "peak_at": self.peak_at,
+                "end": self.end}
+
+
+def triangle(t: float, start: float = 0.2, peak_at: float = 0.23, end: float = 0.07) -> float:
+    """The triangle's share of the peak rate at `t` (0..1) of the budget."""
+    t = min(max(t, 0.0), 1.0)
+    if t < peak_at:
+        return start + (1.0 - start) * t / peak_at
+    return 1.0 + (end - 1.0) * (t - peak_at) / max(1.0 - peak_at, 1e-9)

@@ -47,32 +47,40 @@ import shutil
 import time
 import uuid
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.training import BnFreeze
+from fastai.optimizer import Adam, OptimWrapper
 from fastai.vision.all import (CategoryBlock, ColReader, CrossEntropyLossFlat, DataBlock,
                                ImageBlock, Learner, Normalize, accuracy, set_seed)
+from timm.optim import Lookahead
 from fastai.torch_core import get_model
 
-from . import augment, library, models, splits, warmstart
-from .callbacks import (RNG_FILE, Checkpoint, CpuAutocast, Ema, ReleaseMemory, SkipDone,
+from . import augment, library, models, recipe, splits, warmstart
+from .callbacks import (RNG_FILE, Checkpoint, CpuAutocast, Ema, GroupWeightDecay, LookaheadRate,
+                        ReleaseMemory, SkipDone, TrainableUntil,
                         cpu_has_bf16, release_memory)
 from .distributed import is_main, on_main, parallel_callbacks, rank0_first, world_size
 from .images import read_file, squished_pixels
+from .muon import MuonSGD
 from .pixel_cache import PixelCache
-from .schedule import PlateauSchedule, Progress
+from .schedule import PlateauSchedule, Progress, TriangleSchedule
 from .workspace import (Workspace, ZoolibError, check_class_name, class_folders,
                         open_workspace, write_atomic)
 
 INPROGRESS = "_inprogress"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("triangle", "plateau")
+OPTIMIZERS = ("sgd", "muon", "adam")
+FLIPS = ("alternate", "random", "none")
 SAVING = "saving"  # in a run folder while an epoch's checkpoint files are being written
 
 
@@ -80,34 +88,71 @@ SAVING = "saving"  # in a run folder while an epoch's checkpoint files are being
 class TrainConfig:
     """Every knob of a training run (the 02_train notebook's parameters, upper-cased).
 
+    Settings left at None take the recipe's value (`recipe.RECIPES`; the comment
+    gives airbench's); model.json records the resolved config.
+
     Attributes:
         arch: timm architecture name ("zoo_cnn" for 32-96 px, "inception_v4" at 299).
         img_size: square input size in pixels.
-        epochs: the budget: the most epochs the run may take (anneal included).
-        lr: peak learning rate of a run from scratch.
-        lr_warm: peak learning rate of the new output layer in a warm start.
+        recipe: "auto" (airbench for zoo_cnn* from random weights, else classic),
+            "airbench", "long" (airbench95's: 15 epochs, for zoo_cnn_wide) or
+            "classic" (see zoolib/recipe.py).
+        epochs: the budget (airbench: 10): the triangle's length, or the most epochs
+            a plateau run may take (classic: 40), anneal included.
+        schedule: "triangle" (airbench's fixed budget) or "plateau" (warm up, hold,
+            anneal at the plateau: for budgets that are not fixed).
+        optimizer: "sgd" (Nesterov; LR and WEIGHT_DECAY per 1024 images, decoupled
+            from the batch size, airbench94), "muon" (the same with the 3x3 filters
+            taking Muon steps: the airbench recipe's default, measured) or "adam"
+            (fastai's Adam, classic).
+        lr: peak learning rate of a run from scratch (airbench: 11.5 per 1024
+            images; classic: 0.01).
+        lr_warm: peak rate of the new output layer in a warm start (None: LR / 2).
         lr_mult: in a warm start the body trains at lr_warm / lr_mult.
+        momentum: Nesterov momentum of "sgd" (airbench: 0.85).
+        muon_lr, muon_momentum: "muon" (Nesterov SGD with the 3x3 filters taking
+            Muon steps, `zoolib.muon`): the filters' rate (a step's size relative to
+            their norm) and momentum (airbench94_muon: 0.24 at 2,000 images a
+            step, 0.6).
+        bias_lr_scale: "sgd": batch-norm biases train at this multiple of the rate
+            (airbench: 64; their weight decay is not scaled).
         freeze_epochs: head-only epochs that start a warm start.
-        warmup_epochs: linear warmup at the start of each phase.
+        warmup_epochs: linear warmup at the start of each plateau phase.
+        triangle_start, triangle_peak, triangle_end: the triangle's shape: the rate
+            rises from start x peak rate to the peak over the first triangle_peak
+            share of the steps, then falls to end x peak (airbench: 0.2, 0.23, 0.07).
         patience: flat epochs without a better validation loss that make a plateau.
         min_improvement: a validation loss lower by this share of the best counts
             as better (0.005 = 0.5%).
         anneal_pct: anneal length as a share of the epochs before it.
-        batch_size: images per batch (per process: under torchrun N processes step
-            on N x batch_size images, see zoolib/distributed.py).
-        weight_decay: decoupled weight decay of fastai's Adam.
+        batch_size: images per batch, at most the training images (None, airbench's:
+            1024, or fewer so that an epoch has at least 16 steps; classic: 64; per
+            process under torchrun, see zoolib/distributed.py).
+        weight_decay: airbench: 0.0153 per 1024 images ("sgd"); classic: 0.05
+            (fastai's decoupled decay of Adam).
         label_smoothing: share of the target spread over the other classes.
-        ema_decay: largest decay of the weight average (0 = no averaging).
+        ema_decay: largest decay of an exponential weight average that validation
+            and the saved model use (0 = none; airbench: 0, lookahead instead).
+        lookahead: lookahead weight averaging (timm's `Lookahead`, airbench's rate
+            schedule; `callbacks.LookaheadRate`).
+        lookahead_every: steps between lookahead updates (airbench: 5).
+        whiten: zoo_cnn's first layer set to whiten the training images' 2x2
+            patches, weights frozen (`recipe.whiten_init`; scratch runs).
+        whiten_bias_epochs: epochs the whitening layer's bias trains (airbench: 3).
+        dirac: identity init of the first filters of each 3x3 conv (scratch runs).
+        bn_frozen_scale: batch norm trains its shift only, scale fixed at 1.
         precision: "auto" (fp16 on CUDA, bf16 on CPUs that have it, else fp32),
             "fp32", "bf16" or "fp16" (CUDA only).
         min_images: readable images a class needs to take part.
         init_from: "scratch", "last" or a generation name to warm-start from.
         throwaway: mark the generation as a throw-away run (never promoted).
         seed: random seed for the model, the order of batches and augmentation.
-        flip: random left-right flips.
-        max_rotate: largest rotation in degrees.
-        max_zoom: largest zoom factor (1.0 = none).
-        max_shift: largest translation as a share of the side (whole pixels).
+        flip: "alternate" (each image mirrored on every other epoch, airbench),
+            "random" (half the images each batch) or "none".
+        max_rotate: largest rotation in degrees (airbench recipe: 0; classic: 10).
+        max_zoom: largest zoom factor (1.0 = none; airbench recipe: 1.0; classic 1.1).
+        max_shift: largest translation as a share of the side (whole pixels;
+            0.0625 is airbench's 2 px at 32 px).
         max_warp: perspective warp (0 = off).
         max_lighting: brightness/contrast change (0 = off).
         carry_rows: on a warm start, keep output rows of shared classes.
@@ -126,27 +171,43 @@ class TrainConfig:
 
     arch: str = "zoo_cnn"
     img_size: int = 64
-    epochs: int = 40
-    lr: float = 0.01
-    lr_warm: float = 0.005
+    recipe: str = "auto"
+    epochs: int | None = None
+    schedule: str | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    lr_warm: float | None = None
     lr_mult: float = 3.0
+    momentum: float = 0.85
+    muon_lr: float = 0.12
+    muon_momentum: float = 0.6
+    bias_lr_scale: float = 64.0
     freeze_epochs: int = 1
     warmup_epochs: float = 1.0
+    triangle_start: float = 0.2
+    triangle_peak: float = 0.23
+    triangle_end: float = 0.07
     patience: int = 3
     min_improvement: float = 0.005
     anneal_pct: float = 0.25
-    batch_size: int = 64
-    weight_decay: float = 0.05
+    batch_size: int | None = None
+    weight_decay: float | None = None
     label_smoothing: float = 0.2
-    ema_decay: float = 0.9998
+    ema_decay: float | None = None
+    lookahead: bool | None = None
+    lookahead_every: int = 5
+    whiten: bool | None = None
+    whiten_bias_epochs: int = 3
+    dirac: bool | None = None
+    bn_frozen_scale: bool | None = None
     precision: str = "auto"
     min_images: int = 40
     init_from: str = "scratch"
     throwaway: bool = False
     seed: int = 42
-    flip: bool = True
-    max_rotate: float = 10.0
-    max_zoom: float = 1.1
+    flip: str | None = None
+    max_rotate: float | None = None
+    max_zoom: float | None = None
     max_shift: float = 0.0625
     max_warp: float = 0.0
     max_lighting: float = 0.0
@@ -166,14 +227,49 @@ class TrainConfig:
         names = {f.name.upper(): f.name for f in fields(cls)}
         return cls(**{names[k]: v for k, v in params.items() if k in names})
 
+    def resolved(self) -> "TrainConfig":
+        """This config with its recipe named and every None setting filled
+        (`recipe.resolve`); FLIP=True means the recipe's kind of flip, False none."""
+        cfg = self
+        if isinstance(cfg.flip, bool):
+            cfg = replace(cfg, flip=None if cfg.flip else "none")
+        if cfg.recipe not in recipe.RECIPE_NAMES:
+            raise ZoolibError(f"RECIPE must be one of {', '.join(recipe.RECIPE_NAMES)}, "
+                              f"got {cfg.recipe!r}")
+        cfg = recipe.resolve(cfg)
+        return cfg if cfg.lr_warm is not None else replace(cfg, lr_warm=cfg.lr / 2)
+
     def check(self) -> None:
         """Raise ZoolibError naming the first parameter that makes no sense."""
-        for name in ("img_size", "epochs", "batch_size", "min_images", "patience"):
-            if int(getattr(self, name)) < 1:
+        self.resolved()._check()
+
+    def _check(self) -> None:
+        for name in ("img_size", "epochs", "batch_size", "min_images", "patience",
+                     "lookahead_every"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ZoolibError(f"{name.upper()} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "lr_warm", "lr_mult"):
+        for name in ("lr", "lr_warm", "lr_mult", "bias_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ZoolibError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        for name, allowed in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
+                              ("flip", FLIPS)):
+            if getattr(self, name) not in allowed:
+                raise ZoolibError(f"{name.upper()} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.recipe in recipe.AIRBENCH_LIKE and (not self.arch.startswith("zoo_cnn")
+                                                    or self.pretrained):
+            raise ZoolibError(f"RECIPE={self.recipe!r} trains a zoo_cnn from random weights, not "
+                              f"{self.arch}{' (pretrained)' if self.pretrained else ''}: "
+                              "use RECIPE='classic' or 'auto'")
+        if not (0 <= self.momentum < 1 and 0 < self.triangle_peak < 1
+                and 0 <= self.triangle_start <= 1 and 0 <= self.triangle_end <= 1):
+            raise ZoolibError("MOMENTUM must be in [0, 1), TRIANGLE_PEAK in (0, 1) and "
+                              "TRIANGLE_START, TRIANGLE_END in [0, 1]; got "
+                              f"{self.momentum}, {self.triangle_peak}, {self.triangle_start}, "
+                              f"{self.triangle_end}")
+        if self.whiten_bias_epochs < 0:
+            raise ZoolibError(f"WHITEN_BIAS_EPOCHS must be at least 0, got "
+                              f"{self.whiten_bias_epochs}")
         if self.freeze_epochs < 0:
             raise ZoolibError(f"FREEZE_EPOCHS must be at least 0, got {self.freeze_epochs}")
         if self.init_from != "scratch" and self.freeze_epochs >= self.epochs:
@@ -265,10 +361,18 @@ class _SquishLoader:
     """
 
     def __init__(self, size: int, interpolation: str = "bilinear", decode: str = "full",
-                 cache: PixelCache | None = None):
+                 cache: PixelCache | None = None, flip: augment.AlternatingFlip | None = None):
         self.size, self.interpolation, self.decode, self.cache = size, interpolation, decode, cache
+        self.flip = flip
 
     def __call__(self, row):
+        pixels = self.pixels(row)
+        if self.flip is not None and row.get("train"):  # never a validation image
+            pixels = self.flip(pixels, row["hash"])
+        return pixels
+
+    def pixels(self, row):
+        """The image's pixels as inference sees them (no augmentation)."""
         try:
             if self.cache is not None:
                 return self.cache.get(row["file"], row["hash"])
@@ -298,9 +402,13 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
             a new scratch model's when None.
         progress: show the progress of filling the pixel cache (`cfg.cache`).
 
-    Augmentation runs on whole training batches, as fastai does on a GPU; a
-    validation batch is the inference preprocessing of its files, nothing more.
+    Augmentation runs on whole training batches, as fastai does on a GPU (the
+    alternating flip as items load); a validation batch is the inference
+    preprocessing of its files, nothing more. The batch size is at most the number
+    of training images (fastai drops a last short batch). The item loader is kept
+    as `dls.item_loader` (the whitening init reads training pixels through it).
     """
+    cfg = cfg.resolved()
     prep = prep or models.preprocessing(None, pretrained=False)
     rows = data[data["split"].isin(["train", "valid"])].reset_index(drop=True)
     rows = rows.assign(is_valid=rows["split"] == "valid", file=[str(ws.library / p)
@@ -311,9 +419,11 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
     if cfg.cache:  # decoded once here, in parallel, rather than in the first epoch's loop
         cache = PixelCache(ws, cfg.img_size, prep["interpolation"], decode)
         cache.fill(rows["file"].tolist(), rows["hash"].tolist(), progress=progress)
+    flip = augment.AlternatingFlip(cfg.seed) if cfg.flip == "alternate" else None
+    loader = _SquishLoader(cfg.img_size, prep["interpolation"], decode, cache, flip)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=classes)),
-        get_x=_SquishLoader(cfg.img_size, prep["interpolation"], decode, cache),
+        get_x=loader,
         get_y=ColReader("label"),
         splitter=lambda items: ([i for i in range(len(items)) if not valid[i]],
                                 [i for i in range(len(items)) if valid[i]]),
@@ -321,16 +431,42 @@ def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
                     Normalize.from_stats(list(prep["mean"]), list(prep["std"]))],
     )
     # plain dicts as items: reading a DataFrame row per image costs more than decoding it
-    records = rows[["file", "hash", "label"]].to_dict("records")
-    return block.dataloaders(records, bs=cfg.batch_size, seed=cfg.seed, **_workers(cfg))
+    records = rows.assign(train=~rows["is_valid"])[["file", "hash", "label", "train"]]
+    bs = batch_size(cfg, int((~rows["is_valid"]).sum()))
+    dls = block.dataloaders(records.to_dict("records"), bs=bs, seed=cfg.seed, **_workers(cfg))
+    dls.item_loader = loader
+    return dls
+
+
+def batch_size(cfg: TrainConfig, n_train: int) -> int:
+    """Images per step: BATCH_SIZE, or all training images when there are fewer;
+    None (the airbench recipe's): `recipe.auto_batch`."""
+    if cfg.batch_size is None:
+        return recipe.auto_batch(n_train)
+    return max(1, min(int(cfg.batch_size), n_train))
+
+
+def whitening_images(dls, n: int = 5000, seed: int = 0) -> torch.Tensor:
+    """Up to `n` training images, normalised as the model sees them, unaugmented:
+    what the whitening init measures (airbench uses 5,000)."""
+    items = dls.train_ds.items
+    pick = np.random.default_rng(seed).permutation(len(items))[:n]
+    pixels = np.stack([dls.item_loader.pixels(items[i]) for i in sorted(pick)])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+    norm = next(t for t in dls.after_batch if isinstance(t, Normalize))
+    return (x - norm.mean.view(1, -1, 1, 1).cpu()) / norm.std.view(1, -1, 1, 1).cpu()
 
 
 def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
     """The model to train, its model.json record and its preprocessing."""
     if cfg.init_from == "scratch":
-        model = models.create_model(cfg.arch, len(classes), pretrained=cfg.pretrained)
+        args = recipe.model_args(cfg)
+        model = models.create_model(cfg.arch, len(classes), pretrained=cfg.pretrained, **args)
+        if cfg.dirac:
+            recipe.dirac_init(model)
         return model, {"parent": None, "init": "pretrained" if cfg.pretrained else "scratch",
-                       "head_init": "random"}, models.preprocessing(model, cfg.pretrained)
+                       "head_init": "random", "model_args": args}, models.preprocessing(
+                           model, cfg.pretrained)
     parent = models.resolve_generation(ws, cfg.init_from)
     model, record = warmstart.warm_start(ws, parent, cfg.arch, classes, carry_rows=cfg.carry_rows,
                                          shrink=cfg.warm_shrink, perturb=cfg.warm_perturb)
@@ -473,24 +609,67 @@ def _precision_cbs(precision: str) -> list:
     return [CpuAutocast()]
 
 
-def lr_max(cfg: TrainConfig, warm: bool) -> list[float]:
-    """Peak learning rate per parameter group (body, head)."""
-    return [cfg.lr_warm / cfg.lr_mult, cfg.lr_warm] if warm else [cfg.lr, cfg.lr]
+def lr_max(cfg: TrainConfig, warm: bool, batch: int) -> tuple[list[float], list[float] | None]:
+    """Peak learning rate per parameter group, and each group's weight decay.
+
+    "adam": groups (body, head); the decay is fastai's, the same for all (None).
+    "sgd": groups (body, batch-norm biases, head) at (1, BIAS_LR_SCALE, 1) x the
+    rate, in airbench's decoupled terms (`recipe.sgd_rates`) for `batch` images
+    a step. A warm start's head trains at LR_WARM and its body at LR_WARM / LR_MULT.
+    """
+    cfg = cfg.resolved()
+    head = cfg.lr_warm if warm else cfg.lr
+    body = head / cfg.lr_mult if warm else head
+    if cfg.optimizer == "adam":
+        return [body, head], None
+    shares = [body / cfg.lr, body * cfg.bias_lr_scale / cfg.lr, head / cfg.lr]
+    rates, decays = recipe.sgd_rates(cfg.lr, cfg.weight_decay, cfg.momentum, batch, shares)
+    if cfg.optimizer == "muon":  # the filters' group first, without decay
+        rates, decays = [cfg.muon_lr * body / cfg.lr, *rates], [0.0, *decays]
+    return rates, decays
+
+
+def _sgd(params, lr: float, momentum: float = 0.85, lookahead_every: int = 0,
+         muon_momentum: float | None = None, **kwargs):
+    """Nesterov SGD (with Muon for the first group when `muon_momentum`), inside timm's
+    `Lookahead` when `lookahead_every` (its rate is set per step by
+    `callbacks.LookaheadRate`)."""
+    if muon_momentum is None:
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=0.0)
+    else:
+        groups = [dict(g, muon=i == 0) for i, g in enumerate(params)]
+        opt = MuonSGD(groups, lr=lr, momentum=momentum, muon_momentum=muon_momentum)
+    return Lookahead(opt, alpha=1.0, k=lookahead_every) if lookahead_every else opt
+
+
+def _opt_func(cfg: TrainConfig):
+    """fastai's optimizer of the recipe: its Adam, or ours through `OptimWrapper`."""
+    if cfg.optimizer == "adam":
+        return Adam
+    every = cfg.lookahead_every if cfg.lookahead else 0
+    muon = cfg.muon_momentum if cfg.optimizer == "muon" else None
+    return partial(OptimWrapper, opt=partial(_sgd, momentum=cfg.momentum,
+                                             lookahead_every=every, muon_momentum=muon))
 
 
 def build_learner(ws: Workspace, cfg: TrainConfig, data: pd.DataFrame, classes: list[str],
                   model: torch.nn.Module, run_dir: Path, prep: dict | None = None,
                   cbs=(), progress: bool = True) -> Learner:
-    """The fastai Learner of a run: two parameter groups, the recipe's loss and callbacks.
+    """The fastai Learner of a run: the recipe's parameter groups, optimizer, loss and
+    callbacks (`lr_max` says which groups).
 
     `train_bn=False`: batch norm is frozen with the body (fastai's default trains it),
     so a frozen epoch leaves every body tensor as the parent had it.
     """
+    cfg = cfg.resolved()
     dls = make_dataloaders(ws, data, classes, cfg, prep, progress)
     loss = CrossEntropyLossFlat(label_smoothing=cfg.label_smoothing)
-    return Learner(dls, model, loss_func=loss, metrics=accuracy, splitter=models.body_head_split,
-                   wd=cfg.weight_decay, train_bn=False, path=run_dir, model_dir="checkpoint",
-                   cbs=list(cbs))
+    sgd = cfg.optimizer in ("sgd", "muon")
+    return Learner(dls, model, loss_func=loss, metrics=accuracy, opt_func=_opt_func(cfg),
+                   splitter=partial(recipe.split_groups, bias_group=sgd,
+                                    filter_group=cfg.optimizer == "muon"),
+                   wd=None if sgd else cfg.weight_decay, train_bn=False, path=run_dir,
+                   model_dir="checkpoint", cbs=list(cbs))
 
 
 def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> TrainResult:
@@ -509,6 +688,7 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
         ZoolibError: bad settings, data or INIT_FROM (message names the problem).
     """
     cfg.check()
+    cfg = cfg.resolved()
     ws = open_workspace(workspace)
     progress = progress and is_main()  # one process reports for all
     precision = resolve_precision(cfg)
@@ -560,41 +740,80 @@ def _already_saved(ws: Workspace, name: str, data: pd.DataFrame) -> TrainResult:
 
 def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
          extra_cbs) -> TrainResult:
-    """Build the Learner, train (or resume) under the plateau schedule, save the generation."""
+    """Build the Learner, train (or resume) under the run's schedule, save the generation."""
     ws, cfg, data, classes, state = run["ws"], run["cfg"], run["data"], run["classes"], run["state"]
     warm, prep, precision = run["warm"], run["prep"], run["precision"]
     history = list(state["history"]) if state else []
     start = state["epochs_done"] if state else 0
     ckpt = run_dir / "checkpoint"
+    _freeze_fixed(model, cfg)
+    batch = batch_size(cfg, int((data["split"] == "train").sum()))
+    rates, decays = lr_max(cfg, warm, batch)
     ema = Ema(cfg.ema_decay, state=torch.load(ckpt / "ema.pth", weights_only=False)
               if state and (ckpt / "ema.pth").exists() else None) if cfg.ema_decay else None
-    sched = PlateauSchedule(lr_max(cfg, warm), cfg.epochs,
-                            freeze_epochs=cfg.freeze_epochs if warm else 0,
-                            warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
-                            anneal_pct=cfg.anneal_pct, min_improvement=cfg.min_improvement,
-                            progress=Progress(**state["schedule"]) if state else None,
-                            on_kept=partial(_save_kept, ckpt) if is_main() else None)
+    sched = _schedule(cfg, rates, warm, Progress(**state["schedule"]) if state else None,
+                      on_kept=partial(_save_kept, ckpt) if is_main() else None)
     saves = [_MarkedCheckpoint(run_dir, history, lambda: asdict(sched.state))] if is_main() else []
     cbs = [sched, *saves, SkipDone(start, ckpt / RNG_FILE),
            ChannelsLast(), *_precision_cbs(precision),
            *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
+           *([GroupWeightDecay(decays)] if decays else []),
            *parallel_callbacks(), *extra_cbs]
     with rank0_first():  # rank 0 fills the pixel cache; the others then only read it
         learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs, progress)
+    started = time.perf_counter()  # the whitening init is part of training
+    learn.add_cbs(_recipe_callbacks(learn, cfg, warm, fresh=not state))
     if state:
         _load_checkpoint(learn, run_dir)
         if is_main():
             print(f"resuming an interrupted run after epoch {start}")
-    started = time.perf_counter()
     with _quiet(learn, progress):
         if sched.state.phase != "done" and start < cfg.epochs:
-            learn.fit(cfg.epochs, lr=lr_max(cfg, warm)[-1])
+            learn.fit(cfg.epochs, lr=rates[-1])
     seconds = time.perf_counter() - started
-    run.update(history=history, seconds=seconds, start=start, schedule=sched.summary())
+    run.update(history=history, seconds=seconds, start=start, schedule=sched.summary(),
+               batch_size=batch, rates=rates, decays=decays)
     result = on_main(_keep, learn, run, run_dir)  # one generation, whatever the processes
     del learn
     release_memory()
     return result
+
+
+def _schedule(cfg: TrainConfig, rates: list[float], warm: bool, progress: Progress | None,
+              on_kept) -> PlateauSchedule:
+    """The run's learning-rate schedule: SCHEDULE's kind with its settings."""
+    common = dict(freeze_epochs=cfg.freeze_epochs if warm else 0,
+                  warmup_epochs=cfg.warmup_epochs, progress=progress, on_kept=on_kept)
+    if cfg.schedule == "triangle":
+        return TriangleSchedule(rates, cfg.epochs, start=cfg.triangle_start,
+                                peak_at=cfg.triangle_peak, end=cfg.triangle_end, **common)
+    return PlateauSchedule(rates, cfg.epochs, patience=cfg.patience, anneal_pct=cfg.anneal_pct,
+                           min_improvement=cfg.min_improvement, **common)
+
+
+def _freeze_fixed(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Fix what the recipe never trains: batch-norm scales, the whitening weights."""
+    if cfg.bn_frozen_scale:
+        recipe.freeze_norm_scales(model)
+    if cfg.whiten:
+        recipe.stem_conv(model).weight.requires_grad_(False)
+
+
+def _recipe_callbacks(learn: Learner, cfg: TrainConfig, warm: bool, fresh: bool) -> list:
+    """The airbench pieces that need the Learner: the whitening init (a new scratch
+    run), the whitening bias's epochs, the alternating flip's epoch, lookahead."""
+    cbs = []
+    if cfg.whiten:
+        stem = recipe.stem_conv(learn.model)
+        if fresh and not warm:
+            recipe.whiten_init(stem, whitening_images(learn.dls, seed=cfg.seed))
+        if stem.bias is not None:
+            cbs.append(TrainableUntil([stem.bias], cfg.whiten_bias_epochs))
+    if learn.dls.item_loader.flip is not None:
+        cbs.append(augment.FlipEpoch(learn.dls.item_loader.flip))
+    if cfg.optimizer != "adam" and cfg.lookahead:
+        cbs.append(LookaheadRate(cfg.epochs * len(learn.dls.train)))
+    return cbs
 
 
 def _keep(learn: Learner, run: dict, run_dir: Path) -> TrainResult:
@@ -650,8 +869,12 @@ def _finish(model: torch.nn.Module, run: dict, run_dir: Path) -> TrainResult:
         "classes": run["classes"], **run["init"], "min_images": cfg.min_images,
         "throwaway": cfg.throwaway, "data_hash": data_hash(data),
         "split_counts": data.groupby("split").size().to_dict(), "config": asdict(cfg),
-        "schedule": {"kind": "warm fine-tune" if run["init"]["init"] == "warm"
-                     else "warmup, flat, anneal at plateau", **sched},
+        "schedule": {"kind": cfg.schedule, "warm": run["init"]["init"] == "warm", **sched},
+        "recipe": {"name": cfg.recipe, "optimizer": cfg.optimizer,
+                   "batch_size": run["batch_size"], "lr_per_group": run["rates"],
+                   "weight_decay_per_group": run["decays"], "lookahead": bool(cfg.lookahead),
+                   "ema_decay": cfg.ema_decay, "flip": cfg.flip, "whiten": bool(cfg.whiten),
+                   "dirac": bool(cfg.dirac), "bn_frozen_scale": bool(cfg.bn_frozen_scale)},
         "precision": run["precision"],
         "processes": world_size(),  # data-parallel: the effective batch is this x batch_size
         "metrics": {

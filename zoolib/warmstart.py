@@ -117,7 +117,8 @@ def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
     if p_info["arch"] != arch:
         raise ZoolibError(f"cannot warm-start a {arch} from {parent_name}, which is a "
                           f"{p_info['arch']}: set ARCH={p_info['arch']!r} or INIT_FROM='scratch'")
-    child = create_model(arch, len(classes))
+    # the parent's constructor arguments: its body (and head layout) is what is kept
+    child = create_model(arch, len(classes), **(p_info.get("model_args") or {}))
     perturbed = shrink != 1.0 or perturb != 0.0
     fresh = {k: v.clone() for k, v in child.state_dict().items()} if perturbed else {}
     copied = transfer_body(parent, child)
@@ -133,6 +134,7 @@ def warm_start(ws: Workspace, parent_name: str, arch: str, classes: list[str],
         "head_keys": classifier_keys(child),
         "carried_classes": carried,
         "shrink": float(shrink), "perturb": float(perturb),
+        "model_args": dict(p_info.get("model_args") or {}),
         "classes_added": [c for c in classes if c not in p_info["classes"]],
         "classes_removed": [c for c in p_info["classes"] if c not in classes],
     }

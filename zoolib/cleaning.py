@@ -55,7 +55,7 @@ def out_of_fold(workspace, cfg: TrainConfig, folds: int = 4, tta: bool = False,
             cheaper; "scratch" never saw any image). FOLDS, FOLD and THROWAWAY
             are set here.
         folds: k, at least 2.
-        tta: average each prediction with that of the mirrored image.
+        tta: multi-crop test-time augmentation (`inference.tta_views`, six passes).
         progress: progress bars of training and prediction.
 
     Returns:

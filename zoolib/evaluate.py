@@ -73,7 +73,8 @@ def predict_rows(ws: Workspace, generation: str, rows: pd.DataFrame,
         rows: manifest rows; `source` is kept when present.
         batch_size: images per forward pass.
         loaded: an already loaded generation (skips loading).
-        tta: average the predictions of each image and its mirror image.
+        tta: multi-crop test-time augmentation (`inference.tta_views`: the image, its
+            mirror and both shifted a pixel each way; six passes).
 
     Returns:
         A prediction frame (see `frame_from_probs`) with columns path and source.
@@ -245,7 +246,7 @@ def evaluate(workspace, generation: str = "last", report_dir: str | Path | None 
         top_losses: images in the top-losses grid.
         n_bins: confidence bins for calibration.
         save: merge the numbers into the generation's model.json.
-        tta: flip test-time augmentation (each image and its mirror, averaged).
+        tta: multi-crop test-time augmentation (`inference.tta_views`).
 
     Returns:
         The Evaluation; `metrics` holds {"test": ..., "benchmark": ..., "tta": bool}.
@@ -278,6 +279,7 @@ def evaluate(workspace, generation: str = "last", report_dir: str | Path | None 
         plot_calibration(known(test, classes), n_bins, out / "calibration.png")
         plt.close("all")
     metrics["tta"] = bool(tta)
+    metrics["tta_views"] = inference.TTA_NAME if tta else None
     if save:
         _save_to_model_json(ws, loaded.name, metrics)
     return Evaluation(loaded.name, models.read_info(ws, loaded.name), test, bench, metrics)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .images import UnreadableImageError, read_file, squish, squished_pixels
@@ -52,6 +53,7 @@ class Loaded:
         device: where inputs go (the CPU for the ONNX runtimes).
         runtime: one of RUNTIMES.
         onnx: the exported graph and its sessions (ONNX runtimes only).
+        tta: `outputs` averages the multi-crop views (`tta_views`).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Loaded:
     device: torch.device
     runtime: str = "torch"
     onnx: OnnxModel | None = None
+    tta: bool = False
 
     @property
     def classes(self) -> list[str]:
@@ -100,7 +103,7 @@ def resolve_runtime(runtime: str | None, device: str | None = None) -> str:
 
 
 def load(ws: Workspace, name: str = "last", device: str | None = None,
-         runtime: str | None = "torch") -> Loaded:
+         runtime: str | None = "torch", tta: bool = False) -> Loaded:
     """Load a generation (a name, or "last") for inference.
 
     Args:
@@ -116,6 +119,9 @@ def load(ws: Workspace, name: str = "last", device: str | None = None,
         ZoolibError: unknown generation or runtime; an ONNX runtime on a GPU
             device, without its packages installed, or whose export fails its
             parity check.
+
+    `tta`: every pass of the loaded generation averages the multi-crop views
+    (`outputs`).
     """
     chosen, runtime = runtime is None, resolve_runtime(runtime, device)
     if runtime != "torch":
@@ -129,7 +135,7 @@ def load(ws: Workspace, name: str = "last", device: str | None = None,
     name = resolve_generation(ws, name, include_throwaway=True)
     model, info = load_generation(ws, name)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loaded = Loaded(name, model.to(dev).eval(), info, dev, runtime)
+    loaded = Loaded(name, model.to(dev).eval(), info, dev, runtime, tta=bool(tta))
     if runtime != "torch":
         try:
             loaded.onnx = onnx_export.open_model(ws, name, loaded.model, info,
@@ -218,16 +224,34 @@ class Heads(torch.nn.Module):
         return (probs, logits, emb, near) if self.stage else (probs, logits, emb)
 
 
-@torch.inference_mode()
-def outputs(loaded: Loaded, batch: torch.Tensor, stage: bool = False
-            ) -> dict[str, torch.Tensor]:
-    """One forward pass of a normalised NCHW batch, with the loaded runtime.
+# airbench's multi-crop test-time augmentation: the image and its mirror (weight 1/2
+# together), and both of them shifted one pixel up-left and down-right (1/4 each pair).
+TTA_VIEWS = (((0, 0), False, 0.25), ((0, 0), True, 0.25),
+             ((-1, -1), False, 0.125), ((-1, -1), True, 0.125),
+             ((1, 1), False, 0.125), ((1, 1), True, 0.125))
+TTA_NAME = "mirror x {0, (-1,-1), (+1,+1)} px, weights 1/4 1/4 1/8 1/8 1/8 1/8, logits averaged"
 
-    Returns:
-        {"probs", "logits", "embedding"} and, with `stage`, "stage" (the pooled
-        stage features of the knn score): on the model's device for torch, on
-        the CPU for ONNX.
-    """
+
+def shift(batch: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """The batch moved by (dy, dx) whole pixels, the edge reflected into the gap."""
+    if dy == 0 and dx == 0:
+        return batch
+    p = max(abs(dy), abs(dx))
+    h, w = batch.shape[-2:]
+    padded = F.pad(batch, (p, p, p, p), mode="reflect")
+    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def tta_views(batch: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """The views of `TTA_VIEWS` of a normalised NCHW batch, with their weights (sum 1)."""
+    views = []
+    for (dy, dx), mirror, weight in TTA_VIEWS:
+        x = shift(batch, dy, dx)
+        views.append((x.flip(3) if mirror else x, weight))
+    return views
+
+
+def _one_pass(loaded: Loaded, batch: torch.Tensor, stage: bool) -> dict[str, torch.Tensor]:
     if loaded.onnx is not None:
         names = ("probs", "logits", "embedding", "stage") if stage else (
             "probs", "logits", "embedding")
@@ -243,6 +267,40 @@ def outputs(loaded: Loaded, batch: torch.Tensor, stage: bool = False
 
 
 @torch.inference_mode()
+def outputs(loaded: Loaded, batch: torch.Tensor, stage: bool = False,
+            tta: bool | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass of a normalised NCHW batch, with the loaded runtime.
+
+    Args:
+        loaded: the generation.
+        batch: normalised NCHW images.
+        stage: also return the pooled stage features of the knn score.
+        tta: average the `tta_views` (6 passes): logits and embeddings by the views'
+            weights, probabilities the softmax of the averaged logits (airbench
+            averages logits). The stage features stay those of the image itself, so
+            the knn reference is the same with and without TTA. None: `loaded.tta`.
+
+    Returns:
+        {"probs", "logits", "embedding"} and, with `stage`, "stage" (the pooled
+        stage features of the knn score): on the model's device for torch, on
+        the CPU for ONNX.
+    """
+    if not (loaded.tta if tta is None else tta):
+        return _one_pass(loaded, batch, stage)
+    out = None
+    for i, (view, weight) in enumerate(tta_views(batch)):
+        one = _one_pass(loaded, view.contiguous(), stage and i == 0)
+        if out is None:
+            out = {k: v.float() * weight if k in ("logits", "embedding") else v
+                   for k, v in one.items()}
+        else:
+            out["logits"] += one["logits"].float() * weight
+            out["embedding"] += one["embedding"].float() * weight
+    out["probs"] = out["logits"].softmax(dim=1)
+    return out
+
+
+@torch.inference_mode()
 def forward(loaded: Loaded, batch: torch.Tensor, tta: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities and pre-logit embeddings of a batch (both on CPU).
@@ -253,13 +311,8 @@ def forward(loaded: Loaded, batch: torch.Tensor, tta: bool = False
     Args:
         loaded: the generation.
         batch: normalised NCHW images.
-        tta: also predict the left-right mirrored batch and average the two
-            (probabilities and embeddings): test-time augmentation with the flip
-            training used, for twice the compute.
+        tta: multi-crop test-time augmentation (`tta_views`: the image, its mirror
+            and both shifted a pixel each way), for six times the compute.
     """
-    out = outputs(loaded, batch)
-    probs, feats = out["probs"], out["embedding"]
-    if tta:
-        flipped = outputs(loaded, batch.flip(3))
-        probs, feats = (probs + flipped["probs"]) / 2, (feats + flipped["embedding"]) / 2
-    return probs.float().cpu(), feats.float().cpu()
+    out = outputs(loaded, batch, tta=tta or loaded.tta)
+    return out["probs"].float().cpu(), out["embedding"].float().cpu()

@@ -193,7 +193,7 @@ def compare(workspace, candidate: str = "last", baseline: str = "deployed",
         baseline: a generation name or "deployed".
         candidate_frame: the candidate's benchmark predictions, if already made
             (with the same `tta` as the baseline's, for a fair comparison).
-        tta: flip test-time augmentation for both generations.
+        tta: multi-crop test-time augmentation (`inference.tta_views`) for both generations.
 
     Raises:
         ZoolibError: baseline "deployed" while nothing is deployed.
@@ -340,7 +340,7 @@ def judge(workspace, candidate: str = "last", comparison: Comparison | None = No
         comparison: a comparison already made, reused if against the deployed one.
         rule: the thresholds (`Rule()` when None).
         benchmark_frame: the candidate's benchmark predictions, if already made.
-        tta: flip test-time augmentation for predictions made here.
+        tta: multi-crop test-time augmentation for predictions made here.
 
     Returns:
         The decision and the comparison it rests on (None without a deployed generation).

@@ -201,7 +201,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         progress: bool = True, files: list[Path] | None = None,
         on_batch: Callable[[int, int], None] | None = None, device: str | None = None,
         knn: bool = True, runtime: str | None = None, engine: str = "local",
-        address: str | None = None, lazy: bool = False):
+        address: str | None = None, lazy: bool = False, tta: bool = False):
     """Predict every file under an inbox folder into `bulkid/<name>/results.parquet`.
 
     Args:
@@ -235,6 +235,9 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
             None = RAY_ADDRESS if set, else a local cluster on this machine's cores.
         lazy: return the run opened lazily (`view.open_view`) instead of loading the
             whole table: memory then does not grow with the inbox.
+        tta: multi-crop test-time augmentation (`inference.tta_views`: six passes
+            per image, the scores of their averaged logits); recorded in the run's
+            run.json, and a run is never resumed with the other setting.
 
     Symbolic links, pipes, sockets and devices are never opened: each gets a row
     with an error (`LINK_ERROR`, `SPECIAL_ERROR`), as unreadable files do. Hidden
@@ -257,7 +260,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     if engine not in ENGINES:
         raise ZoolibError(f"engine must be one of {', '.join(map(repr, ENGINES))}, "
                           f"not {engine!r}")
-    loaded = inference.load(ws, generation, device=device, runtime=runtime)
+    loaded = inference.load(ws, generation, device=device, runtime=runtime, tta=tta)
     _check_preprocessing(loaded)
     paths, refused = _input_files(ws, inbox, files)
     name = name or f"{loaded.name}-{'inbox' if files is None else 'files'}"
@@ -473,10 +476,11 @@ class _RayIdentifier:
     """A Ray Data actor: the generation loaded once, then `identify_files` per batch."""
 
     def __init__(self, root: str, generation: str, runtime: str, device: str, knn: bool,
-                 batch_size: int):
+                 batch_size: int, tta: bool = False):
         torch.set_num_threads(1)  # one CPU per actor: the cluster places the actors
         self.ws = open_workspace(root)
-        self.loaded = inference.load(self.ws, generation, device=device, runtime=runtime)
+        self.loaded = inference.load(self.ws, generation, device=device, runtime=runtime,
+                                     tta=tta)
         self.ref = neighbours.reference(self.ws, self.loaded) if knn else None
         self.batch_size = batch_size
 
@@ -527,7 +531,8 @@ def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: l
                      concurrency=actors, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
                      fn_constructor_kwargs=dict(
                          root=str(ws.root), generation=loaded.name, runtime=loaded.runtime,
-                         device=str(loaded.device), knn=knn, batch_size=batch_size))
+                         device=str(loaded.device), knn=knn, batch_size=batch_size,
+                         tta=loaded.tta))
     writer = results.PartWriter(run_dir, results.schema(loaded))
     bar = tqdm(total=len(todo), unit="img", desc=f"identifying with {loaded.name} on Ray",
                disable=not progress, smoothing=0.1)

@@ -117,8 +117,10 @@ def _read_run_json(run_dir: Path) -> dict:
 
 
 def open_run(run_dir: Path, name: str, loaded: inference.Loaded) -> None:
-    """Create or reopen a run's run.json, refusing to mix generations in one table."""
-    meta = {"name": name, "generation": loaded.name, "classes": list(loaded.classes)}
+    """Create or reopen a run's run.json, refusing to mix generations, or predictions
+    with and without test-time augmentation, in one table."""
+    meta = {"name": name, "generation": loaded.name, "classes": list(loaded.classes),
+            "tta": inference.TTA_NAME if loaded.tta else None}
     if (run_dir / "run.json").exists():
         old = _read_run_json(run_dir)
         if old.get("generation") != loaded.name:
@@ -126,6 +128,10 @@ def open_run(run_dir: Path, name: str, loaded: inference.Loaded) -> None:
                               f"{old.get('generation')}, not {loaded.name}: pass "
                               f"generation={old.get('generation')!r} to resume it or "
                               "choose another name")
+        if bool(old.get("tta")) != loaded.tta:
+            raise ZoolibError(f"bulk identification run {name!r} was made with tta="
+                              f"{bool(old.get('tta'))}: pass tta={bool(old.get('tta'))} to "
+                              "resume it or choose another name")
     else:
         write_atomic(run_dir / "run.json", json.dumps(meta, indent=2))
 

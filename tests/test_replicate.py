@@ -148,15 +148,39 @@ def test_bad_inputs_name_the_problem(rep, tmp_path):
         rep.run(args)
 
 
-def test_recipe_benchmark_reports_goals(tmp_path):
+FAKE_ANCHOR = """
+import argparse, json
+ap = argparse.ArgumentParser()
+for flag in ("--per-class", "--seed", "--data", "--out"):
+    ap.add_argument(flag)
+a = ap.parse_args()
+json.dump({"test_acc": 0.5, "test_acc_tta": 0.6, "per_class_test_acc_tta": {},
+           "total_training_minutes": 2.0, "train_images_per_s": 100.0,
+           "settings": {"n_test": 24, "precision": "fp32", "channels_last": True,
+                        "epochs": 9.9, "batch_size": 1024, "total_train_steps": 3,
+                        "per_class": int(a.per_class)}}, open(a.out, "w"))
+"""
+
+
+def test_recipe_benchmark_runs_beside_the_anchor_and_reports_goals(tmp_path):
     recipe = _script("train_recipe")
     data = _fake_cifar(tmp_path / "cifar", n_train=40, n_test=4)
-    m = recipe.run(recipe.parse_args(["--data", str(data), "--out", str(tmp_path / "out"),
-                                      "--run", "r", "--per-class", "40", "--epochs", "2",
-                                      "--arch", "zoo_cnn_small", "--num-workers", "0"]))
-    assert m["cifar10_test"]["images"] == 24 and 0 <= m["cifar10_test"]["accuracy_tta"] <= 1
-    assert m["config"]["img_size"] == 32 and m["config"]["arch"] == "zoo_cnn_small"
-    assert set(m["goals"]) == {"test_accuracy", "minutes"}
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text(FAKE_ANCHOR)
+    m = recipe.run(recipe.parse_args([
+        "--data", str(data), "--out", str(tmp_path / "out"), "--run", "r", "--per-class", "30",
+        "--valid-per-class", "10", "--seeds", "0", "--epochs", "2", "--anchor",
+        "--anchor-script", str(anchor), "--arch", "zoo_cnn_small", "--num-workers", "0"]))
+    (ours,), (peer,) = m["zoolib"], m["anchor"]
+    assert ours["test"]["images"] == 24 and 0 <= ours["test"]["accuracy_tta"] <= 1
+    assert ours["config"]["arch"] == "zoo_cnn_small" and ours["split_counts"] == {
+        "train": 180, "valid": 60}  # the pins: 30 + 10 per class, whatever the hashes say
+    assert peer["test"]["accuracy_tta"] == 0.6 and peer["minutes"] == 2.0
+    gap = m["goals"]["anchor_gap"]
+    assert gap["value"] == pytest.approx(ours["test"]["accuracy_tta"] - 0.6, abs=1e-4)
+    assert m["goals"]["minutes_ratio"]["value"] == pytest.approx(ours["minutes"] / 2.0, abs=1e-3)
+    assert set(m["goals"]) == {"anchor_gap", "minutes_ratio"}  # no long run asked for
+    assert m["cpu"]["cores"] >= 1 and "model" in m["cpu"]
     assert (tmp_path / "out" / "r" / "summary.md").is_file()
 
 

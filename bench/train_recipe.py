@@ -17,13 +17,17 @@ epoch, a cost the anchor does not pay; the library scan, split and pixel cache
 are not counted).
 
     .venv/bin/python bench/train_recipe.py                     # the goal run (hours)
+    .venv/bin/python bench/train_recipe.py --max-minutes 120   # as much of it as fits
     .venv/bin/python bench/train_recipe.py --anchor --seeds 0  # one seed side by side
     .venv/bin/python bench/train_recipe.py --anchor --on-valid --per-class 1500 \\
         --seeds 0 --run tune    # tuning: the anchor tested on zoolib's valid images
     .venv/bin/python bench/train_recipe.py --per-class 300 --epochs 2 --no-test  # smoke
 
-The default run (`--anchor --seeds 0,1 --long`, nothing else changed) writes
-bench/results/train_recipe.json with its goals; every run writes
+The default run (`--anchor --seeds 0,1 --long`, nothing else changed but
+`--max-minutes` and `--run`) takes about six hours on 2 cores: it keeps each finished
+run in bench/results/train_recipe_parts/ (commit them) and reads them back on the
+next start, on a machine with the same CPU model and flags, until all are there;
+then it writes bench/results/train_recipe.json with its goals. Every run writes
 reports/recipe/<run>/metrics.json and summary.md. The CPU model and flags are
 printed first and recorded.
 """
@@ -46,6 +50,7 @@ from zoolib.workspace import ZoolibError
 
 ANCHOR = REPO.parent / "shared" / "anchors" / "airbench_cpu.py"
 RESULTS = REPO / "bench" / "results" / "train_recipe.json"
+PARTS = REPO / "bench" / "results" / "train_recipe_parts"
 GOALS = {"anchor_gap": 0.005, "minutes_ratio": 1.1, "long_test_accuracy": 0.90,
          "long_minutes_ratio": 3.0}
 FRACTIONS = {"train": 0.9, "valid": 0.1, "test": 0.0, "benchmark": 0.0}
@@ -200,7 +205,15 @@ def goals(m: dict) -> dict:
 
 
 def run(args) -> dict:
-    """Every run asked for, then the goals; writes the report (and the results file)."""
+    """Every run asked for, then the goals; writes the report (and the results file).
+
+    With `--parts DIR` (the default run: bench/results/train_recipe_parts/) each
+    finished run is kept there as `<side>-<seed>.json` with the CPU, date and commit,
+    and a run found there for the same CPU and sample is read instead of trained
+    again: the default run takes several hours on 2 cores, more than one working
+    session, so it can be finished over several sessions on machines of one kind.
+    `--max-minutes` stops starting new runs after that much wall time.
+    """
     out = pipeline.report_dir(Path(args.out) / args.run)
     m = {"run": args.run, "cpu": cpu(), "per_class": args.per_class,
          "valid_per_class": args.valid_per_class, "on_valid": args.on_valid,
@@ -208,32 +221,79 @@ def run(args) -> dict:
     print(f"CPU: {m['cpu']}", flush=True)
     data = valid_data(out / "anchor-data", Path(args.data), args.valid_per_class) \
         if args.on_valid else Path(args.data)
-    for seed in args.seeds:
-        if args.anchor:
-            m["anchor"].append(run_anchor(args, out, seed, data))
-        m["zoolib"].append(run_zoolib(args, out, seed, f"zoolib-{seed}"))
-        if args.long:
-            m["long"].append(run_zoolib(args, out, seed, f"long-{seed}", **LONG))
+    started, complete = time.monotonic(), True
+    jobs = [(side, seed) for seed in args.seeds for side, wanted in
+            (("anchor", args.anchor), ("zoolib", True), ("long", args.long)) if wanted]
+    for side, seed in jobs:
+        kept = read_part(args, m, side, seed)
+        if kept is None and (time.monotonic() - started) / 60 > args.max_minutes:
+            print(f"[{side}-{seed}] not started: past --max-minutes", flush=True)
+            complete = False
+            continue
+        if kept is None:
+            kept = {"anchor": lambda: run_anchor(args, out, seed, data),
+                    "zoolib": lambda: run_zoolib(args, out, seed, f"zoolib-{seed}"),
+                    "long": lambda: run_zoolib(args, out, seed, f"long-{seed}", **LONG)}[side]()
+            write_part(args, m, side, seed, kept)
+        m[side].append(kept)
         m["goals"] = goals(m)
-        pipeline.write_metrics(out, m)  # after each seed: a stopped run keeps what it did
+        pipeline.write_metrics(out, m)  # after each run: a stopped benchmark keeps what it did
     m["peak_rss_mb"] = round(peak_rss_mb())
     m["goals"] = goals(m)
+    m["complete"] = complete
     pipeline.write_metrics(out, m)
     (out / "summary.md").write_text(summary(m))
     print(summary(m), flush=True)
-    if args.default_run:
+    if args.default_run and complete:
         write_results(m)
     return m
 
 
+def _part_path(args, side: str, seed: int) -> Path | None:
+    return Path(args.parts) / f"{side}-{seed}.json" if args.parts else None
+
+
+def read_part(args, m: dict, side: str, seed: int) -> dict | None:
+    """A run kept by an earlier session for this CPU and sample, or None."""
+    path = _part_path(args, side, seed)
+    if path is None or not path.is_file():
+        return None
+    part = json.loads(path.read_text())
+    same = (part.get("cpu", {}).get("model"), part.get("cpu", {}).get("flags"),
+            part.get("per_class"), part.get("on_valid")) == (
+        m["cpu"]["model"], m["cpu"]["flags"], args.per_class, args.on_valid)
+    if not same:
+        print(f"[{side}-{seed}] {path} was measured on another CPU or sample: run again",
+              flush=True)
+        return None
+    print(f"[{side}-{seed}] read from {path} ({part['date']}, commit {part['commit'][:8]})",
+          flush=True)
+    return part["result"]
+
+
+def write_part(args, m: dict, side: str, seed: int, result: dict) -> None:
+    path = _part_path(args, side, seed)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keep = {k: result[k] for k in ("test", "minutes", "minutes_total", "recipe", "settings")
+            if k in result}
+    path.write_text(json.dumps({"cpu": m["cpu"], "per_class": args.per_class,
+                                "on_valid": args.on_valid, "date": time.strftime("%Y-%m-%d"),
+                                "commit": commit(), "result": keep}, indent=2) + "\n")
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def write_results(m: dict) -> None:
     """bench/results/train_recipe.json: the goals, both runs' figures, CPU, date, commit."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     keep = {k: m[k] for k in ("goals", "cpu", "per_class", "seeds")}
     for side in ("zoolib", "anchor", "long"):
         keep[side] = [{k: r[k] for k in ("test", "minutes") if k in r} for r in m[side]]
-    keep.update(date=time.strftime("%Y-%m-%d"), commit=commit)
+    keep.update(date=time.strftime("%Y-%m-%d"), commit=commit())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(keep, indent=2) + "\n")
 
@@ -266,6 +326,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--anchor", action="store_true", help="run the anchor too")
     ap.add_argument("--long", action="store_true", help="run the longer preset too")
     ap.add_argument("--anchor-script", default=str(ANCHOR))
+    ap.add_argument("--parts", default=None,
+                    help="keep and reuse finished runs here (default run: " + str(PARTS) + ")")
+    ap.add_argument("--max-minutes", type=float, default=float("inf"),
+                    help="start no new run after this many minutes")
     ap.add_argument("--on-valid", action="store_true",
                     help="tuning: figures on the valid images, never cifar10/test")
     ap.add_argument("--data", default=str(DATA))
@@ -280,9 +344,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    args.default_run = not argv  # only the untouched run writes bench/results
+    # only the default run (over as many sessions as it takes) writes bench/results
+    session_flags = {"--max-minutes", "--run"}
+    rest = [a for i, a in enumerate(argv) if a not in session_flags
+            and not (i and argv[i - 1] in session_flags)]
+    args.default_run = not rest
     if args.default_run:
-        args.anchor, args.long = True, True
+        args.anchor, args.long, args.parts = True, True, str(PARTS)
     args.seeds = [int(s) for s in (args.seeds or "0,1").split(",")]
     args.run = args.run or time.strftime("%Y%m%d-%H%M%S")
     return args

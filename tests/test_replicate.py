@@ -184,6 +184,33 @@ def test_recipe_benchmark_runs_beside_the_anchor_and_reports_goals(tmp_path):
     assert (tmp_path / "out" / "r" / "summary.md").is_file()
 
 
+def test_recipe_benchmark_reads_back_the_runs_an_earlier_session_kept(tmp_path, monkeypatch):
+    recipe = _script("train_recipe")
+    data = _fake_cifar(tmp_path / "cifar", n_train=40, n_test=4)
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text(FAKE_ANCHOR)
+    parts = tmp_path / "parts"
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--per-class", "30",
+            "--valid-per-class", "10", "--epochs", "1", "--anchor-script", str(anchor),
+            "--arch", "zoo_cnn_small", "--num-workers", "0", "--parts", str(parts)]
+    first = recipe.run(recipe.parse_args(argv + ["--run", "a", "--seeds", "0"]))
+    assert [p.name for p in parts.iterdir()] == ["zoolib-0.json"]
+    # from here on, zoolib must not train again
+    monkeypatch.setattr(recipe, "run_zoolib", lambda *a, **k: pytest.fail("trained again"))
+    both = recipe.run(recipe.parse_args(argv + ["--run", "b", "--seeds", "0", "--anchor"]))
+    assert both["complete"] and both["zoolib"][0]["test"] == first["zoolib"][0]["test"]
+    assert both["goals"]["anchor_gap"]["value"] == pytest.approx(
+        first["zoolib"][0]["test"]["accuracy_tta"] - 0.6, abs=1e-4)
+    later = recipe.run(recipe.parse_args(argv + ["--run", "c", "--seeds", "0,1", "--anchor",
+                                                 "--max-minutes", "0"]))
+    assert not later["complete"] and len(later["zoolib"]) == 1  # seed 1 not started
+    part = json.loads((parts / "zoolib-0.json").read_text())
+    part["cpu"]["model"] = "another CPU"
+    (parts / "zoolib-0.json").write_text(json.dumps(part))
+    with pytest.raises(BaseException, match="trained again"):  # never mixed across machines
+        recipe.run(recipe.parse_args(argv + ["--run", "d", "--seeds", "0"]))
+
+
 def test_gpu_check_runs_on_a_cpu_with_a_small_model(tmp_path):
     check = _script("gpu_check")
     data = _fake_cifar(tmp_path / "cifar", n_train=50, n_test=0)

@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from zoolib import models, warmstart
+from zoolib import models, recipe, warmstart
 
 
 def test_zoo_cnn_is_a_timm_model_at_any_small_size():
@@ -34,9 +34,9 @@ def test_zoo_cnn_has_no_pretrained_weights_to_download():
 
 
 @pytest.mark.parametrize("arch", ["zoo_cnn_small", "resnet18", "inception_v4"])
-def test_body_head_split_gives_the_output_layer_its_own_group(arch):
+def test_split_groups_gives_the_output_layer_its_own_group(arch):
     m = models.create_model(arch, 4)
-    body, head = models.body_head_split(m)
+    body, head = recipe.split_groups(m, bias_group=False)
     assert {id(p) for p in head} == {id(p) for p in m.get_classifier().parameters()}
     assert len(body) + len(head) == len(list(m.parameters())) and body
 

@@ -105,17 +105,6 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k.startswith(prefixes[0] + ".")]
 
 
-def body_head_split(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
-    """fastai parameter groups: the body, then the output layer (`get_classifier`).
-
-    Built from timm's own head lookup, so it fits every timm model; with it
-    fastai's `freeze`, `unfreeze`, `lr_max=slice(...)` and `fine_tune` work.
-    """
-    head = {id(p) for p in model.get_classifier().parameters()}
-    params = list(model.parameters())
-    return [[p for p in params if id(p) not in head], [p for p in params if id(p) in head]]
-
-
 def generation_names(ws: Workspace) -> list[str]:
     """Saved generations, oldest first."""
     if not ws.models.is_dir():

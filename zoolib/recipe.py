@@ -32,7 +32,6 @@ fills them from `RECIPES`; model.json records the resolved values.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -96,23 +95,19 @@ def model_args(cfg) -> dict:
 
 
 # ------------------------------------------------------------------ init
-def dirac_init(model: nn.Module, skip: nn.Module | None = None) -> int:
+def dirac_init(model: nn.Module) -> int:
     """Identity init of the first `in_channels` filters of each 3x3 convolution.
 
     airbench's `Conv.reset_parameters`: a fresh network then starts close to an
     identity through each conv, which trains faster than random filters alone.
 
-    Args:
-        model: the network.
-        skip: a conv to leave alone (the whitening stem, set by `whiten_init`).
-
-    Returns:
-        The number of convolutions changed.
+    Only 3x3 convolutions: zoo_cnn's 2x2 stem is the whitening layer
+    (`whiten_init`). Returns the number of convolutions changed.
     """
     changed = 0
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, nn.Conv2d) and mod is not skip and mod.kernel_size == (3, 3):
+            if isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3):
                 w = mod.weight
                 nn.init.dirac_(w[:min(w.size(0), w.size(1))])
                 changed += 1
@@ -245,13 +240,3 @@ def lookahead_alpha(step: int, total: int, decay: float = 0.95 ** 5) -> float:
     the way to the fast ones every 5 steps (all the way at first, 23% at the end)."""
     frac = min(max(step / max(total, 1), 0.0), 1.0)
     return 1.0 - decay * frac ** 3
-
-
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    """Optimizer steps of one training epoch (fastai drops the last short batch)."""
-    return max(1, n_train // batch_size) if n_train >= batch_size else 1
-
-
-def epochs_for(n_steps: int, n_train: int, batch_size: int) -> float:
-    """Epochs that `n_steps` steps make (for reports)."""
-    return n_steps / steps_per_epoch(n_train, batch_size) if n_train else math.nan

@@ -20,7 +20,7 @@ The recipe, each piece from fastai or timm:
 - the schedule of zoolib/schedule.py: warm up, hold the peak rate until the
   validation loss plateaus, then anneal; the best annealed epoch is kept.
 
-A warm start is a fine-tune: the Learner's splitter (`models.body_head_split`)
+A warm start is a fine-tune: the Learner's splitter (`recipe.split_groups`)
 makes the body and the new output layer two parameter groups, so fastai's
 `freeze` trains the head alone for `freeze_epochs` (batch-norm statistics frozen
 too), then the whole model trains with the body at `lr_warm / lr_mult`.

@@ -65,3 +65,23 @@ def test_a_broken_or_foreign_entry_is_decoded_again(demo_ws):
 def test_each_preprocessing_has_its_own_folder(demo_ws):
     a, b = PixelCache(demo_ws, 32, "bilinear", "full"), PixelCache(demo_ws, 48, "bicubic", "reduced")
     assert a.folder != b.folder and a.folder.name == "32-bilinear-full"
+
+
+def test_entries_read_once_are_kept_in_memory_read_only(demo_ws):
+    files, digests = _rows(demo_ws, 3)
+    cache = PixelCache(demo_ws, 32, memory_mb=1)
+    cache.fill(files, digests, progress=False)
+    first = [cache.get(f, d) for f, d in zip(files, digests)]
+    shutil.rmtree(demo_ws.cache / "pixels")  # a second epoch reads memory, not the files
+    again = [cache.get(f, d) for f, d in zip(files, digests)]
+    assert all(a is b for a, b in zip(first, again)) and cache.decodes == 3
+    assert not any(a.flags.writeable for a in again)  # no caller can change a later epoch
+
+
+def test_memory_is_bounded(demo_ws):
+    files, digests = _rows(demo_ws, 3)
+    cache = PixelCache(demo_ws, 32, memory_mb=32 * 32 * 3 * 2 / 2**20)  # room for two
+    cache.fill(files, digests, progress=False)
+    for f, d in zip(files, digests):
+        cache.get(f, d)
+    assert len(cache._memo) == 2

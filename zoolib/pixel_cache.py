@@ -15,6 +15,11 @@ per epoch, on the cached pixels.
 One file per image rather than one big array: entries are added and found
 independently (a new image needs no rewrite), a broken entry is one decode to
 repair, and np.load of a 150 KB file costs a fraction of a millisecond.
+
+Each object also keeps the entries it has read in memory, up to `memory_mb`: at
+32 px an epoch of 27,000 images otherwise spends about 4% of its time in np.load
+(measured with py-spy on 2 cores), and the whole set is 83 MB. The in-memory
+copies are read-only, so no caller can change what a later epoch reads.
 """
 from __future__ import annotations
 
@@ -39,11 +44,14 @@ class PixelCache:
         size: the square input size.
         interpolation: the resize filter (model.json's).
         decode: "full" or "reduced" (model.json's, see `images.squished_pixels`).
+        memory_mb: how much of what it reads it keeps in memory for the next epoch.
     """
 
     def __init__(self, ws: Workspace, size: int, interpolation: str = "bilinear",
-                 decode: str = "full"):
+                 decode: str = "full", memory_mb: float = 1024):
         self.size, self.interpolation, self.decode = int(size), interpolation, decode
+        self._memo: dict[str, np.ndarray] = {}
+        self._room = int(memory_mb * 2**20)
         self.folder = ws.cache / "pixels" / f"{self.size}-{interpolation}-{decode}"
         self.decodes = 0  # images decoded by this object (tests count cache misses)
         self._count = threading.Lock()
@@ -74,11 +82,18 @@ class PixelCache:
         return pixels if ok else None
 
     def get(self, file: str | Path, digest: str) -> np.ndarray:
-        """An image's pixels: from the cache, else decoded and kept."""
+        """An image's pixels (read-only): from memory or the cache, else decoded and kept."""
+        pixels = self._memo.get(digest)
+        if pixels is not None:
+            return pixels
         pixels = self._load(digest)
         if pixels is None:
             pixels = self._decode(file)
             self._put(digest, pixels)
+        pixels.setflags(write=False)
+        if pixels.nbytes <= self._room:
+            self._memo[digest] = pixels
+            self._room -= pixels.nbytes
         return pixels
 
     def fill(self, files: list[str], digests: list[str], progress: bool = True) -> int:

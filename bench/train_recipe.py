@@ -223,9 +223,11 @@ def run(args) -> dict:
     data = valid_data(out / "anchor-data", Path(args.data), args.valid_per_class) \
         if args.on_valid else Path(args.data)
     started, complete = time.monotonic(), True
+    # the pairs first, the long preset last and with the first seed only (its goal is not
+    # a mean): a run stopped by --max-minutes leaves whole pairs
     jobs = [(side, seed) for seed in args.seeds for side, wanted in
-            (("anchor", args.anchor), ("zoolib", True),
-             ("long", args.long and seed == args.seeds[0])) if wanted]  # long: one seed
+            (("anchor", args.anchor), ("zoolib", True)) if wanted]
+    jobs += [("long", args.seeds[0])] if args.long else []
     for side, seed in jobs:
         kept = read_part(args, m, side, seed)
         if kept is None and (time.monotonic() - started) / 60 > args.max_minutes:

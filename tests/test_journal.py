@@ -106,3 +106,46 @@ def test_dest_reads_one_event(demo_ws):
     assert journal.dest(demo_ws, moved).startswith("_trash/")
     with pytest.raises(ZoolibError, match=f"no event {ids[-1] + 99}"):
         journal.dest(demo_ws, ids[-1] + 99)
+
+
+class _Locked:
+    """A connection whose first switches to WAL mode find the file locked."""
+
+    def __init__(self, refusals: int):
+        self.refusals, self.mode = refusals, "delete"
+
+    def execute(self, sql):
+        import sqlite3
+
+        if sql == "PRAGMA journal_mode=WAL":
+            if self.refusals:
+                self.refusals -= 1
+                raise sqlite3.OperationalError("database is locked")
+            self.mode = "wal"
+        return self
+
+    def fetchone(self):
+        return (self.mode,)
+
+
+def test_the_wal_switch_is_retried_while_locked():
+    from zoolib import db
+
+    con = _Locked(refusals=3)
+    db._wal(con, timeout=5)
+    assert con.mode == "wal" and con.refusals == 0
+    with pytest.raises(Exception, match="locked"):
+        db._wal(_Locked(refusals=10**9), timeout=0.1)  # not forever
+
+
+def test_journal_and_transaction_log_open_the_database_the_same_way(demo_ws, monkeypatch):
+    """SQLite does not call its busy handler for the switch of a new file to WAL mode:
+    the journal must retry it as the transaction log does (one connect for both)."""
+    from zoolib import db, translog
+
+    calls = []
+    real = db._wal
+    monkeypatch.setattr(db, "_wal", lambda con, timeout: calls.append(timeout) or real(con, timeout))
+    journal.connect(demo_ws).close()
+    translog.connect(demo_ws).close()
+    assert len(calls) == 2

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import db
 from .workspace import Workspace, ZoolibError, check_user_file, lexical, user_area
 
 _SCHEMA = """
@@ -42,12 +43,8 @@ UNDONE = "undone"  # computed by `read`: whether a later row reversed this one
 
 
 def connect(ws: Workspace) -> sqlite3.Connection:
-    """Open the workspace database (created on first use) in WAL mode."""
-    con = sqlite3.connect(ws.journal_db, timeout=30, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA busy_timeout=30000")
-    con.executescript(_SCHEMA)
-    return con
+    """Open the workspace database (created on first use) with the journal table."""
+    return db.connect(ws, _SCHEMA)
 
 
 def _now() -> str:

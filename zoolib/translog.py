@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
+from . import db
 from .workspace import UNKNOWN, Workspace, ZoolibError, check_class_name
 
 _SCHEMA = """
@@ -72,25 +72,6 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _wal(con: sqlite3.Connection, timeout: float) -> None:
-    """Put the database in WAL mode (it stays so), retrying while it is locked.
-
-    Switching a new database to WAL takes an exclusive lock that SQLite does not
-    wait for (its busy handler is not called), so processes opening a new log at
-    the same moment got "database is locked"; once it is WAL, asking is enough.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                con.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 def connect(ws: Workspace, timeout: float = 30.0, check_same_thread: bool = True
             ) -> sqlite3.Connection:
     """Open the workspace database with the log tables, in WAL mode.
@@ -104,19 +85,10 @@ def connect(ws: Workspace, timeout: float = 30.0, check_same_thread: bool = True
         TransactionLogError: the database cannot be opened or set up.
     """
     try:
-        con = sqlite3.connect(ws.journal_db, timeout=timeout, isolation_level=None,
-                              check_same_thread=check_same_thread)
-        con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        _wal(con, timeout)
-        # In WAL mode NORMAL survives a killed process (the committed WAL is on
-        # disk); only a power cut can lose the last commits. FULL costs a sync
-        # per row.
-        con.execute("PRAGMA synchronous=NORMAL")
-        con.executescript(_SCHEMA)
+        return db.connect(ws, _SCHEMA, timeout, check_same_thread)
     except sqlite3.Error as exc:
         raise TransactionLogError(f"cannot open the transaction log {ws.journal_db}: {exc}"
                                   ) from exc
-    return con
 
 
 class Writer:

@@ -216,12 +216,16 @@ def test_a_run_with_other_settings_leaves_an_interrupted_one_alone(demo_ws):
     (waiting,) = (demo_ws.models / INPROGRESS).glob("*/state.json")
     other = train(demo_ws, TrainConfig(**{**TINY, "epochs": 2}), progress=False)
     assert other.name == "gen-0001" and waiting.exists()  # still there to resume
-    with FileLock(f"{waiting.parent}.lock"):  # as if another process were running it
+    lock = demo_ws.cache / "locks" / f"train-{waiting.parent.name}.lock"
+    with FileLock(lock):  # as if another process were running it
         with pytest.raises(ZoolibError, match="already going on in another process"):
             train(demo_ws, cfg, progress=False)
     assert waiting.exists()
     resumed = train(demo_ws, cfg, progress=False)
     assert resumed.name == "gen-0002" and not (demo_ws.models / INPROGRESS).exists()
+    # the lock file stays: removing it on release lets a process that opened the old
+    # file hold it while a third locks a new one (one lock helper, workspace.file_lock)
+    assert lock.is_file()
 
 
 def test_a_crash_after_the_last_epoch_still_saves_the_kept_weights(demo_ws):

@@ -71,3 +71,30 @@ def test_write_atomic_keeps_the_old_file_when_the_writer_fails(tmp_path):
         write_atomic(target, write=broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # no temporary left behind
+
+
+def test_file_lock_refuses_another_holder_is_reentrant_and_keeps_its_file(tmp_path):
+    import threading
+
+    from zoolib.workspace import file_lock
+
+    path = tmp_path / "a" / "x.lock"
+    seen = []
+
+    def other():
+        try:
+            with file_lock(path, 0, "busy: x"):
+                seen.append("held")
+        except ZoolibError as exc:
+            seen.append(str(exc))
+
+    with file_lock(path, 0):
+        with file_lock(path, 0):  # re-entrant within a thread
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+    assert seen == ["busy: x"] and path.is_file()  # never unlinked on release
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[-1] == "held"

@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import threading
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from filelock import FileLock
 
 from .models import update_info
-from .workspace import Workspace, ZoolibError, write_atomic
+from .workspace import Workspace, ZoolibError, file_lock, write_atomic
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -58,8 +56,6 @@ INT8_MAX_DROP = 0.5  # test accuracy points the int8 graph may lose against the 
 SPIN = False
 INSTALL = "pip install -e '.[onnx]' (in the zoolib checkout), or pip install onnxruntime onnx"
 
-_locks: dict[Path, threading.Lock] = {}
-_locks_guard = threading.Lock()
 
 
 def require() -> None:
@@ -160,8 +156,8 @@ def open_model(ws: Workspace, name: str, model: torch.nn.Module, info: dict,
 
 def _ensure(path: Path, info: dict, write: Callable[[Path], None]) -> OnnxModel:
     """The graph at `path` with its first session, written by `write` when missing or
-    stale, one writer at a time (see `_exclusive`)."""
-    with _exclusive(path):
+    stale, one writer at a time (`workspace.file_lock`)."""
+    with file_lock(path.with_name(f".{path.name}.lock")):
         found = _existing(path, info)
         if found is not None:
             return found
@@ -191,20 +187,6 @@ def _existing(path: Path, info: dict) -> OnnxModel | None:
     print(f"{path}: {problem}; exporting it again")
     path.unlink()
     return None
-
-
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """One writer of `path` at a time, across threads and processes.
-
-    A file lock (`.<name>.lock`, hidden, left in place) for other processes,
-    and a lock per path for this process's threads (a flock taken on a fresh
-    file handle per thread would do on Linux, but not on every system).
-    """
-    with _locks_guard:
-        local = _locks.setdefault(path, threading.Lock())
-    with local, FileLock(path.with_name(f".{path.name}.lock")):
-        yield
 
 
 def sample(info: dict, n: int = SAMPLE_SIZE) -> torch.Tensor:

@@ -55,7 +55,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from filelock import FileLock, Timeout
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.training import BnFreeze
 from fastai.optimizer import Adam, OptimWrapper
@@ -73,7 +72,7 @@ from .images import read_file, squished_pixels
 from .muon import MuonSGD
 from .pixel_cache import PixelCache
 from .schedule import PlateauSchedule, Progress, TriangleSchedule
-from .workspace import (Workspace, ZoolibError, check_class_name, class_folders,
+from .workspace import (Workspace, ZoolibError, check_class_name, class_folders, file_lock,
                         open_workspace, write_atomic)
 
 INPROGRESS = "_inprogress"
@@ -484,22 +483,17 @@ def _run_path(ws: Workspace, run_key: dict) -> Path:
 
 
 @contextmanager
-def _exclusive(run_dir: Path):
-    """Hold the run's lock: a second process starting the same run is refused."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(f"{run_dir}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ZoolibError(f"the same training run is already going on in another process "
-                          f"({run_dir}); wait for it, or change a setting") from None
-    try:
-        yield
-    finally:
-        lock.release()
-        Path(f"{run_dir}.lock").unlink(missing_ok=True)
-        if run_dir.parent.exists() and not any(run_dir.parent.iterdir()):
-            run_dir.parent.rmdir()
+def _exclusive(ws: Workspace, run_dir: Path):
+    """Hold the run's lock: a second process starting the same run is refused. The
+    lock file lives in `.zoolib/locks/` (it stays; see `workspace.file_lock`)."""
+    lock = ws.cache / "locks" / f"train-{run_dir.name}.lock"
+    with file_lock(lock, 0, f"the same training run is already going on in another process "
+                            f"({run_dir}); wait for it, or change a setting"):
+        try:
+            yield
+        finally:
+            if run_dir.parent.exists() and not any(run_dir.parent.iterdir()):
+                run_dir.parent.rmdir()
 
 
 def _run_dir(run_dir: Path, run_key: dict, resume: bool) -> dict | None:
@@ -721,7 +715,7 @@ def _open_run(held: ExitStack, ws: Workspace, run_dir: Path, run_key: dict,
         (its leftover folder removed) or None; the state of an interrupted run to
         resume or None.
     """
-    held.enter_context(_exclusive(run_dir))
+    held.enter_context(_exclusive(ws, run_dir))
     models.remove_dead_temps(run_dir.parent)  # folders of finished runs killed mid-removal
     saved = _saved_as(ws, run_dir) if resume else None
     if saved is None:

@@ -9,7 +9,8 @@ import os
 import re
 import threading
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,13 +291,53 @@ def check_user_file(ws: Workspace, path: str | Path, areas=("library", "inbox", 
 
 # ---------------------------------------------------------------- one writer at a time
 
-_LOCKS: dict[Path, FileLock] = {}
+_LOCKS: dict[Path, tuple[threading.RLock, FileLock]] = {}
 _LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def file_lock(path: Path, timeout: float = -1, busy: str | None = None) -> Iterator[None]:
+    """Hold the lock file `path`: one holder at a time across processes and threads.
+
+    The one lock helper of zoolib (the workspace's action lock, a training run, a
+    bulk-identification run, an ONNX export). Re-entrant within a thread. The
+    file is created if needed and never removed: unlinking it on release would
+    let a process that opened the old file lock it while a third locks a new one.
+    Threads of this process queue on a lock of their own first (a flock taken on
+    a fresh file handle per thread would do on Linux, but not on every system).
+
+    Args:
+        path: the lock file (callers keep it hidden or in `.zoolib/`).
+        timeout: seconds to wait; 0 refuses at once, -1 waits for ever.
+        busy: the ZoolibError message when the lock is not had in time.
+
+    Raises:
+        ZoolibError (on entry): another holder kept it for `timeout` seconds.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _LOCKS_GUARD:
+        local, held = _LOCKS.setdefault(path, (threading.RLock(), FileLock(path,
+                                                                           thread_local=False)))
+    refused = ZoolibError(busy or f"{path} is held by another process; try again")
+    if not local.acquire(timeout=timeout):
+        raise refused
+    try:
+        try:
+            held.acquire(timeout=timeout)
+        except Timeout:
+            raise refused from None
+        try:
+            yield
+        finally:
+            held.release()
+    finally:
+        local.release()
 
 
 def lock(ws: Workspace, timeout: float = 60):
     """The workspace's action lock: one library action (a batch) at a time, across
-    processes and threads (a file lock from `filelock` in `.zoolib/`).
+    processes and threads (`file_lock` on `.zoolib/actions.lock`).
 
     Re-entrant within a thread, so an action may call another. Use as
     ``with lock(ws): ...``.
@@ -304,31 +345,9 @@ def lock(ws: Workspace, timeout: float = 60):
     Raises:
         ZoolibError (on entry): another process held the lock for `timeout` seconds.
     """
-    ws.cache.mkdir(parents=True, exist_ok=True)
     path = ws.cache / "actions.lock"
-    with _LOCKS_GUARD:
-        held = _LOCKS.get(path)
-        if held is None:  # one object per file: filelock counts re-entries per thread
-            held = _LOCKS[path] = FileLock(path, timeout=timeout)
-    return _Held(held, path)
-
-
-class _Held:
-    """A context manager over a FileLock that says which workspace is busy on timeout."""
-
-    def __init__(self, held, path: Path):
-        self.held, self.path = held, path
-
-    def __enter__(self):
-        try:
-            self.held.acquire()
-        except Timeout as exc:
-            raise ZoolibError(f"the workspace is busy: another process holds {self.path} "
-                              "(a library action is running); try again") from exc
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.held.release()
+    return file_lock(path, timeout, f"the workspace is busy: another process holds {path} "
+                                    "(a library action is running); try again")
 
 
 def write_atomic(path: str | Path, data: str | bytes | None = None, *,

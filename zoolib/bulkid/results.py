@@ -43,11 +43,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from filelock import FileLock, Timeout
 
 from .. import inference
 from ..models import remove_dead_temps
-from ..workspace import Workspace, ZoolibError, open_workspace, write_atomic
+from ..workspace import Workspace, ZoolibError, file_lock, open_workspace, write_atomic
 
 RESULT_COLUMNS = ["path", "rel", "hash", "pred", "confidence", "top5", "top5_prob", "margin",
                   "entropy", "ood", "knn", "embedding", "generation", "error"]
@@ -90,16 +89,9 @@ def exclusive(run_dir: Path, name: str):
     The lock file stays (it is hidden): unlinking it on release would let a
     process that opened the old file lock it while a third locks a new one.
     """
-    lock = FileLock(run_dir / ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ZoolibError(f"bulk identification run {name!r} is already going on in another "
-                          f"process ({run_dir}); wait for it, or choose another name") from None
-    try:
+    with file_lock(run_dir / ".lock", 0, f"bulk identification run {name!r} is already going "
+                   f"on in another process ({run_dir}); wait for it, or choose another name"):
         yield
-    finally:
-        lock.release()
 
 
 def _read_run_json(run_dir: Path) -> dict:

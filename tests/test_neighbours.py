@@ -67,3 +67,16 @@ def test_kth_distance_does_not_depend_on_batch_boundaries_or_threads():
     finally:
         torch.set_num_threads(threads)
     assert neighbours.kth_distance(ref, feats[:0]).shape == (0,)
+
+
+def test_a_rotated_training_image_stays_in_the_reference(trained_ws):
+    """The reference rows are found by split key, as evaluation finds its test rows: a
+    training image rotated after the generation was trained is still a training image."""
+    from zoolib import curate
+
+    loaded = inference.load(trained_ws, "gen-0001")
+    before = neighbours.train_rows(trained_ws, "gen-0001", loaded.classes)
+    path = before["path"].iloc[0]
+    curate.rotate(trained_ws, path, 90)
+    after = neighbours.train_rows(trained_ws, "gen-0001", loaded.classes)
+    assert len(after) == len(before) and path in set(after["path"])

@@ -42,17 +42,20 @@ CACHE = "train_neighbours.npy"
 def train_rows(ws: Workspace, generation: str, classes: list[str]) -> pd.DataFrame:
     """The generation's training images that are still in the library (path, label).
 
-    Read from its splits.parquet, found by content hash (a file may have moved); for
-    a generation saved before splits were kept, the train split of today's library.
+    Read from its splits.parquet, found by split key (`splits.split_key`: a file may
+    have moved, or been rotated since, as evaluation finds its test rows); for a
+    generation saved before splits were kept, the train split of today's library.
     """
     manifest = library.scan(ws, progress=False)
-    ok = manifest[manifest["readable"]].drop_duplicates("hash")
+    ok = manifest[manifest["readable"]]
     saved = models.read_splits(ws, generation)
     if saved is None:
         current = splits.split_manifest(ws, manifest, classes)
         return current[current["split"] == "train"][["path", "label"]].reset_index(drop=True)
+    ok = ok.assign(key=splits.split_key(ws, ok["hash"])).drop_duplicates("key")
     train = saved[saved["split"] == "train"][["hash", "label"]]
-    return train.merge(ok[["hash", "path"]], on="hash")[["path", "label"]]
+    train = train.assign(key=splits.split_key(ws, train["hash"])).drop_duplicates("key")
+    return train.merge(ok[["key", "path"]], on="key")[["path", "label"]]
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:

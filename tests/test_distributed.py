@@ -102,3 +102,13 @@ def test_a_parameter_file_is_read_with_upper_case_names(tmp_path):
     (tmp_path / "bad.yaml").write_text("- 1\n")
     with pytest.raises(ZoolibError, match="mapping"):
         read_params(tmp_path / "bad.yaml")
+
+
+def test_pyyaml_is_a_declared_dependency():
+    """distributed.read_params imports yaml: it must not arrive only through papermill."""
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    names = [d.split("==")[0].split(">")[0].lower() for d in deps["project"]["dependencies"]]
+    assert "pyyaml" in names

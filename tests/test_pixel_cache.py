@@ -85,3 +85,21 @@ def test_memory_is_bounded(demo_ws):
     for f, d in zip(files, digests):
         cache.get(f, d)
     assert len(cache._memo) == 2
+
+
+def test_the_decoding_pool_follows_the_cpu_affinity(demo_ws, monkeypatch):
+    """One core counter (`machine.cores`): a process pinned to one core of 64 (a
+    container, taskset, CI) decodes with one thread, not 64."""
+    import os
+
+    from zoolib import pixel_cache
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    sizes = []
+    real = pixel_cache.ThreadPoolExecutor
+    monkeypatch.setattr(pixel_cache, "ThreadPoolExecutor",
+                        lambda max_workers: sizes.append(max_workers) or real(max_workers))
+    files, digests = _rows(demo_ws, 2)
+    PixelCache(demo_ws, 32).fill(files, digests, progress=False)
+    assert sizes == [1]

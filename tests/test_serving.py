@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from starlette.testclient import TestClient
 
-from zoolib import models, reports, serving, translog
+from zoolib import machine, models, reports, serving, translog
 from zoolib.workspace import ZoolibError
 
 
@@ -504,7 +504,7 @@ def test_http_requests_under_load_batch_in_bounded_threads(trained_ws):
     app = serving.create_app(trained_ws, threads=2, batch_window_ms=50)
     predictor = app.state.predictor
     assert app.state.limiter.total_tokens == 2
-    assert serving.create_app(trained_ws).state.limiter.total_tokens == serving.cores()
+    assert serving.create_app(trained_ws).state.limiter.total_tokens == machine.cores()
     active, most, lock = [0], [0], threading.Lock()
     prepare = predictor._prepare
 

@@ -424,6 +424,30 @@ def test_notebook_parameters_reach_the_config_by_name():
     assert (cfg.lr_warm, cfg.freeze_epochs, cfg.epochs, cfg.lr) == (0.001, 2, 5, TrainConfig.lr)
 
 
+@pytest.mark.parametrize("params,match", [
+    ({"EPOCH": 20}, "unknown training parameter EPOCH: did you mean EPOCHS"),
+    ({"TTA": True}, "unknown training parameter TTA"),
+    ({"EPOCHS": "ten"}, "EPOCHS must be an int"),
+    ({"EPOCHS": 2.5}, "EPOCHS must be an int"),
+    ({"LR": True}, "LR must be a float"),
+    ({"LOOKAHEAD": "maybe"}, "LOOKAHEAD must be a bool"),
+    ({"ARCH": 3}, "ARCH must be a str"),
+])
+def test_unknown_parameters_and_wrong_types_are_refused_by_name(params, match):
+    with pytest.raises(ZoolibError, match=match):
+        TrainConfig.from_params(params)
+
+
+def test_parameter_values_are_read_as_their_fields_type():
+    """PyYAML reads `LR: 1e-3` as a string; a notebook's own names pass with `other`."""
+    cfg = TrainConfig.from_params({"LR": "1e-3", "EPOCHS": "20", "LOOKAHEAD": "false",
+                                   "BATCH_SIZE": 64.0, "FLIP": False, "TTA": True},
+                                  other={"TTA"})
+    assert (cfg.lr, cfg.epochs, cfg.lookahead, cfg.batch_size, cfg.flip) == (
+        0.001, 20, False, 64, False)
+    assert type(cfg.epochs) is int and type(cfg.batch_size) is int
+
+
 @pytest.mark.parametrize("cfg,match", [
     (dict(init_from="last", freeze_epochs=3, epochs=3), "FREEZE_EPOCHS=3 leaves no epoch"),
     (dict(anneal_pct=0.0), "ANNEAL_PCT"),

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .machine import cores
 from .images import content_hash, is_candidate, probe, read_file
 from .workspace import (Workspace, ZoolibError, class_folders, is_unknown,
                         name_key, name_problems, open_workspace, write_atomic)
@@ -163,10 +164,8 @@ def read_flags(ws: Workspace) -> pd.DataFrame:
 
 
 def default_workers() -> int:
-    """The CPUs this process may use (its affinity where the OS tells, else all)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(len(os.sched_getaffinity(0)), 1)
-    return os.cpu_count() or 1
+    """The scan's default pool: every core this process may use (`machine.cores`)."""
+    return cores()
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

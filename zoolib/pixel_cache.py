@@ -24,7 +24,6 @@ copies are read-only, so no caller can change what a later epoch reads.
 from __future__ import annotations
 
 import io
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .machine import cores
 from .images import read_file, squished_pixels
 from .workspace import Workspace, write_atomic
 
@@ -112,7 +112,7 @@ class PixelCache:
             digest, file = item
             self._put(digest, self._decode(file))
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(max_workers=cores()) as pool:
             list(tqdm(pool.map(one, todo), total=len(todo), desc="caching training images",
                       unit="img", disable=not progress))
         return self.decodes - before

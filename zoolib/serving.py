@@ -60,6 +60,7 @@ import anyio.to_thread
 import torch
 from PIL import Image, ImageOps
 
+from .machine import cores
 from . import inference, models, translog
 from .images import UnreadableImageError, content_hash, open_image, to_rgb
 from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
@@ -756,14 +757,6 @@ def create_app(workspace, generation: str | None = None, log: bool = True,
                     exception_handlers=_handlers(ws.root))
     app.state.predictor, app.state.limiter = predictor, limiter
     return app
-
-
-def cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _parse_json(raw: bytes):

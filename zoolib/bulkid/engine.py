@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from .. import inference, neighbours
 from ..images import RESAMPLE, content_hash, read_file, squished_pixels
+from ..machine import cores as machine_cores
 from ..models import resolve_generation
 from ..workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
 from . import results
@@ -373,14 +374,6 @@ def _check_inbox(ws: Workspace, folder: Path) -> None:
                           f"(linked from {ws.root}): {why}")
 
 
-def _cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _default_workers(cuda: bool) -> int:
     """Decoding processes for a run.
 
@@ -391,7 +384,7 @@ def _default_workers(cuda: bool) -> int:
     with one, even at the idle scheduling class, as it preempts the model's
     thread team); with more, 2 workers and the model gets the other cores.
     """
-    cores = _cores()
+    cores = machine_cores()
     if cuda:
         return max(0, min(cores - 1, 16))
     return 0 if cores <= 4 else 2
@@ -513,7 +506,7 @@ def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: l
     ray = _ray()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 num_cpus=None if address or os.environ.get("RAY_ADDRESS") else _cores())
+                 num_cpus=None if address or os.environ.get("RAY_ADDRESS") else machine_cores())
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False

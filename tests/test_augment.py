@@ -7,7 +7,8 @@ from fastai.vision.all import Pipeline, TensorImage
 
 from zoolib import augment, inference
 from zoolib.images import load_rgb
-from zoolib.train import TrainConfig, make_dataloaders, prepare_data
+from zoolib.loaders import make_dataloaders, prepare_data
+from zoolib.train import TrainConfig
 
 NONE = dict(flip="none", max_rotate=0.0, max_zoom=1.0, max_shift=0.0)
 

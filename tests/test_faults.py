@@ -34,7 +34,8 @@ import pytest
 import torch
 
 from zoolib import bulkid, demo, journal, models, workspace
-from zoolib.train import INPROGRESS, TrainConfig, train
+from zoolib.runs import INPROGRESS
+from zoolib.train import TrainConfig, train
 
 from .test_train import COLOUR_TINY, colour_workspace
 
@@ -89,7 +90,7 @@ def install(hook):
 
 def bulkid_job(ws, kill_after_batches=None, stop_after_batches=None):
     from zoolib import bulkid
-    bulkid.results.FLUSH_ROWS, bulkid.engine._READ_BATCHES = 1, 1  # a part per batch: many flushes
+    bulkid.parts.FLUSH_ROWS, bulkid.engine._READ_BATCHES = 1, 1  # a part per batch: many flushes
 
     def on_batch(done, total):
         if kill_after_batches and done >= kill_after_batches:
@@ -258,18 +259,18 @@ def test_bulk_identification_killed_anywhere_resumes_to_the_same_table(driver, o
     kills = [  # each child resumes what the kills before it left
         ("during a batch", [], {"kill_after_batches": n()}),
         ("before a part is written",
-         [hook("zoolib.bulkid.results:PartWriter.flush", n(), "before")], {}),
+         [hook("zoolib.bulkid.parts:PartWriter.flush", n(), "before")], {}),
         ("a part written, not yet renamed",
          [hook("pyarrow.parquet:write_table", n(), match="part-")], {}),
         ("merging leftover parts: written, not yet renamed",
-         [hook("zoolib.bulkid.results:_merge", 1)], {}),
+         [hook("zoolib.bulkid.parts:_merge", 1)], {}),
         ("merging leftover parts: renamed, parts not yet removed",
-         [hook("zoolib.bulkid.results:write_atomic", 1, match=MERGED)], {}),
+         [hook("zoolib.bulkid.parts:write_atomic", 1, match=MERGED)], {}),
         # The kill before left only parts its merged file holds: removed, not merged.
         ("the merge of an interrupted run: written, not yet renamed",
-         [hook("zoolib.bulkid.results:_merge", 1)], {"stop_after_batches": n()}),
+         [hook("zoolib.bulkid.parts:_merge", 1)], {"stop_after_batches": n()}),
         ("the merge of an interrupted run: renamed, parts not yet removed",
-         [hook("zoolib.bulkid.results:write_atomic", 2, match=MERGED)],
+         [hook("zoolib.bulkid.parts:write_atomic", 2, match=MERGED)],
          {"stop_after_batches": n()}),
     ]
     seen: set[str] = set()
@@ -320,8 +321,8 @@ def test_training_killed_anywhere_saves_one_generation_like_an_uninterrupted_run
          [hook("fastai.learner:Learner._do_one_batch", rng.randint(2, 6), "before")], []),
         ("at the end of an epoch",
          [hook("zoolib.callbacks:ReleaseMemory.after_epoch", rng.randint(1, 2))], []),
-        ("while writing the checkpoint's last.pth",
-         [hook("torch:save", 1, "cut", match=r"last\.pth")], []),
+        ("while writing the checkpoint (one file, written whole)",
+         [hook("torch:save", 1, "cut", match=r"\.state\.pth\.")], []),
         ("kept.pth written, not yet renamed", [hook("torch:save", 1, match=r"\.kept\.pth\.")], []),
         ("inside save_generation", [hook("zoolib.models:save_file", 1)], []),
         ("after save_generation, before the run folder is removed",
@@ -337,7 +338,7 @@ def test_training_killed_anywhere_saves_one_generation_like_an_uninterrupted_run
         assert_only_temps_of(ws, pid)
         assert_database_ok(ws, events=1)
     log = driver.tail(10**7)
-    assert "cannot resume the interrupted run" in log  # after the cut last.pth
+    assert "resuming an interrupted run" in log  # from the checkpoint before the cut one
     assert "removed 1 leftover(s) of a killed process" in log  # kept.pth, then the save
 
     capsys.readouterr()

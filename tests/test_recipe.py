@@ -10,7 +10,8 @@ from tests.conftest import TINY
 from zoolib import augment, inference, models, recipe
 from zoolib.muon import MuonSGD, orthogonalise
 from zoolib.schedule import triangle
-from zoolib.train import TrainConfig, make_dataloaders, prepare_data, train
+from zoolib.loaders import make_dataloaders, prepare_data
+from zoolib.train import TrainConfig, train
 
 
 def _correlated_images(n=64, size=16, seed=0):

@@ -13,7 +13,8 @@ from PIL import Image
 
 from zoolib import demo, evaluate, models, workspace
 from zoolib import train as train_module
-from zoolib.train import INPROGRESS, SAVING, TrainConfig, train
+from zoolib.runs import INPROGRESS, read_checkpoint
+from zoolib.train import TrainConfig, train
 from zoolib.workspace import ZoolibError
 
 from .conftest import TINY
@@ -58,9 +59,18 @@ def test_scratch_generation_saved_with_its_record(trained_ws, truth):
     assert not (trained_ws.models / INPROGRESS).exists()
 
 
+class _AtStart(Callback):
+    """The model's weights when the fit begins (after the warm start, before any step)."""
+
+    def before_fit(self):
+        self.state = {k: v.clone() for k, v in self.learn.model.state_dict().items()}
+
+
 def test_warm_start_generation_after_adding_a_class(trained_ws):
     demo.add_class(trained_ws)
-    r = train(trained_ws, TrainConfig(**{**TINY, "epochs": 1}, init_from="last", freeze_epochs=0), progress=False)
+    start = _AtStart()
+    r = train(trained_ws, TrainConfig(**{**TINY, "epochs": 1}, init_from="last", freeze_epochs=0),
+              progress=False, extra_cbs=[start])
     assert r.name == "gen-0002"
     assert r.info["parent"] == "gen-0001" and r.info["init"] == "warm"
     assert r.info["classes_added"] == ["giraffe"]
@@ -68,6 +78,12 @@ def test_warm_start_generation_after_adding_a_class(trained_ws):
     parent, _ = models.load_generation(trained_ws, "gen-0001")
     head = models.classifier_keys(parent)  # airbench's head has no bias: one tensor
     assert r.info["transferred_tensors"] == len(parent.state_dict()) - len(head)
+    # the practitioner's warm start: every body tensor as the parent had it, a new head
+    for k, v in parent.state_dict().items():
+        if k not in head:
+            assert torch.equal(start.state[k], v), k
+    for k in head:
+        assert start.state[k].shape[0] == 8  # one row per class of the grown list
 
 
 def test_throwaway_run_with_lower_cutoff(trained_ws):
@@ -164,8 +180,9 @@ def test_interrupted_run_resumes_the_same_run(demo_ws, capsys):
     with pytest.raises(_Stop, match="interrupted"):
         train(demo_ws, cfg, progress=False,
               extra_cbs=[_ScriptedLoss(losses), raw, avg, _InterruptAfter(3)])
-    (folder,) = (demo_ws.models / INPROGRESS).glob("*/state.json")  # the run's own folder
-    state = json.loads(folder.read_text())
+    (folder,) = (demo_ws.models / INPROGRESS).glob("*/run.json")  # the run's own folder
+    state = read_checkpoint(folder.parent)  # one file: weights, optimizer, progress, rng
+    assert {"model", "optimizer", "rng", "ema"} <= set(state)
     assert state["epochs_done"] == 3 and len(state["history"]) == 3
     assert (state["schedule"]["best"], state["schedule"]["wait"]) == (0.8, 1)
     assert models.generation_names(demo_ws) == []  # nothing half-saved
@@ -209,13 +226,15 @@ def test_a_resumed_run_shuffles_and_augments_as_the_uninterrupted_one(demo_ws):
     assert resumed.seen == {k: whole.seen[k] for k in (3, 4)}
 
 
-def test_a_run_with_other_settings_leaves_an_interrupted_one_alone(demo_ws):
+def test_a_run_with_other_settings_leaves_an_interrupted_one_alone(demo_ws, capsys):
     cfg = TrainConfig(**{**TINY, "epochs": 3})
     with pytest.raises(_Stop):
         train(demo_ws, cfg, progress=False, extra_cbs=[_InterruptAfter(1)])
-    (waiting,) = (demo_ws.models / INPROGRESS).glob("*/state.json")
+    (waiting,) = (demo_ws.models / INPROGRESS).glob("*/run.json")
+    capsys.readouterr()
     other = train(demo_ws, TrainConfig(**{**TINY, "epochs": 2}), progress=False)
     assert other.name == "gen-0001" and waiting.exists()  # still there to resume
+    assert "1 other interrupted run(s)" in capsys.readouterr().out  # and said so
     lock = demo_ws.cache / "locks" / f"train-{waiting.parent.name}.lock"
     with FileLock(lock):  # as if another process were running it
         with pytest.raises(ZoolibError, match="already going on in another process"):
@@ -253,36 +272,53 @@ def _interrupted(ws, cfg, epochs_done):
     """Interrupt a run after `epochs_done` epochs; its folder."""
     with pytest.raises(_Stop):
         train(ws, cfg, progress=False, extra_cbs=[_InterruptAfter(epochs_done)])
-    (state,) = (ws.models / INPROGRESS).glob("*/state.json")
-    return state.parent
+    (run,) = (ws.models / INPROGRESS).glob("*/run.json")
+    return run.parent
 
 
-def test_a_run_killed_while_writing_its_checkpoint_starts_again(colour_ws, capsys):
+def test_a_kill_while_writing_the_checkpoint_resumes_from_the_epoch_before(colour_ws, capsys):
+    """One checkpoint file written whole: a kill mid-write leaves the previous epoch's
+    checkpoint and a dead temporary, never files of two epochs."""
     cfg = TrainConfig(**{**COLOUR_TINY, "patience": 5})
     whole = train(colour_ws, cfg, progress=False)
     run_dir = _interrupted(colour_ws, cfg, 1)
-    # As a kill inside Checkpoint leaves it: the mark up, last.pth cut short.
-    (run_dir / SAVING).write_text("2")
-    last = run_dir / "checkpoint" / "last.pth"
-    last.write_bytes(last.read_bytes()[:1000])
+    names = {p.name for p in (run_dir / "checkpoint").iterdir()}
+    assert "state.pth" in names and names <= {"kept.pth", "state.pth"}  # one file per epoch
+    cut = run_dir / "checkpoint" / f".state.pth.{dead_pid()}-2.tmp"  # epoch 2, cut short
+    cut.write_bytes((run_dir / "checkpoint" / "state.pth").read_bytes()[:1000])
     capsys.readouterr()
     r = train(colour_ws, cfg, progress=False)
     said = capsys.readouterr().out
-    assert "cannot resume the interrupted run" in said and "from epoch 1" in said
-    assert "resuming" not in said
-    assert r.history.to_dict("records") == whole.history.to_dict("records")  # all redone
+    assert "resuming an interrupted run after epoch 1" in said and cut.name in said
+    # the same run: epoch 2 trained from epoch 1's weights, as without the kill (the
+    # smoothed training loss restarts with the process; the validation is the same)
+    same = ["epoch", "valid_loss", "accuracy"]
+    assert r.history[same].to_dict("records") == whole.history[same].to_dict("records")
 
 
-def test_a_damaged_checkpoint_without_the_mark_is_named(colour_ws):
+def test_a_run_folder_of_an_older_zoolib_starts_again_saying_so(colour_ws, capsys):
     cfg = TrainConfig(**COLOUR_TINY)
     run_dir = _interrupted(colour_ws, cfg, 1)
-    (run_dir / "checkpoint" / "last.pth").write_bytes(b"\x00garbage")
-    with pytest.raises(ZoolibError, match=r"checkpoint/last.pth is unreadable .*set "
+    (run_dir / "checkpoint" / "state.pth").unlink()  # the old layout: four files per epoch
+    (run_dir / "state.json").write_text('{"epochs_done": 1, "history": [], "schedule": {}}')
+    (run_dir / "checkpoint" / "last.pth").write_bytes(b"old")
+    capsys.readouterr()
+    r = train(colour_ws, cfg, progress=False)
+    said = capsys.readouterr().out
+    assert "older zoolib" in said and "from epoch 1" in said and "resuming" not in said
+    assert r.history["epoch"].tolist() == [1, 2]
+
+
+def test_a_damaged_checkpoint_is_named(colour_ws):
+    cfg = TrainConfig(**COLOUR_TINY)
+    run_dir = _interrupted(colour_ws, cfg, 1)
+    (run_dir / "checkpoint" / "state.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(ZoolibError, match=r"checkpoint/state.pth is unreadable .*set "
                                           "RESUME=False"):
         train(colour_ws, cfg, progress=False)
-    (run_dir / "state.json").write_bytes(b"{not json")
-    r = train(colour_ws, cfg, progress=False)  # an unreadable state: started again
-    assert r.history["epoch"].tolist() == [1, 2]
+    r = train(colour_ws, TrainConfig(**{**COLOUR_TINY, "resume": False}), progress=False)
+    assert r.history["epoch"].tolist() == [1, 2]  # RESUME=False: this run, from epoch 1
+    assert not (colour_ws.models / INPROGRESS).exists()  # the damaged folder went with it
 
 
 def test_dead_temporaries_of_an_interrupted_run_are_removed(colour_ws, capsys):
@@ -301,7 +337,7 @@ def test_dead_temporaries_of_an_interrupted_run_are_removed(colour_ws, capsys):
 
 def test_a_run_killed_after_saving_is_not_trained_again(colour_ws, monkeypatch, capsys):
     cfg = TrainConfig(**COLOUR_TINY)
-    monkeypatch.setattr(train_module, "_discard_run", lambda run_dir: None)  # killed there
+    monkeypatch.setattr(train_module, "discard_run", lambda run_dir: None)  # killed there
     first = train(colour_ws, cfg, progress=False)
     monkeypatch.undo()
     (run_dir,) = (colour_ws.models / INPROGRESS).iterdir()
@@ -458,3 +494,14 @@ def test_parameter_values_are_read_as_their_fields_type():
 def test_recipe_settings_that_make_no_sense_are_named(cfg, match):
     with pytest.raises(ZoolibError, match=match):
         TrainConfig(**{**TINY, **cfg}).check()
+
+
+def test_settings_that_change_nothing_are_not_part_of_a_runs_identity(demo_ws):
+    """NUM_WORKERS (or the cache, or RESUME) changed between attempts: the same run."""
+    cfg = TrainConfig(**{**TINY, "epochs": 3})
+    with pytest.raises(_Stop):
+        train(demo_ws, cfg, progress=False, extra_cbs=[_InterruptAfter(1)])
+    r = train(demo_ws, TrainConfig(**{**TINY, "epochs": 3, "num_workers": 0, "cache": False}),
+              progress=False)
+    assert r.history["epoch"].tolist() == [1, 2, 3]
+    assert not (demo_ws.models / INPROGRESS).exists()  # resumed, not a second folder

@@ -9,7 +9,11 @@ refusing names it does not know and values of the wrong type.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
 
 from . import recipe
 from .workspace import ZoolibError
@@ -289,3 +293,21 @@ def _coerce(name: str, kind: str, value):
         return int(number)
     except (TypeError, ValueError, OverflowError):
         raise bad from None
+
+
+def read_params(path: str | Path) -> dict:
+    """A papermill parameter file (YAML or JSON) as a dict of UPPER_CASE names.
+
+    Raises:
+        ZoolibError: the file is missing, unreadable or not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        params = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ZoolibError(f"cannot read the parameter file {path}: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ZoolibError(f"the parameter file {path} holds no NAME: value mapping "
+                          "(write it as for papermill -f, e.g. EPOCHS: 20)")
+    return {str(k).upper(): v for k, v in params.items()}

@@ -1,12 +1,10 @@
 """Training one generation on several processes (data-parallel), launched by torchrun.
 
-    torchrun --nproc_per_node=2 -m zoolib.distributed --workspace WS params.yaml
+    torchrun --nproc_per_node=2 -m zoolib.train --workspace WS params.yaml
 
-`params.yaml` (or `.json`) is the parameter file papermill takes for 02_train
-(`papermill ... -f params.yaml`): its UPPER_CASE names become the `TrainConfig`
-(`TrainConfig.from_params`), names of other notebooks are ignored and
-`WORKSPACE` is used when `--workspace` is not given. Run without torchrun, the
-command trains in one process, as 02_train does.
+The command line is `zoolib.train`'s (the module that launches, as in nanoGPT);
+this module is the machinery below it: the process group, sharding, the DDP
+wrapper and rank 0's say over what is written.
 
 Every process runs `train.train` with the same settings. The model is wrapped in
 torch's `DistributedDataParallel` (gradients are averaged across processes after
@@ -39,18 +37,13 @@ are broadcast every step by DDP); SyncBatchNorm is CUDA-only and not used.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-import yaml
 from fastai.callback.core import Callback
 from fastai.data.core import TfmdDL
 from torch.nn.parallel import DistributedDataParallel
@@ -212,64 +205,3 @@ class DataParallelTrainer(Callback):
 def parallel_callbacks() -> list[Callback]:
     """The callbacks a run needs on this process: none unless it trains with others."""
     return [DataParallelTrainer()] if world_size() > 1 else []
-
-
-def read_params(path: str | Path) -> dict:
-    """A papermill parameter file (YAML or JSON) as a dict of UPPER_CASE names.
-
-    Raises:
-        ZoolibError: the file is missing, unreadable or not a mapping.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-        params = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ZoolibError(f"cannot read the parameter file {path}: {exc}") from exc
-    if not isinstance(params, dict):
-        raise ZoolibError(f"the parameter file {path} holds no NAME: value mapping "
-                          "(write it as for papermill -f, e.g. EPOCHS: 20)")
-    return {str(k).upper(): v for k, v in params.items()}
-
-
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m zoolib.distributed",
-        description="Train one generation; under torchrun, data-parallel on its processes.")
-    parser.add_argument("--workspace", help="the workspace folder (else the file's WORKSPACE)")
-    parser.add_argument("params", nargs="?", help="02_train parameters (.yaml or .json)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line: train, print the saved generation on rank 0, return the exit code."""
-    args = _arguments(argv)
-    # imported here: train imports this module for its hooks
-    from .train import TrainConfig, train
-
-    main_rank = True  # decided before the process group is gone
-    try:
-        params = read_params(args.params) if args.params else {}
-        workspace = args.workspace or params.get("WORKSPACE")
-        if not workspace:
-            raise ZoolibError("no workspace: pass --workspace WS or set WORKSPACE in the file")
-        init()
-        main_rank = is_main()
-        result = train(workspace, TrainConfig.from_params(params))
-    except ZoolibError as exc:
-        if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if main_rank:
-        info = result.info
-        print(f"saved {result.name}: {len(info['classes'])} classes, init={info['init']}, "
-              f"parent={info['parent']}, {info['processes']} process(es), effective batch "
-              f"{info['processes'] * info['config']['batch_size']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

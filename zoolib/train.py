@@ -1,243 +1,104 @@
-"""Training a generation with fastai: the recipe, the warm-start fine-tune, resume.
+"""Training a generation with fastai: the recipe, the warm-start fine-tune, the command line.
 
-One call, `train(workspace, TrainConfig(...))`, scans the library, selects the
-classes above the cutoff, splits them by content hash, builds the model (from
-scratch or warm-started from a parent generation), trains it and saves the kept
-epoch as a new generation.
+One call, `train(workspace, TrainConfig(...))`, prepares the data (`loaders`:
+the classes above the cutoff, split by content hash), builds the model (from
+scratch or warm-started from a parent generation, `warmstart`), trains it under
+its recipe and saves the kept epoch as a new generation. Where the pieces live:
 
-The recipe, each piece from fastai or timm:
+- the settings: `config.TrainConfig`; the recipes and their model pieces
+  (whitening, dirac, frozen batch-norm scales, parameter groups): `recipe`;
+- the data and augmentation: `loaders`, `augment`; the pixel cache: `pixel_cache`;
+- the schedule (triangle or plateau, the kept epoch): `schedule`; the callbacks
+  (lookahead's rate, weight averaging, checkpoints): `callbacks`; Muon: `muon`;
+- the run folder (lock, resume, attempts): `runs`; several processes: `distributed`.
 
-- architecture by timm name; `zoo_cnn` (zoolib/archs.py) for small inputs;
-- augmentation on whole batches: flip, slight rotation and zoom (the
-  practitioner's), whole-pixel translation, optional warp and lighting;
-- label smoothing, decoupled weight decay (fastai's Adam), an exponential
-  moving average of the weights (timm's ModelEmaV3) that validation and the
-  saved model use;
-- mixed precision where it pays: fastai's `MixedPrecision` on CUDA, bfloat16
-  autocast on CPUs with native bfloat16; fastai's `ChannelsLast` everywhere
-  (oneDNN's CPU convolutions are faster on it too: zoo_cnn trains 1.4x faster
-  at 32 px on 2 cores, measured);
-- the schedule of zoolib/schedule.py: warm up, hold the peak rate until the
-  validation loss plateaus, then anneal; the best annealed epoch is kept.
+This module puts them together: the optimizer of the recipe (fastai's Adam, or
+Nesterov SGD/Muon through `OptimWrapper`, inside timm's `Lookahead`), the
+Learner, precision (fastai's `MixedPrecision` on CUDA, bfloat16 autocast on
+CPUs with native bfloat16, else fp32) and fastai's `ChannelsLast` (oneDNN's CPU
+convolutions are faster on it too: zoo_cnn trains 1.4x faster at 32 px on 2
+cores, measured), and the fit.
 
-A warm start is a fine-tune: the Learner's splitter (`recipe.split_groups`)
-makes the body and the new output layer two parameter groups, so fastai's
-`freeze` trains the head alone for `freeze_epochs` (batch-norm statistics frozen
-too), then the whole model trains with the body at `lr_warm / lr_mult`.
+A warm start is a fine-tune: the Learner's splitter (`recipe.split_groups`) makes
+the body and the new output layer separate parameter groups, so fastai's `freeze`
+trains the head alone for `freeze_epochs` (batch-norm statistics frozen too),
+then the whole model trains with the body at `lr_warm / lr_mult`.
 
-Each epoch is checkpointed under `models/_inprogress/`, so an interrupted run
-resumes where it stopped when started again with the same settings. A run
-killed while writing its checkpoint (a `saving` file marks the folder for the
-time the epoch's files are written) starts again from epoch 1 instead, saying so.
-A run killed after saving its generation but before removing its folder is
-not trained again: its run.json carries an id (`attempt`) that the saved
-model.json repeats (`run_attempt`), and the next start finds it.
+Under torchrun every process calls `train`; rank 0 alone writes (data
+preparation, the run folder, checkpoints, the generation) and sends what it
+decided to the others (`distributed.on_main`). The command line is here, where
+nanoGPT puts it, in the module that launches:
 
-Under torchrun (zoolib/distributed.py) every process calls `train`; rank 0 alone
-writes (data preparation, the run folder, checkpoints, the generation) and sends
-what it decided to the others (`distributed.on_main`). model.json records the
-number of processes: the effective batch is `processes` x `batch_size`.
+    torchrun --nproc_per_node=2 -m zoolib.train --workspace WS params.yaml
+
+`params.yaml` (or `.json`) is the file papermill takes for 02_train (`-f`): its
+UPPER_CASE names become the `TrainConfig` (`TrainConfig.from_params`), and
+`WORKSPACE` is used when `--workspace` is not given. Without torchrun it trains
+in one process, as 02_train does. model.json records the number of processes:
+the effective batch is `processes` x the batch size.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import argparse
+import sys
 import time
-import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.training import BnFreeze
 from fastai.optimizer import Adam, OptimWrapper
-from fastai.vision.all import (CategoryBlock, ColReader, CrossEntropyLossFlat, DataBlock,
-                               ImageBlock, Learner, Normalize, accuracy, set_seed)
+from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 from timm.optim import Lookahead
-from fastai.torch_core import get_model
 
-from . import augment, library, models, recipe, splits, warmstart
-from .config import TrainConfig
-from .callbacks import (RNG_FILE, Checkpoint, CpuAutocast, Ema, GroupWeightDecay, LookaheadRate,
-                        ReleaseMemory, SkipDone, TrainableUntil,
-                        cpu_has_bf16, release_memory)
-from .distributed import is_main, on_main, parallel_callbacks, rank0_first, world_size
-from .images import read_file, squished_pixels
+from . import augment, models, recipe, warmstart
+from .callbacks import (Checkpoint, CpuAutocast, Ema, GroupWeightDecay, LookaheadRate,
+                        ReleaseMemory, SkipDone, TrainableUntil, cpu_has_bf16, release_memory)
+from .config import TrainConfig, read_params
+from .distributed import init, is_main, on_main, parallel_callbacks, rank0_first, world_size
+from .loaders import batch_size, data_hash, make_dataloaders, prepare_data, whitening_images
 from .muon import MuonSGD
-from .pixel_cache import PixelCache
+from .runs import (TrainResult, already_saved, attempt_id, discard_run, load_checkpoint, open_run,
+                   read_checkpoint, run_path, save_kept)
 from .schedule import PlateauSchedule, Progress, TriangleSchedule
-from .workspace import (Workspace, ZoolibError, check_class_name, class_folders, file_lock,
-                        open_workspace, write_atomic)
+from .workspace import Workspace, ZoolibError, open_workspace
 
-INPROGRESS = "_inprogress"
-SAVING = "saving"  # in a run folder while an epoch's checkpoint files are being written
+# Settings that do not change what a run computes, so not part of its identity: the
+# pixel cache (same pixels), data-loading workers, RESUME (False starts this run over).
+NOT_IDENTITY = ("cache", "num_workers", "resume")
 
 
 @dataclass
-class TrainResult:
-    """What a finished run produced."""
+class _Run:
+    """What `train` decided about a run, and what `_fit` adds for `_finish`."""
 
-    name: str
-    info: dict
-    history: pd.DataFrame
-    splits: pd.DataFrame = field(repr=False)
+    ws: Workspace
+    cfg: TrainConfig
+    data: pd.DataFrame
+    classes: list[str]
+    init: dict  # model.json's parent, init, head_init, model_args
+    prep: dict  # mean, std, interpolation, decode
+    precision: str
+    dir: Path
+    state: dict | None  # an interrupted run's, to resume
+    attempt: str | None
+    history: list = field(default_factory=list)
+    start: int = 0  # epochs done before this process started
+    seconds: float = 0.0
+    schedule: dict = field(default_factory=dict)
+    batch_size: int = 0
+    rates: list[float] = field(default_factory=list)
+    decays: list[float] | None = None
 
-
-def prepare_data(ws: Workspace, cfg: TrainConfig, progress: bool = True
-                 ) -> tuple[pd.DataFrame, list[str]]:
-    """Scan, select the classes above the cutoff and split them.
-
-    Returns:
-        The split manifest (train, valid, test and benchmark rows) and the class list.
-
-    Raises:
-        ZoolibError: a class folder without readable images, or too few classes.
-    """
-    manifest = library.scan(ws, progress=progress)
-    empty = sorted(set(p.name for p in class_folders(ws)) - set(manifest["label"]))
-    if empty:
-        raise ZoolibError(f"class folder(s) with no readable image: {', '.join(map(repr, empty))}"
-                          " (no files at all); add images or remove the folder")
-    classes = library.training_classes(manifest, cfg.min_images, library.discarded_paths(ws))
-    for name in classes:  # class names become folder names and labels everywhere
-        check_class_name(name)
-    if len(classes) < 2:
-        raise ZoolibError(f"only {classes} reach MIN_IMAGES={cfg.min_images}: "
-                          "a classifier needs at least 2 classes")
-    conflicts = splits.conflicting_labels(ws, manifest, classes)
-    if len(conflicts):  # left out by split_manifest; say which, so curation can fix them
-        print(f"left out {len(conflicts)} image(s) whose content is filed under two classes: "
-              + ", ".join(conflicts["path"]))
-    if not cfg.throwaway:  # a class's benchmark freezes when it first trains for real
-        splits.freeze_benchmark(ws, manifest, classes)
-    data = splits.split_manifest(ws, manifest, classes)
-    if cfg.folds:
-        data = splits.apply_fold(data, cfg.folds, cfg.fold)
-    for part in ("train", "valid"):
-        if not (data["split"] == part).any():
-            raise ZoolibError(f"the {part} split is empty: add images")
-    return data, classes
-
-
-def data_hash(data: pd.DataFrame) -> str:
-    """A hash of the training data (content hash, label, split), for model.json."""
-    rows = data.sort_values("hash")[["hash", "label", "split"]].to_csv(index=False)
-    return hashlib.blake2b(rows.encode(), digest_size=16).hexdigest()
-
-
-class _SquishLoader:
-    """Item loader: an image's model-input pixels (upright RGB, squish-resized, uint8).
-
-    The pixels come from `images.squished_pixels`, the decode path inference uses
-    too, with the filter and decode mode model.json records, so training and
-    serving see the same pixels; resizing before fastai's item transforms is also
-    about 1.5x cheaper per image than its Resize, which matters when data loading
-    shares two CPU cores with the model. With a `PixelCache` each image is decoded
-    once per input size, not once per epoch.
-    """
-
-    def __init__(self, size: int, interpolation: str = "bilinear", decode: str = "full",
-                 cache: PixelCache | None = None, flip: augment.AlternatingFlip | None = None):
-        self.size, self.interpolation, self.decode, self.cache = size, interpolation, decode, cache
-        self.flip = flip
-
-    def __call__(self, row):
-        pixels = self.pixels(row)
-        if self.flip is not None and row.get("train"):  # never a validation image
-            pixels = self.flip(pixels, row["hash"])
-        return pixels
-
-    def pixels(self, row):
-        """The image's pixels as inference sees them (no augmentation)."""
-        try:
-            if self.cache is not None:
-                return self.cache.get(row["file"], row["hash"])
-            return squished_pixels(read_file(row["file"]), self.size, self.interpolation,
-                                   self.decode)
-        except Exception as exc:  # noqa: BLE001 - say which file, whatever the decoder raised
-            raise ZoolibError(f"cannot decode training image {row['file']}: "
-                              f"{type(exc).__name__}: {exc}; rescan the library (01_curate) "
-                              "or move the file out") from exc
-
-
-def _workers(cfg: TrainConfig) -> dict:
-    """DataLoader workers: none on a machine of 2 cores or fewer (they would only
-    take cores from the model's threads), else fastai's default."""
-    if cfg.num_workers is not None:
-        return {"num_workers": cfg.num_workers}
-    return {"num_workers": 0} if (torch.get_num_threads() <= 2
-                                  and not torch.cuda.is_available()) else {}
-
-
-def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
-                     cfg: TrainConfig, prep: dict | None = None, progress: bool = True):
-    """fastai DataLoaders over the train and valid rows of a split manifest.
-
-    Args:
-        prep: mean, std, interpolation and decode (`models.preprocessing`);
-            a new scratch model's when None.
-        progress: show the progress of filling the pixel cache (`cfg.cache`).
-
-    Augmentation runs on whole training batches, as fastai does on a GPU (the
-    alternating flip as items load); a validation batch is the inference
-    preprocessing of its files, nothing more. The batch size is at most the number
-    of training images (fastai drops a last short batch). The item loader is kept
-    as `dls.item_loader` (the whitening init reads training pixels through it).
-    """
-    cfg = cfg.resolved()
-    prep = prep or models.preprocessing(None, pretrained=False)
-    rows = data[data["split"].isin(["train", "valid"])].reset_index(drop=True)
-    rows = rows.assign(is_valid=rows["split"] == "valid", file=[str(ws.library / p)
-                                                                  for p in rows["path"]])
-    valid = rows["is_valid"].to_numpy()
-    decode = prep["decode"]
-    cache = None
-    if cfg.cache:  # decoded once here, in parallel, rather than in the first epoch's loop
-        cache = PixelCache(ws, cfg.img_size, prep["interpolation"], decode)
-        cache.fill(rows["file"].tolist(), rows["hash"].tolist(), progress=progress)
-    flip = augment.AlternatingFlip(cfg.seed) if cfg.flip == "alternate" else None
-    loader = _SquishLoader(cfg.img_size, prep["interpolation"], decode, cache, flip)
-    block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock(vocab=classes)),
-        get_x=loader,
-        get_y=ColReader("label"),
-        splitter=lambda items: ([i for i in range(len(items)) if not valid[i]],
-                                [i for i in range(len(items)) if valid[i]]),
-        batch_tfms=[*augment.batch_augmentation(cfg),
-                    Normalize.from_stats(list(prep["mean"]), list(prep["std"]))],
-    )
-    # plain dicts as items: reading a DataFrame row per image costs more than decoding it
-    records = rows.assign(train=~rows["is_valid"])[["file", "hash", "label", "train"]]
-    bs = batch_size(cfg, int((~rows["is_valid"]).sum()))
-    dls = block.dataloaders(records.to_dict("records"), bs=bs, seed=cfg.seed, **_workers(cfg))
-    dls.item_loader = loader
-    return dls
-
-
-def batch_size(cfg: TrainConfig, n_train: int) -> int:
-    """Images per step: BATCH_SIZE, or all training images when there are fewer;
-    None (the airbench recipe's): `recipe.auto_batch`."""
-    if cfg.batch_size is None:
-        return recipe.auto_batch(n_train)
-    return max(1, min(int(cfg.batch_size), n_train))
-
-
-def whitening_images(dls, n: int = 5000, seed: int = 0) -> torch.Tensor:
-    """Up to `n` training images, normalised as the model sees them, unaugmented:
-    what the whitening init measures (airbench uses 5,000)."""
-    items = dls.train_ds.items
-    pick = np.random.default_rng(seed).permutation(len(items))[:n]
-    pixels = np.stack([dls.item_loader.pixels(items[i]) for i in sorted(pick)])
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
-    norm = next(t for t in dls.after_batch if isinstance(t, Normalize))
-    return (x - norm.mean.view(1, -1, 1, 1).cpu()) / norm.std.view(1, -1, 1, 1).cpu()
+    @property
+    def warm(self) -> bool:
+        return self.init["init"] == "warm"
 
 
 def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
@@ -257,110 +118,6 @@ def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
     p_info = models.read_info(ws, parent)
     prep = {key: p_info[key] for key in ("mean", "std", "interpolation", "decode")}
     return model, record, prep
-
-
-def _run_path(ws: Workspace, run_key: dict) -> Path:
-    """The run's own in-progress folder, named by a hash of its settings, classes and
-    data: an interrupted run of other settings keeps its folder (and can resume)."""
-    key = json.dumps(run_key, sort_keys=True, default=str)
-    return ws.models / INPROGRESS / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-
-
-@contextmanager
-def _exclusive(ws: Workspace, run_dir: Path):
-    """Hold the run's lock: a second process starting the same run is refused. The
-    lock file lives in `.zoolib/locks/` (it stays; see `workspace.file_lock`)."""
-    lock = ws.cache / "locks" / f"train-{run_dir.name}.lock"
-    with file_lock(lock, 0, f"the same training run is already going on in another process "
-                            f"({run_dir}); wait for it, or change a setting"):
-        try:
-            yield
-        finally:
-            if run_dir.parent.exists() and not any(run_dir.parent.iterdir()):
-                run_dir.parent.rmdir()
-
-
-def _run_dir(run_dir: Path, run_key: dict, resume: bool) -> dict | None:
-    """Prepare the run folder; the saved state when it holds an interrupted run to resume.
-
-    A folder that cannot be resumed (see `_unresumable`) is started again from
-    epoch 1, saying why; temporaries of a killed process in it are removed.
-    """
-    saved = run_dir / "run.json"
-    if resume and saved.exists() and (run_dir / "state.json").exists():
-        problem = _unresumable(run_dir)
-        if problem is None:
-            models.remove_dead_temps(run_dir)
-            models.remove_dead_temps(run_dir / "checkpoint")
-            return json.loads((run_dir / "state.json").read_text())
-        print(f"cannot resume the interrupted run in {run_dir}: {problem}; "
-              "starting it again from epoch 1")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    (run_dir / "checkpoint").mkdir(parents=True)
-    record = {**run_key, "attempt": uuid.uuid4().hex}
-    write_atomic(saved, json.dumps(record, indent=2, default=str))
-    return None
-
-
-def _unresumable(run_dir: Path) -> str | None:
-    """Why an interrupted run's folder cannot be resumed, or None when it can."""
-    if (run_dir / SAVING).exists():
-        return ("it was stopped while writing an epoch's checkpoint, so the checkpoint "
-                "files may come from two epochs or be cut short")
-    try:
-        state = json.loads((run_dir / "state.json").read_bytes())
-        int(state["epochs_done"]), list(state["history"]), dict(state["schedule"])
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"its state.json is unreadable ({type(exc).__name__}: {exc})"
-    if not (run_dir / "checkpoint" / "last.pth").exists():
-        return "its checkpoint/last.pth is missing"
-    return None
-
-
-def _attempt(run_dir: Path) -> str | None:
-    """The id of the run attempt in a run folder (None for a folder of older zoolib)."""
-    try:
-        return json.loads((run_dir / "run.json").read_bytes()).get("attempt")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _saved_as(ws: Workspace, run_dir: Path) -> str | None:
-    """The generation an interrupted run was saved as before it could remove its folder."""
-    attempt = _attempt(run_dir) if run_dir.is_dir() else None
-    if attempt is None:
-        return None
-    for name in reversed(models.generation_names(ws)):
-        if models.read_info(ws, name).get("run_attempt") == attempt:
-            return name
-    return None
-
-
-def _discard_run(run_dir: Path) -> None:
-    """Remove a finished run's folder: renamed first (atomic), so a kill part-way
-    through the removal leaves a dead temporary (`models.remove_dead_temps` cleans
-    it), never a folder that looks like a run to resume."""
-    if not run_dir.exists():
-        return
-    dead = run_dir.with_name(f".{run_dir.name}.{os.getpid()}-done.tmp")
-    run_dir.rename(dead)
-    shutil.rmtree(dead, ignore_errors=True)
-
-
-class _MarkedCheckpoint(Checkpoint):
-    """`Checkpoint` with the run folder marked (`SAVING`) while it writes.
-
-    `Checkpoint` writes the weights, random state and averaged weights in place,
-    then state.json: a kill in between leaves files of two epochs, or one cut
-    short, that no resume must load. The mark tells `_unresumable`. (kept.pth,
-    written before by the schedule, is atomic: a resume re-runs its epoch.)
-    """
-
-    def after_epoch(self):
-        mark = self.run_dir / SAVING
-        mark.write_text(str(self.epoch + 1))
-        super().after_epoch()
-        mark.unlink()
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -473,85 +230,56 @@ def train(workspace, cfg: TrainConfig, progress: bool = True, extra_cbs=()) -> T
     data, classes = on_main(prepare_data, ws, cfg, progress=progress)  # it writes the scan
     set_seed(cfg.seed, reproducible=True)
     model, init, prep = _initial_model(ws, cfg, classes)
-    warm = init["init"] == "warm"
-    config = {k: v for k, v in asdict(cfg).items() if k != "cache"}  # same pixels either way
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
     run_key = {"config": config, "classes": classes, "data": data_hash(data),
                "init": init}
     if world_size() > 1:  # N processes step on N x batch_size images: another run
         run_key["processes"] = world_size()
-    run_dir = _run_path(ws, run_key)
+    run_dir = run_path(ws, run_key)
     with ExitStack() as held:
-        saved, state = on_main(_open_run, held, ws, run_dir, run_key, cfg.resume)
+        saved, state = on_main(open_run, held, ws, run_dir, run_key, cfg.resume)
         if saved is not None:
-            return _already_saved(ws, saved, data)
-        run = {"ws": ws, "cfg": cfg, "data": data, "classes": classes, "init": init,
-               "prep": prep, "precision": precision, "warm": warm, "state": state,
-               "attempt": _attempt(run_dir)}
-        return _fit(run, model, run_dir, progress, extra_cbs)
+            return already_saved(ws, saved, data)
+        run = _Run(ws, cfg, data, classes, init, prep, precision, run_dir, state,
+                   attempt_id(run_dir))
+        return _fit(run, model, progress, extra_cbs)
 
 
-def _open_run(held: ExitStack, ws: Workspace, run_dir: Path, run_key: dict,
-              resume: bool) -> tuple[str | None, dict | None]:
-    """Take the run's lock into `held` and find where the run stands (rank 0: it writes).
-
-    Returns:
-        The generation an earlier attempt of this run saved before it was stopped
-        (its leftover folder removed) or None; the state of an interrupted run to
-        resume or None.
-    """
-    held.enter_context(_exclusive(ws, run_dir))
-    models.remove_dead_temps(run_dir.parent)  # folders of finished runs killed mid-removal
-    saved = _saved_as(ws, run_dir) if resume else None
-    if saved is None:
-        return None, _run_dir(run_dir, run_key, resume)
-    print(f"this run was saved as {saved} before it was interrupted: removing its "
-          f"leftover folder {run_dir}")
-    _discard_run(run_dir)
-    return saved, None
-
-
-def _already_saved(ws: Workspace, name: str, data: pd.DataFrame) -> TrainResult:
-    """The result of a run that saved `name` and was stopped before removing its folder."""
-    history = pd.read_csv(ws.models / name / "history.csv")
-    return TrainResult(name=name, info=models.read_info(ws, name), history=history, splits=data)
-
-
-def _fit(run: dict, model: torch.nn.Module, run_dir: Path, progress: bool,
-         extra_cbs) -> TrainResult:
+def _fit(run: _Run, model: torch.nn.Module, progress: bool, extra_cbs) -> TrainResult:
     """Build the Learner, train (or resume) under the run's schedule, save the generation."""
-    ws, cfg, data, classes, state = run["ws"], run["cfg"], run["data"], run["classes"], run["state"]
-    warm, prep, precision = run["warm"], run["prep"], run["precision"]
-    history = list(state["history"]) if state else []
-    start = state["epochs_done"] if state else 0
+    ws, cfg, data, classes, state = run.ws, run.cfg, run.data, run.classes, run.state
+    run_dir = run.dir
+    warm = run.warm
+    history = run.history = list(state["history"]) if state else []
+    start = run.start = state["epochs_done"] if state else 0
     ckpt = run_dir / "checkpoint"
     _freeze_fixed(model, cfg)
     batch = batch_size(cfg, int((data["split"] == "train").sum()))
     rates, decays = lr_max(cfg, warm, batch)
-    ema = Ema(cfg.ema_decay, state=torch.load(ckpt / "ema.pth", weights_only=False)
-              if state and (ckpt / "ema.pth").exists() else None) if cfg.ema_decay else None
+    saved = read_checkpoint(run_dir) if state else None  # every process reads rank 0's
+    ema = Ema(cfg.ema_decay, state=saved and saved["ema"]) if cfg.ema_decay else None
     sched = _schedule(cfg, rates, warm, Progress(**state["schedule"]) if state else None,
-                      on_kept=partial(_save_kept, ckpt) if is_main() else None)
-    saves = [_MarkedCheckpoint(run_dir, history, lambda: asdict(sched.state))] if is_main() else []
-    cbs = [sched, *saves, SkipDone(start, ckpt / RNG_FILE),
-           ChannelsLast(), *_precision_cbs(precision),
+                      on_kept=partial(save_kept, ckpt) if is_main() else None)
+    saves = [Checkpoint(run_dir, history, lambda: asdict(sched.state))] if is_main() else []
+    cbs = [sched, *saves, SkipDone(start, saved and saved["rng"]),
+           ChannelsLast(), *_precision_cbs(run.precision),
            *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
            *([GroupWeightDecay(decays)] if decays else []),
            *parallel_callbacks(), *extra_cbs]
     with rank0_first():  # rank 0 fills the pixel cache; the others then only read it
-        learn = build_learner(ws, cfg, data, classes, model, run_dir, prep, cbs, progress)
+        learn = build_learner(ws, cfg, data, classes, model, run_dir, run.prep, cbs, progress)
     started = time.perf_counter()  # the whitening init is part of training
     learn.add_cbs(_recipe_callbacks(learn, cfg, warm, fresh=not state))
     if state:
-        _load_checkpoint(learn, run_dir)
+        load_checkpoint(learn, saved)
         if is_main():
             print(f"resuming an interrupted run after epoch {start}")
     with _quiet(learn, progress):
         if sched.state.phase != "done" and start < cfg.epochs:
             learn.fit(cfg.epochs, lr=rates[-1])
-    seconds = time.perf_counter() - started
-    run.update(history=history, seconds=seconds, start=start, schedule=sched.summary(),
-               batch_size=batch, rates=rates, decays=decays)
-    result = on_main(_keep, learn, run, run_dir)  # one generation, whatever the processes
+    run.seconds = time.perf_counter() - started
+    run.schedule, run.batch_size, run.rates, run.decays = sched.summary(), batch, rates, decays
+    result = on_main(_keep, learn, run)  # one generation, whatever the processes
     del learn
     release_memory()
     return result
@@ -594,30 +322,11 @@ def _recipe_callbacks(learn: Learner, cfg: TrainConfig, warm: bool, fresh: bool)
     return cbs
 
 
-def _keep(learn: Learner, run: dict, run_dir: Path) -> TrainResult:
+def _keep(learn: Learner, run: _Run) -> TrainResult:
     """Save the kept epoch's weights (kept.pth) as the generation."""
-    learn.model.load_state_dict(torch.load(run_dir / "checkpoint" / "kept.pth",
+    learn.model.load_state_dict(torch.load(run.dir / "checkpoint" / "kept.pth",
                                            weights_only=True))
-    return _finish(learn.model, run, run_dir)
-
-
-def _load_checkpoint(learn: Learner, run_dir: Path) -> None:
-    """Load the interrupted run's weights and optimizer, or say which file is damaged."""
-    try:
-        learn.load("last", with_opt=True, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise ZoolibError(f"{run_dir / 'checkpoint' / 'last.pth'} is unreadable "
-                          f"({type(exc).__name__}: {exc}): the interrupted run cannot resume; "
-                          f"set RESUME=False (or delete {run_dir}) to train it again from "
-                          "epoch 1") from exc
-
-
-def _save_kept(ckpt: Path, learn: Learner) -> None:
-    """Save the weights a run keeps (the averaged ones when averaging) to kept.pth."""
-    # get_model: under several processes the model is wrapped in DistributedDataParallel
-    model = learn.ema.average.module if hasattr(learn, "ema") else get_model(learn.model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_atomic(ckpt / "kept.pth", write=lambda p: torch.save(state, p))
+    return _finish(learn.model, run)
 
 
 class _quiet:
@@ -635,25 +344,25 @@ class _quiet:
             c.__exit__(*exc)
 
 
-def _finish(model: torch.nn.Module, run: dict, run_dir: Path) -> TrainResult:
+def _finish(model: torch.nn.Module, run: _Run) -> TrainResult:
     """Save the kept weights as a generation with its model.json; clear the run folder."""
-    ws, cfg, data, sched = run["ws"], run["cfg"], run["data"], run["schedule"]
-    hist = pd.DataFrame(run["history"])
+    ws, cfg, data, sched = run.ws, run.cfg, run.data, run.schedule
+    hist = pd.DataFrame(run.history)
     kept = int(sched["best_epoch"])
     n_train = int((data["split"] == "train").sum())
-    trained_epochs = len(hist) - run["start"]
+    trained_epochs = len(hist) - run.start
     info = {
-        "arch": cfg.arch, "img_size": cfg.img_size, **run["prep"], "resize": "squish",
-        "classes": run["classes"], **run["init"], "min_images": cfg.min_images,
+        "arch": cfg.arch, "img_size": cfg.img_size, **run.prep, "resize": "squish",
+        "classes": run.classes, **run.init, "min_images": cfg.min_images,
         "throwaway": cfg.throwaway, "data_hash": data_hash(data),
         "split_counts": data.groupby("split").size().to_dict(), "config": asdict(cfg),
-        "schedule": {"kind": cfg.schedule, "warm": run["init"]["init"] == "warm", **sched},
+        "schedule": {"kind": cfg.schedule, "warm": run.warm, **sched},
         "recipe": {"name": cfg.recipe, "optimizer": cfg.optimizer,
-                   "batch_size": run["batch_size"], "lr_per_group": run["rates"],
-                   "weight_decay_per_group": run["decays"], "lookahead": bool(cfg.lookahead),
+                   "batch_size": run.batch_size, "lr_per_group": run.rates,
+                   "weight_decay_per_group": run.decays, "lookahead": bool(cfg.lookahead),
                    "ema_decay": cfg.ema_decay, "flip": cfg.flip, "whiten": bool(cfg.whiten),
                    "dirac": bool(cfg.dirac), "bn_frozen_scale": bool(cfg.bn_frozen_scale)},
-        "precision": run["precision"],
+        "precision": run.precision,
         "processes": world_size(),  # data-parallel: the effective batch is this x batch_size
         "metrics": {
             "best_valid_loss": float(hist["valid_loss"].iloc[kept - 1]),
@@ -661,13 +370,53 @@ def _finish(model: torch.nn.Module, run: dict, run_dir: Path) -> TrainResult:
             "plateau_epoch": sched["plateau_epoch"], "anneal_start": sched["anneal_start"],
             "best_epoch": kept, "epochs_run": len(hist),
             "stopped_early": len(hist) < cfg.epochs,
-            "train_seconds": round(run["seconds"], 2),
-            "train_images_per_s": round(n_train * trained_epochs / max(run["seconds"], 1e-9), 1),
+            "train_seconds": round(run.seconds, 2),
+            "train_images_per_s": round(n_train * trained_epochs / max(run.seconds, 1e-9), 1),
         },
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "run_attempt": run["attempt"],  # so a kill before the cleanup is not trained again
+        "run_attempt": run.attempt,  # so a kill before the cleanup is not trained again
     }
     name = models.save_generation(ws, model, info, hist,
                                   splits=data[["hash", "path", "label", "split"]])
-    _discard_run(run_dir)
+    discard_run(run.dir)
     return TrainResult(name=name, info=models.read_info(ws, name), history=hist, splits=data)
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m zoolib.train",
+        description="Train one generation; under torchrun, data-parallel on its processes.")
+    parser.add_argument("--workspace", help="the workspace folder (else the file's WORKSPACE)")
+    parser.add_argument("params", nargs="?", help="02_train parameters (.yaml or .json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: train, print the saved generation on rank 0, return the exit code."""
+    args = _arguments(argv)
+    main_rank = True  # decided before the process group is gone
+    try:
+        params = read_params(args.params) if args.params else {}
+        workspace = args.workspace or params.get("WORKSPACE")
+        if not workspace:
+            raise ZoolibError("no workspace: pass --workspace WS or set WORKSPACE in the file")
+        init()
+        main_rank = is_main()
+        result = train(workspace, TrainConfig.from_params(params))
+    except ZoolibError as exc:
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if main_rank:
+        info = result.info
+        print(f"saved {result.name}: {len(info['classes'])} classes, init={info['init']}, "
+              f"parent={info['parent']}, {info['processes']} process(es), effective batch "
+              f"{info['processes'] * info['recipe']['batch_size']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""A run's data: the classes above the cutoff, their splits, and fastai DataLoaders.
+
+`prepare_data` scans the library, keeps the classes with at least MIN_IMAGES
+readable images and splits them by content hash (`splits.py`); `make_dataloaders`
+turns the train and valid rows into fastai DataLoaders whose items are the model
+input pixels inference sees too (`images.squished_pixels`, through the pixel
+cache), with the recipe's augmentation on whole training batches.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.vision.all import CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize
+
+from . import augment, library, models, recipe, splits
+from .config import TrainConfig
+from .images import read_file, squished_pixels
+from .pixel_cache import PixelCache
+from .workspace import Workspace, ZoolibError, check_class_name, class_folders
+
+
+def prepare_data(ws: Workspace, cfg: TrainConfig, progress: bool = True
+                 ) -> tuple[pd.DataFrame, list[str]]:
+    """Scan, select the classes above the cutoff and split them.
+
+    Returns:
+        The split manifest (train, valid, test and benchmark rows) and the class list.
+
+    Raises:
+        ZoolibError: a class folder without readable images, or too few classes.
+    """
+    manifest = library.scan(ws, progress=progress)
+    empty = sorted(set(p.name for p in class_folders(ws)) - set(manifest["label"]))
+    if empty:
+        raise ZoolibError(f"class folder(s) with no readable image: {', '.join(map(repr, empty))}"
+                          " (no files at all); add images or remove the folder")
+    classes = library.training_classes(manifest, cfg.min_images, library.discarded_paths(ws))
+    for name in classes:  # class names become folder names and labels everywhere
+        check_class_name(name)
+    if len(classes) < 2:
+        raise ZoolibError(f"only {classes} reach MIN_IMAGES={cfg.min_images}: "
+                          "a classifier needs at least 2 classes")
+    conflicts = splits.conflicting_labels(ws, manifest, classes)
+    if len(conflicts):  # left out by split_manifest; say which, so curation can fix them
+        print(f"left out {len(conflicts)} image(s) whose content is filed under two classes: "
+              + ", ".join(conflicts["path"]))
+    if not cfg.throwaway:  # a class's benchmark freezes when it first trains for real
+        splits.freeze_benchmark(ws, manifest, classes)
+    data = splits.split_manifest(ws, manifest, classes)
+    if cfg.folds:
+        data = splits.apply_fold(data, cfg.folds, cfg.fold)
+    for part in ("train", "valid"):
+        if not (data["split"] == part).any():
+            raise ZoolibError(f"the {part} split is empty: add images")
+    return data, classes
+
+
+def data_hash(data: pd.DataFrame) -> str:
+    """A hash of the training data (content hash, label, split), for model.json."""
+    rows = data.sort_values("hash")[["hash", "label", "split"]].to_csv(index=False)
+    return hashlib.blake2b(rows.encode(), digest_size=16).hexdigest()
+
+
+class _SquishLoader:
+    """Item loader: an image's model-input pixels (upright RGB, squish-resized, uint8).
+
+    The pixels come from `images.squished_pixels`, the decode path inference uses
+    too, with the filter and decode mode model.json records, so training and
+    serving see the same pixels; resizing before fastai's item transforms is also
+    about 1.5x cheaper per image than its Resize, which matters when data loading
+    shares two CPU cores with the model. With a `PixelCache` each image is decoded
+    once per input size, not once per epoch.
+    """
+
+    def __init__(self, size: int, interpolation: str = "bilinear", decode: str = "full",
+                 cache: PixelCache | None = None, flip: augment.AlternatingFlip | None = None):
+        self.size, self.interpolation, self.decode, self.cache = size, interpolation, decode, cache
+        self.flip = flip
+
+    def __call__(self, row):
+        pixels = self.pixels(row)
+        if self.flip is not None and row.get("train"):  # never a validation image
+            pixels = self.flip(pixels, row["hash"])
+        return pixels
+
+    def pixels(self, row):
+        """The image's pixels as inference sees them (no augmentation)."""
+        try:
+            if self.cache is not None:
+                return self.cache.get(row["file"], row["hash"])
+            return squished_pixels(read_file(row["file"]), self.size, self.interpolation,
+                                   self.decode)
+        except Exception as exc:  # noqa: BLE001 - say which file, whatever the decoder raised
+            raise ZoolibError(f"cannot decode training image {row['file']}: "
+                              f"{type(exc).__name__}: {exc}; rescan the library (01_curate) "
+                              "or move the file out") from exc
+
+
+def _workers(cfg: TrainConfig) -> dict:
+    """DataLoader workers: none on a machine of 2 cores or fewer (they would only
+    take cores from the model's threads), else fastai's default."""
+    if cfg.num_workers is not None:
+        return {"num_workers": cfg.num_workers}
+    return {"num_workers": 0} if (torch.get_num_threads() <= 2
+                                  and not torch.cuda.is_available()) else {}
+
+
+def make_dataloaders(ws: Workspace, data: pd.DataFrame, classes: list[str],
+                     cfg: TrainConfig, prep: dict | None = None, progress: bool = True):
+    """fastai DataLoaders over the train and valid rows of a split manifest.
+
+    Args:
+        prep: mean, std, interpolation and decode (`models.preprocessing`);
+            a new scratch model's when None.
+        progress: show the progress of filling the pixel cache (`cfg.cache`).
+
+    Augmentation runs on whole training batches, as fastai does on a GPU (the
+    alternating flip as items load); a validation batch is the inference
+    preprocessing of its files, nothing more. The batch size is at most the number
+    of training images (fastai drops a last short batch). The item loader is kept
+    as `dls.item_loader` (the whitening init reads training pixels through it).
+    """
+    cfg = cfg.resolved()
+    prep = prep or models.preprocessing(None, pretrained=False)
+    rows = data[data["split"].isin(["train", "valid"])].reset_index(drop=True)
+    rows = rows.assign(is_valid=rows["split"] == "valid", file=[str(ws.library / p)
+                                                                  for p in rows["path"]])
+    valid = rows["is_valid"].to_numpy()
+    decode = prep["decode"]
+    cache = None
+    if cfg.cache:  # decoded once here, in parallel, rather than in the first epoch's loop
+        cache = PixelCache(ws, cfg.img_size, prep["interpolation"], decode)
+        cache.fill(rows["file"].tolist(), rows["hash"].tolist(), progress=progress)
+    flip = augment.AlternatingFlip(cfg.seed) if cfg.flip == "alternate" else None
+    loader = _SquishLoader(cfg.img_size, prep["interpolation"], decode, cache, flip)
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock(vocab=classes)),
+        get_x=loader,
+        get_y=ColReader("label"),
+        splitter=lambda items: ([i for i in range(len(items)) if not valid[i]],
+                                [i for i in range(len(items)) if valid[i]]),
+        batch_tfms=[*augment.batch_augmentation(cfg),
+                    Normalize.from_stats(list(prep["mean"]), list(prep["std"]))],
+    )
+    # plain dicts as items: reading a DataFrame row per image costs more than decoding it
+    records = rows.assign(train=~rows["is_valid"])[["file", "hash", "label", "train"]]
+    bs = batch_size(cfg, int((~rows["is_valid"]).sum()))
+    dls = block.dataloaders(records.to_dict("records"), bs=bs, seed=cfg.seed, **_workers(cfg))
+    dls.item_loader = loader
+    return dls
+
+
+def batch_size(cfg: TrainConfig, n_train: int) -> int:
+    """Images per step: BATCH_SIZE, or all training images when there are fewer;
+    None (the airbench recipe's): `recipe.auto_batch`."""
+    if cfg.batch_size is None:
+        return recipe.auto_batch(n_train)
+    return max(1, min(int(cfg.batch_size), n_train))
+
+
+def whitening_images(dls, n: int = 5000, seed: int = 0) -> torch.Tensor:
+    """Up to `n` training images, normalised as the model sees them, unaugmented:
+    what the whitening init measures (airbench uses 5,000)."""
+    items = dls.train_ds.items
+    pick = np.random.default_rng(seed).permutation(len(items))[:n]
+    pixels = np.stack([dls.item_loader.pixels(items[i]) for i in sorted(pick)])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+    norm = next(t for t in dls.after_batch if isinstance(t, Normalize))
+    return (x - norm.mean.view(1, -1, 1, 1).cpu()) / norm.std.view(1, -1, 1, 1).cpu()

@@ -60,7 +60,12 @@ def test_overlapping_classes_found_on_a_constructed_confusion():
     pairs = cleaning.overlapping_classes(table, CLASSES)
     assert {pairs.loc[0, "class_a"], pairs.loc[0, "class_b"]} == {"antelope", "gazelle"}
     assert pairs.loc[0, "overlapping"] > 20
-    assert cleaning.plot_overlaps(pairs) is not None
+    fig = cleaning.plot_overlaps(pairs)
+    bars = fig.axes[0].patches  # one bar per pair, the worst on top
+    assert len(bars) == len(pairs)
+    assert bars[-1].get_width() == pairs.loc[0, "overlapping"]
+    assert fig.axes[0].get_yticklabels()[-1].get_text() == \
+        f"{pairs.loc[0, 'class_a']} / {pairs.loc[0, 'class_b']}"
 
 
 def _issue_row(ws, path: str, suggested: str) -> pd.DataFrame:
@@ -114,6 +119,18 @@ def test_out_of_fold_predicts_each_image_with_a_model_that_held_it_out(trained_w
         trained = models.read_splits(trained_ws, name)
         trained = set(trained.loc[trained["split"] == "train", "hash"])
         assert not trained & set(oof.loc[oof["generation"] == name, "hash"])
+    # each pool image's probabilities are its fold model's own; test and benchmark
+    # images (held out by every fold) get the mean of the fold models
+    from zoolib.evaluate import predict_rows
+
+    names = oof.attrs["generations"]
+    for name in names:
+        rows = oof[oof["generation"] == name].head(5)
+        direct = predict_rows(trained_ws, name, rows)
+        np.testing.assert_allclose(np.stack(rows["probs"]), np.stack(direct["probs"]), atol=1e-5)
+    held = oof[oof["fold"] == -1].head(5)
+    each = [np.stack(predict_rows(trained_ws, n, held)["probs"]) for n in names]
+    np.testing.assert_allclose(np.stack(held["probs"]), np.mean(each, axis=0), atol=1e-5)
     again = cleaning.load_oof(trained_ws)
     assert again.attrs["classes"] == oof.attrs["classes"] and len(again) == len(oof)
     np.testing.assert_allclose(np.stack(again["probs"]), np.stack(oof["probs"]), atol=1e-6)
@@ -131,7 +148,13 @@ def test_ood_and_map_on_a_trained_generation(trained_ws):
     assert frame[["x", "y"]].notna().all().all() and (frame["mark"] == "ood").sum() == 1
     inside = cleaning.region(frame, (-np.inf, np.inf), (-np.inf, np.inf))
     assert len(inside) == len(frame)
-    assert cleaning.plot_map(frame) is not None
+    fig = cleaning.plot_map(frame)
+    ax = fig.axes[0]
+    # every image is a point: library and inbox of each class, plus the marked rings
+    drawn = sum(len(c.get_offsets()) for c in ax.collections)
+    assert drawn == len(frame) + int((frame["mark"] != "").sum())
+    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert set(frame["label"]) <= labels
 
 
 def test_map_region_opens_the_images_inside_the_rectangle(demo_ws):

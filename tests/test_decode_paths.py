@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY
-from zoolib import bulkid, inference, models, pixel_cache, serving, train
-from zoolib.train import TrainConfig, make_dataloaders, prepare_data
+from zoolib import bulkid, inference, loaders, models, pixel_cache, preprocess, serving, train
+from zoolib.loaders import make_dataloaders, prepare_data
+from zoolib.train import TrainConfig
 
 ORIENTATIONS = (1, 3, 6, 8)
 
@@ -49,11 +50,11 @@ def test_large_photos_get_the_same_pixels_everywhere(demo_ws, camera_jpegs, deco
     expected = [inference.file_tensor(f, info) for f in files]  # evaluation's path
     # training, with and without the cache: the uint8 pixels its batches normalise
     cache = pixel_cache.PixelCache(demo_ws, 224, "bilinear", decode)
-    for loader in (train._SquishLoader(224, "bilinear", decode),
-                   train._SquishLoader(224, "bilinear", decode, cache)):
+    for loader in (loaders._SquishLoader(224, "bilinear", decode),
+                   loaders._SquishLoader(224, "bilinear", decode, cache)):
         for f, want in zip(files, expected):
             row = {"file": str(f), "hash": hashlib.sha256(f.read_bytes()).hexdigest()}
-            got = inference._normalised(np.asarray(loader(row)), info)
+            got = preprocess.pixels_tensor(np.asarray(loader(row)), info)
             assert torch.equal(got, want), f.name
     # bulk identification's dataset, then its batch normalisation
     ds = bulkid.ImageFiles(files, 224, "bilinear", decode=decode)
@@ -62,7 +63,7 @@ def test_large_photos_get_the_same_pixels_everywhere(demo_ws, camera_jpegs, deco
     assert torch.allclose(batch, torch.stack(expected), atol=1e-6)
     # serving: an upload's bytes
     for data, want in zip(camera_jpegs, expected):
-        assert torch.equal(serving._decode(data, info)[0], want)
+        assert torch.equal(serving.predictor._decode(data, info)[0], want)
     # upright: a photo turned by EXIF is not its raw pixels
     assert not torch.equal(expected[0], expected[2])
 
@@ -95,7 +96,7 @@ class _Counting:
             self.calls += 1
             return real(*args, **kw)
         monkeypatch.setattr(pixel_cache, "squished_pixels", counted)
-        monkeypatch.setattr(train, "squished_pixels", counted)
+        monkeypatch.setattr(loaders, "squished_pixels", counted)
 
 
 def test_the_cache_is_filled_once_and_hit_in_every_epoch(demo_ws, monkeypatch):
@@ -129,7 +130,7 @@ def test_training_uses_the_cache_records_the_decode_and_leaves_the_library(demo_
     used = result.splits[result.splits["split"].isin(["train", "valid"])]["hash"].nunique()
     assert decodes.calls == used  # 3 epochs, one decode per image
     assert result.info["decode"] == "reduced"
-    assert (demo_ws.cache / "pixels" / "32-bilinear-reduced").is_dir()
+    assert (demo_ws.cache / "pixels" / "32-bilinear-reduced-v2").is_dir()
     assert _inventory(demo_ws) == before
     # a warm start keeps its parent's mode; a parent from before modes decoded in full
     info_path = demo_ws.models / result.name / "model.json"
@@ -140,4 +141,4 @@ def test_training_uses_the_cache_records_the_decode_and_leaves_the_library(demo_
     child = train.train(demo_ws, TrainConfig(**{**TINY, "init_from": result.name,
                                                 "freeze_epochs": 1}), progress=False)
     assert child.info["decode"] == "full"
-    assert (demo_ws.cache / "pixels" / "32-bilinear-full").is_dir()
+    assert (demo_ws.cache / "pixels" / "32-bilinear-full-v2").is_dir()

@@ -44,8 +44,8 @@ def test_evaluate_generation(trained_ws, tmp_path):
     manifest = library.scan(trained_ws, progress=False)
     splits.freeze_benchmark(trained_ws, manifest, ["okapi"])  # as a later generation would
     ev = evaluate.evaluate(trained_ws, "last", report_dir=tmp_path / "rep", top_losses=4)
-    assert len(ev.test) == len(evaluate.split_rows(trained_ws, manifest, ev.classes))
-    assert set(ev.benchmark["path"]) == set(evaluate.benchmark_rows(trained_ws, manifest)["path"])
+    assert len(ev.test) == len(splits.split_rows(trained_ws, manifest, ev.classes))
+    assert set(ev.benchmark["path"]) == set(splits.benchmark_rows(trained_ws, manifest)["path"])
     known = ev.test[ev.test["label"].isin(ev.classes)]
     assert ev.metrics["test"]["accuracy"] == pytest.approx(known["correct"].mean())
     assert set(ev.metrics["test"]["by_source"]) <= {"real", "staged", "synthetic"}

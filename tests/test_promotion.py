@@ -200,7 +200,7 @@ def test_compare_with_a_new_class(trained_ws):
     info = {k: old[k] for k in ("arch", "img_size", "mean", "std")}
     models.save_generation(ws, model, {**info, "classes": classes, "parent": "gen-0001"})
     comp = promotion.compare(ws, "gen-0002")
-    bench = evaluate.benchmark_rows(ws, library.scan(ws, progress=False))
+    bench = splits.benchmark_rows(ws, library.scan(ws, progress=False))
     assert comp.new == ["okapi"] and comp.shared == old["classes"]
     assert comp.new_classes["images"].tolist() == [int((bench["label"] == "okapi").sum())] != [0]
     assert comp.images == int(bench["label"].isin(old["classes"]).sum())

@@ -112,7 +112,8 @@ def test_reading_splits_freezes_nothing_and_discards_are_honoured(demo_ws):
 
 
 def test_a_throwaway_run_does_not_freeze_its_extra_class(demo_ws):
-    from zoolib.train import TrainConfig, prepare_data
+    from zoolib.loaders import prepare_data
+    from zoolib.train import TrainConfig
 
     cfg = TrainConfig(min_images=35, throwaway=True, arch="zoo_cnn_small", img_size=32)
     data, classes = prepare_data(demo_ws, cfg, progress=False)

@@ -23,10 +23,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from . import curate, inference, library, models, neighbours, plots
+from . import curate, inference, library, models, plots
 from .evaluate import predict_rows
 from .train import TrainConfig, train
 from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
@@ -38,7 +37,7 @@ ISSUE_COLUMNS = ["path", "label", "suggested", "label_quality", "given_prob", "s
 
 def folder(ws: Workspace) -> Path:
     """`WORKSPACE/cleaning/`: derived tables of the cleaning step (rebuilt by re-running)."""
-    return ws.root / "cleaning"
+    return ws.cleaning
 
 
 # --------------------------------------------------------------------------- out of fold
@@ -252,30 +251,25 @@ def plot_overlaps(pairs: pd.DataFrame, path: str | Path | None = None, title: st
 
 # --------------------------------------------------------------------------- features
 
-@torch.inference_mode()
 def library_features(ws: Workspace, generation: str, rows: pd.DataFrame, batch_size: int = 128,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Features of library images (path column) under a generation, in one pass each.
+    """Features of library images (path column) under a generation, in one pass each
+    (`inference.library_outputs`).
 
     Returns:
         (stage, embedding): the unit-length pooled features of the stage before
-        the last (`neighbours.features`, which describe what is in the picture
+        the last (`heads.features`, which describe what is in the picture
         beyond the classes) and the pre-logit embedding (as bulk identification
         stores it), both float32 with one row per row of `rows`.
     """
     loaded = inference.load(ws, generation)
-    stage, emb = [], []
-    paths = list(rows["path"])
-    for i in tqdm(range(0, len(paths), batch_size), desc="library features",
-                  disable=not progress):
-        x = torch.stack([inference.file_tensor(ws.library / p, loaded.info)
-                         for p in paths[i:i + batch_size]]).to(loaded.device)
-        final, pooled = neighbours.features(loaded.model, x)
-        stage.append(pooled.float().cpu().numpy())
-        emb.append(loaded.model.forward_head(final, pre_logits=True).float().cpu().numpy())
-    width = len(loaded.classes)
-    return (np.concatenate(stage) if stage else np.zeros((0, width), np.float32),
-            np.concatenate(emb) if emb else np.zeros((0, width), np.float32))
+    if rows.empty:
+        width = len(loaded.classes)
+        return np.zeros((0, width), np.float32), np.zeros((0, width), np.float32)
+    out = inference.library_outputs(ws, loaded, rows["path"], batch_size, stage=True, tta=False,
+                                    keys=("stage", "embedding"), progress=progress,
+                                    desc="library features")
+    return out["stage"], out["embedding"]
 
 
 def out_of_distribution(ws: Workspace, generation: str = "last", k: int = 10,

@@ -20,7 +20,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 
 from . import inference, library, models, splits
 from .images import load_rgb
@@ -80,77 +79,12 @@ def predict_rows(ws: Workspace, generation: str, rows: pd.DataFrame,
         A prediction frame (see `frame_from_probs`) with columns path and source.
     """
     loaded = loaded or inference.load(ws, generation)
-    probs = []
     paths = list(rows["path"])
-    for start in range(0, len(paths), batch_size):
-        batch = torch.stack([inference.file_tensor(ws.library / p, loaded.info)
-                             for p in paths[start:start + batch_size]])
-        probs.append(inference.forward(loaded, batch, tta=tta)[0].numpy())
-    probs = np.concatenate(probs) if probs else np.zeros((0, len(loaded.classes)))
+    probs = inference.library_outputs(ws, loaded, paths, batch_size, tta=tta or loaded.tta,
+                                      keys=("probs",))["probs"]
+    probs = probs if len(probs) else np.zeros((0, len(loaded.classes)))
     source = rows["source"] if "source" in rows else ["real"] * len(rows)
     return frame_from_probs(rows["label"], probs, loaded.classes, path=paths, source=source)
-
-
-def split_rows(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
-               split: str = "test") -> pd.DataFrame:
-    """The rows of one split ("test" by default) of a generation's classes."""
-    data = splits.split_manifest(ws, manifest, classes)
-    return data[data["split"] == split].reset_index(drop=True)
-
-
-def _keyed(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Readable, non-discarded manifest rows with their split `key`, by which saved
-    splits and the benchmark find an image again after a rewrite."""
-    ok = manifest[manifest["readable"] & ~manifest["path"].isin(library.discarded_paths(ws))]
-    return ok.assign(key=splits.split_key(ws, ok["hash"]))
-
-
-def test_rows(ws: Workspace, generation: str, manifest: pd.DataFrame,
-              classes: list[str]) -> pd.DataFrame:
-    """The generation's own test split, from the splits.parquet it was trained with.
-
-    Rows are found by content hash in today's library (a file may have moved; its
-    label is today's), discarded images left out. A generation saved before
-    splits were kept gets today's test split.
-    """
-    saved = models.read_splits(ws, generation)
-    if saved is None:
-        return split_rows(ws, manifest, classes)
-    ok = _keyed(ws, manifest)
-    test = pd.DataFrame({"key": splits.split_key(ws, saved.loc[saved["split"] == "test", "hash"])})
-    return (test.drop_duplicates().merge(ok, on="key").drop(columns="key")
-            .sort_values("path", ignore_index=True))
-
-
-def trained_hashes(ws: Workspace, generation: str) -> set[str]:
-    """Split keys (`splits.split_key`) of the images the generation or any ancestor
-    in its lineage trained on."""
-    hashes, name, seen = set(), generation, set()
-    while name and name not in seen and (ws.models / name / "model.json").exists():
-        seen.add(name)
-        saved = models.read_splits(ws, name)
-        if saved is not None:
-            hashes |= set(splits.split_key(ws, saved.loc[saved["split"] == "train", "hash"]))
-        name = models.read_info(ws, name).get("parent")
-    return hashes
-
-
-def drop_trained(ws: Workspace, rows: pd.DataFrame, keys: set[str]) -> tuple[pd.DataFrame, int]:
-    """`rows` without the images whose split key is in `keys`, and how many were dropped."""
-    seen = splits.split_key(ws, rows["hash"]).isin(keys)
-    return rows[~seen].reset_index(drop=True), int(seen.sum())
-
-
-def benchmark_rows(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The frozen benchmark images still in the library and not discarded, with current
-    path, label, source.
-
-    Labels of every class are returned; a generation scores those in its class list.
-    """
-    ok = _keyed(ws, manifest).drop_duplicates("hash")
-    frozen = splits.read_benchmark(ws)[["hash"]].rename(columns={"hash": "key"})
-    return (frozen.merge(ok, on="key").drop(columns="key")
-            .sort_values("path", ignore_index=True))
 
 
 # --------------------------------------------------------------------------- figures
@@ -255,9 +189,10 @@ def evaluate(workspace, generation: str = "last", report_dir: str | Path | None 
     loaded = inference.load(ws, generation)
     classes = loaded.classes
     manifest = library.scan(ws, progress=False)
-    seen = trained_hashes(ws, loaded.name)
-    test_in, n_test = drop_trained(ws, test_rows(ws, loaded.name, manifest, classes), seen)
-    bench_in, n_bench = drop_trained(ws, benchmark_rows(ws, manifest), seen)
+    seen = splits.trained_hashes(ws, loaded.name)
+    test_in, n_test = splits.drop_trained(ws, splits.test_rows(ws, loaded.name, manifest,
+                                                               classes), seen)
+    bench_in, n_bench = splits.drop_trained(ws, splits.benchmark_rows(ws, manifest), seen)
     if n_test or n_bench:  # e.g. a rewritten image that moved split between generations
         print(f"left out {n_test} test and {n_bench} benchmark image(s) that {loaded.name} or "
               "an ancestor trained on")

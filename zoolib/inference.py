@@ -21,17 +21,17 @@ cleaning, curation) gets torch unless it asks.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
-from PIL import Image
 
-from .images import UnreadableImageError, read_file, squish, squished_pixels
+from .heads import Heads
+from .preprocess import file_batches, file_tensor, to_tensor  # noqa: F401 - public calls
 from .models import load_generation, resolve_generation
 from .workspace import Workspace, ZoolibError
 
@@ -148,82 +148,6 @@ def load(ws: Workspace, name: str = "last", device: str | None = None,
     return loaded
 
 
-def to_tensor(img: Image.Image, info: dict) -> torch.Tensor:
-    """An upright RGB PIL image -> normalised CHW float tensor, as in training.
-
-    For files, `file_tensor` is the one to use: it decodes as the generation's
-    model.json says (a PIL image is already decoded, at full size).
-    """
-    return _normalised(np.asarray(squish(img.convert("RGB"), int(info["img_size"]),
-                                         info["interpolation"]), dtype=np.uint8), info)
-
-
-def file_tensor(source: str | os.PathLike | bytes, info: dict) -> torch.Tensor:
-    """An image file (path or bytes) -> normalised CHW float tensor, as in training.
-
-    Decoded by `images.squished_pixels` with the generation's input size, resize
-    filter and decode mode (model.json's "interpolation" and "decode", as
-    `models.read_info` gives them), exactly as its training images were.
-
-    Raises:
-        UnreadableImageError: the file cannot be decoded (a path is named; a
-            decompression bomb is one too).
-    """
-    given = isinstance(source, (bytes, bytearray))
-    data = bytes(source) if given else read_file(source)
-    try:
-        pixels = squished_pixels(data, int(info["img_size"]), info["interpolation"],
-                                 info["decode"])
-    except Exception as exc:  # noqa: BLE001 - whatever the decoder raised, say which file
-        name = "" if given else f" {source}"
-        raise UnreadableImageError(f"not a readable image{name}: {type(exc).__name__}: "
-                                   f"{exc}") from exc
-    return _normalised(pixels, info)
-
-
-def _normalised(pixels: np.ndarray, info: dict) -> torch.Tensor:
-    """uint8 HWC pixels -> (x / 255 - mean) / std as a CHW float32 tensor."""
-    t = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).div_(255.0)
-    mean = torch.tensor(info["mean"]).view(3, 1, 1)
-    std = torch.tensor(info["std"]).view(3, 1, 1)
-    return (t - mean) / std
-
-
-class Heads(torch.nn.Module):
-    """What one forward pass of a generation gives, the same for every runtime.
-
-    The torch runtime calls it; the ONNX export is this module traced, its
-    outputs named `onnx_export.OUTPUTS` in this order.
-
-    Args:
-        model: the timm model.
-        stage: also return the pooled stage features of the knn score
-            (`neighbours.features`); without them the pass skips
-            `forward_intermediates`.
-
-    Returns (from forward):
-        (probs, logits, embedding) and, with `stage`, the pooled stage rows:
-        probabilities are the float32 softmax of the logits; embedding is the
-        pre-logit features.
-    """
-
-    def __init__(self, model: torch.nn.Module, stage: bool = True):
-        super().__init__()
-        from . import neighbours  # imported here: neighbours imports this module
-
-        self.model, self.stage, self._features = model, stage, neighbours.features
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.stage:
-            final, near = self._features(self.model, x)
-        else:
-            final = self.model.forward_features(x)
-        emb = self.model.forward_head(final, pre_logits=True)
-        logits = self.model.get_classifier()(emb).float()
-        probs = logits.softmax(dim=1)
-        return (probs, logits, emb, near) if self.stage else (probs, logits, emb)
-
-
 # airbench's multi-crop test-time augmentation: the image and its mirror (weight 1/2
 # together), and both of them shifted one pixel up-left and down-right (1/4 each pair).
 TTA_VIEWS = (((0, 0), False, 0.25), ((0, 0), True, 0.25),
@@ -316,3 +240,43 @@ def forward(loaded: Loaded, batch: torch.Tensor, tta: bool = False
     """
     out = outputs(loaded, batch, tta=tta or loaded.tta)
     return out["probs"].float().cpu(), out["embedding"].float().cpu()
+
+
+def library_outputs(ws: Workspace, loaded: Loaded, paths, batch_size: int = 64,
+                    stage: bool = False, tta: bool | None = None,
+                    keys: tuple[str, ...] = ("probs", "embedding"), progress: bool = False,
+                    desc: str = "images") -> dict[str, np.ndarray]:
+    """`outputs` of library images, batch by batch: the one loop that feeds library
+    files through a generation (evaluation, the kNN reference, cleaning, curation).
+
+    Args:
+        ws: the workspace.
+        loaded: the generation (`load`).
+        paths: library-relative image paths, in the order of the returned rows.
+        batch_size: images per forward pass.
+        stage: also compute the pooled stage features ("stage" in `keys`).
+        tta: as for `outputs`.
+        keys: which outputs to keep ("probs", "logits", "embedding", "stage").
+        progress: show a progress bar (`desc` names what it counts).
+
+    Returns:
+        {key: float32 array with one row per path}.
+
+    Raises:
+        UnreadableImageError: an image cannot be decoded (named).
+    """
+    paths = list(paths)
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    batches = file_batches(ws.library, paths, loaded.info, batch_size)
+    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch",
+                      total=-(-len(paths) // batch_size)):
+        out = outputs(loaded, batch, stage=stage, tta=tta)
+        for k in keys:
+            kept[k].append(out[k].float().cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in kept.items()}
+
+
+def embed(ws: Workspace, generation: str, paths, batch_size: int = 64) -> np.ndarray:
+    """Pre-logit embeddings of library images (`library_outputs`), one row per path."""
+    loaded = load(ws, generation)
+    return library_outputs(ws, loaded, paths, batch_size, keys=("embedding",))["embedding"]

@@ -31,48 +31,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import inference, library, models, splits
+from . import inference, library, splits
+from .heads import STAGE, features, pooled, unit  # noqa: F401 - the score's features
 from .workspace import Workspace, write_atomic
 
 K = 10
-STAGE = -2  # the stage before the last
 CACHE = "train_neighbours.npy"
 
 
 def train_rows(ws: Workspace, generation: str, classes: list[str]) -> pd.DataFrame:
-    """The generation's training images that are still in the library (path, label).
-
-    Read from its splits.parquet, found by split key (`splits.split_key`: a file may
-    have moved, or been rotated since, as evaluation finds its test rows); for a
-    generation saved before splits were kept, the train split of today's library.
-    """
+    """The generation's training images still in the library (path, label), found as
+    evaluation finds its test rows (`splits.generation_rows`)."""
     manifest = library.scan(ws, progress=False)
-    ok = manifest[manifest["readable"]]
-    saved = models.read_splits(ws, generation)
-    if saved is None:
-        current = splits.split_manifest(ws, manifest, classes)
-        return current[current["split"] == "train"][["path", "label"]].reset_index(drop=True)
-    ok = ok.assign(key=splits.split_key(ws, ok["hash"])).drop_duplicates("key")
-    train = saved[saved["split"] == "train"][["hash", "label"]]
-    train = train.assign(key=splits.split_key(ws, train["hash"])).drop_duplicates("key")
-    return train.merge(ok[["key", "path"]], on="key")[["path", "label"]]
-
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length (float32)."""
-    x = x.float()
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def pooled(stage_map: torch.Tensor) -> torch.Tensor:
-    """A (n, C, h, w) map as unit-length rows of its channel means and maxima."""
-    return unit(torch.cat([stage_map.mean(dim=(2, 3)), stage_map.amax(dim=(2, 3))], dim=1))
-
-
-def features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In one pass: the model's final feature map and the pooled rows of STAGE."""
-    final, maps = model.forward_intermediates(x, indices=-STAGE)
-    return final, pooled(maps[0])
+    return splits.generation_rows(ws, generation, manifest, classes, "train")[["path", "label"]]
 
 
 # Rows per matrix product in kth_distance, the last block padded with zeros: one shape
@@ -120,11 +91,9 @@ def reference(ws: Workspace, loaded: inference.Loaded, batch_size: int = 256) ->
     return ref.to(loaded.device)
 
 
-@torch.inference_mode()
 def _embed(ws: Workspace, loaded: inference.Loaded, batch_size: int) -> torch.Tensor:
     rows = train_rows(ws, loaded.name, loaded.classes)
-    parts = [features(loaded.model, torch.stack(
-        [inference.file_tensor(ws.library / p, loaded.info)
-         for p in rows["path"].iloc[i:i + batch_size]]).to(loaded.device))[1].cpu()
-        for i in range(0, len(rows), batch_size)]
-    return torch.cat(parts) if parts else torch.zeros((0, 1))
+    if rows.empty:
+        return torch.zeros((0, 1))
+    return torch.from_numpy(inference.library_outputs(
+        ws, loaded, rows["path"], batch_size, stage=True, tta=False, keys=("stage",))["stage"])

@@ -30,7 +30,8 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from . import journal, library, models
-from .evaluate import benchmark_rows, drop_trained, predict_rows, trained_hashes
+from .evaluate import predict_rows
+from .splits import benchmark_rows, drop_trained, trained_hashes
 from .models import deployed_name
 from .plots import save
 from .workspace import Workspace, ZoolibError, open_workspace

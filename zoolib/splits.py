@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import library, models
 from .library import read_flags
 from .workspace import Workspace, ZoolibError, write_atomic
 
@@ -325,3 +326,73 @@ def apply_fold(data: pd.DataFrame, k: int, fold: int) -> pd.DataFrame:
     folds = fold_of(out.loc[pool, "hash"], k)
     out.loc[pool, "split"] = (folds == int(fold)).map({True: "valid", False: "train"})
     return out
+
+
+def split_rows(ws: Workspace, manifest: pd.DataFrame, classes: list[str],
+               split: str = "test") -> pd.DataFrame:
+    """The rows of one split ("test" by default) of a generation's classes."""
+    data = split_manifest(ws, manifest, classes)
+    return data[data["split"] == split].reset_index(drop=True)
+
+
+def _keyed(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Readable, non-discarded manifest rows with their split `key`, by which saved
+    splits and the benchmark find an image again after a rewrite."""
+    ok = manifest[manifest["readable"] & ~manifest["path"].isin(library.discarded_paths(ws))]
+    return ok.assign(key=split_key(ws, ok["hash"]))
+
+
+def generation_rows(ws: Workspace, generation: str, manifest: pd.DataFrame,
+                    classes: list[str], split: str = "test") -> pd.DataFrame:
+    """One split of a generation, from the splits.parquet it was trained with.
+
+    Rows are found by split key (`split_key`) in today's library: a file may have
+    moved, or been rotated since; its label is today's; discarded and unreadable
+    images are left out. A generation saved before splits were kept gets today's
+    split. Evaluation reads its test rows here, the nearest-neighbour score its
+    training rows.
+    """
+    saved = models.read_splits(ws, generation)
+    if saved is None:
+        return split_rows(ws, manifest, classes, split)
+    ok = _keyed(ws, manifest).drop_duplicates("key")
+    wanted = pd.DataFrame({"key": split_key(ws, saved.loc[saved["split"] == split, "hash"])})
+    return (wanted.drop_duplicates().merge(ok, on="key").drop(columns="key")
+            .sort_values("path", ignore_index=True))
+
+
+def test_rows(ws: Workspace, generation: str, manifest: pd.DataFrame,
+              classes: list[str]) -> pd.DataFrame:
+    """The generation's own test split (`generation_rows`)."""
+    return generation_rows(ws, generation, manifest, classes, "test")
+
+
+def trained_hashes(ws: Workspace, generation: str) -> set[str]:
+    """Split keys (`splits.split_key`) of the images the generation or any ancestor
+    in its lineage trained on."""
+    hashes, name, seen = set(), generation, set()
+    while name and name not in seen and (ws.models / name / "model.json").exists():
+        seen.add(name)
+        saved = models.read_splits(ws, name)
+        if saved is not None:
+            hashes |= set(split_key(ws, saved.loc[saved["split"] == "train", "hash"]))
+        name = models.read_info(ws, name).get("parent")
+    return hashes
+
+
+def drop_trained(ws: Workspace, rows: pd.DataFrame, keys: set[str]) -> tuple[pd.DataFrame, int]:
+    """`rows` without the images whose split key is in `keys`, and how many were dropped."""
+    seen = split_key(ws, rows["hash"]).isin(keys)
+    return rows[~seen].reset_index(drop=True), int(seen.sum())
+
+
+def benchmark_rows(ws: Workspace, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The frozen benchmark images still in the library and not discarded, with current
+    path, label, source.
+
+    Labels of every class are returned; a generation scores those in its class list.
+    """
+    ok = _keyed(ws, manifest).drop_duplicates("hash")
+    frozen = read_benchmark(ws)[["hash"]].rename(columns={"hash": "key"})
+    return (frozen.merge(ok, on="key").drop(columns="key")
+            .sort_values("path", ignore_index=True))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from zoolib import evaluate, inference, library, models, onnx_export
+from zoolib import inference, library, models, onnx_export, splits
 from zoolib.workspace import open_workspace
 
 
@@ -46,7 +46,7 @@ def main() -> None:
         int8 = Path(tmp) / onnx_export.INT8_FILE  # the gate's steps, outside the workspace
         onnx_export.quantise(loaded.onnx.path, int8, name)
         full, q, n = onnx_export.int8_accuracies(ws, name, info, loaded.onnx.path, int8)
-        rows = evaluate.test_rows(ws, name, library.scan(ws, progress=False), info["classes"])
+        rows = splits.test_rows(ws, name, library.scan(ws, progress=False), info["classes"])
         x = torch.stack([inference.file_tensor(ws.library / p, info)
                          for p in rows["path"][:args.batch_size]])
         speed = {"float": images_per_second(loaded.onnx, x),

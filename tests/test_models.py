@@ -171,3 +171,24 @@ def test_damaged_side_files_of_a_generation_are_named(demo_ws, garbage):
     demo_ws.deployed_json.write_bytes(garbage)
     with pytest.raises(ZoolibError, match=r"models/deployed.json .*delete it and deploy"):
         models.read_deployed(demo_ws)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("img_size", 0, "'img_size' must be a whole number"),
+    ("img_size", "32", "'img_size' must be a whole number"),
+    ("decode", "fast", "'decode' must be one of full, reduced"),
+    ("std", [0, 0, 0], "'std' must be three positive numbers"),
+    ("mean", [0.5], "'mean' must be three numbers"),
+    ("interpolation", "lanczos9", "'interpolation' must be one of"),
+    ("classes", ["lion", "lion"], "'classes' must be a list of distinct class names"),
+])
+def test_a_hand_edited_model_json_is_refused_naming_the_key(trained_ws, key, value, match):
+    """Every reader takes model.json from models.read_info: nonsense there is a clear
+    error, not a ZeroDivisionError, NaN confidences or a whole inbox 'unreadable'."""
+    import json
+
+    path = trained_ws.models / "gen-0001" / "model.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(ZoolibError, match=match) as err:
+        models.read_info(trained_ws, "gen-0001")
+    assert str(path) in str(err.value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoolib import (bulkid, evaluate, images, inference, library, models, onnx_export, serving,
-                    translog)
+                    splits, translog)
 from zoolib.workspace import ZoolibError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
@@ -134,7 +134,7 @@ def test_int8_is_measured_on_the_test_split_and_recorded(trained_ws, capsys):
     assert loaded.onnx.path == folder / onnx_export.INT8_FILE
     assert (folder / onnx_export.FILE).is_file() and leftovers(folder) == []
     # the float graph's accuracy there is the torch model's on the same rows
-    rows = evaluate.test_rows(trained_ws, "gen-0001", library.scan(trained_ws, progress=False),
+    rows = splits.test_rows(trained_ws, "gen-0001", library.scan(trained_ws, progress=False),
                               loaded.classes)
     predicted = evaluate.predict_rows(trained_ws, "gen-0001", rows)
     torch_acc = (predicted["pred"] == rows["label"]).mean()
@@ -193,3 +193,49 @@ def test_predictor_with_onnx_answers_as_torch(trained_ws):
         by_onnx.close()
     tx = translog.transactions(trained_ws)
     assert len(tx) == 8 and (tx["source"] == "onnx").sum() == 4
+
+
+def _copy_of_gen_0001(ws) -> str:
+    """gen-0002: gen-0001 with other weights (the head scaled), as a new generation."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ws.models / "gen-0001", ws.models / "gen-0002")
+    info_path = ws.models / "gen-0002" / "model.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "name": "gen-0002"}))
+    weights = ws.models / "gen-0002" / "weights.safetensors"
+    state = load_file(weights)
+    head = next(k for k in state if k.startswith("head.") and k.endswith("weight"))
+    state[head] = state[head].flip(0)  # the classes' rows swapped: other answers
+    save_file(state, weights)
+    for name in (onnx_export.FILE, onnx_export.INT8_FILE):
+        (ws.models / "gen-0002" / name).unlink(missing_ok=True)
+    return "gen-0002"
+
+
+def test_a_graph_copied_from_another_generation_is_exported_again(trained_ws, capsys):
+    """The graph carries a digest of the weights it was made from: gen-0001's graph
+    copied into gen-0002 must not answer for gen-0002."""
+    inference.load(trained_ws, "gen-0001", runtime="onnx")
+    name = _copy_of_gen_0001(trained_ws)
+    (trained_ws.models / name / onnx_export.FILE).write_bytes(
+        (trained_ws.models / "gen-0001" / onnx_export.FILE).read_bytes())
+    capsys.readouterr()
+    loaded = inference.load(trained_ws, name, runtime="onnx")
+    assert "not exported from this generation's weights" in capsys.readouterr().out
+    torch_loaded = inference.load(trained_ws, name, device="cpu")
+    x = library_batch(trained_ws, torch_loaded)
+    assert torch.allclose(inference.outputs(loaded, x)["probs"],
+                          inference.outputs(torch_loaded, x)["probs"], atol=1e-4)
+
+
+def test_an_int8_graph_without_its_accuracy_record_is_not_used(trained_ws, capsys):
+    inference.load(trained_ws, "gen-0001", runtime="onnx-int8")
+    models.update_info(trained_ws, "gen-0001", int8=None)  # the record lost (a hand edit)
+    capsys.readouterr()
+    inference.load(trained_ws, "gen-0001", runtime="onnx-int8")
+    assert "no int8 accuracy record" in capsys.readouterr().out
+    assert models.read_info(trained_ws, "gen-0001")["int8"]["test_images"] > 0  # measured again

@@ -3,10 +3,12 @@ import hashlib
 import shutil
 
 import numpy as np
+import pytest
 
 from zoolib import library
 from zoolib.images import read_file, squished_pixels
 from zoolib.pixel_cache import PixelCache
+from zoolib.workspace import ZoolibError
 
 
 def _library_inventory(ws) -> dict[str, str]:
@@ -64,7 +66,7 @@ def test_a_broken_or_foreign_entry_is_decoded_again(demo_ws):
 
 def test_each_preprocessing_has_its_own_folder(demo_ws):
     a, b = PixelCache(demo_ws, 32, "bilinear", "full"), PixelCache(demo_ws, 48, "bicubic", "reduced")
-    assert a.folder != b.folder and a.folder.name == "32-bilinear-full"
+    assert a.folder != b.folder and a.folder.name == "32-bilinear-full-v2"
 
 
 def test_entries_read_once_are_kept_in_memory_read_only(demo_ws):
@@ -103,3 +105,27 @@ def test_the_decoding_pool_follows_the_cpu_affinity(demo_ws, monkeypatch):
     files, digests = _rows(demo_ws, 2)
     PixelCache(demo_ws, 32).fill(files, digests, progress=False)
     assert sizes == [1]
+
+
+def test_an_entry_of_the_right_size_with_wrong_pixels_is_decoded_again(demo_ws):
+    """Each entry carries a CRC32 of its pixels: zeros or flipped bytes are caught."""
+    files, digests = _rows(demo_ws, 2)
+    PixelCache(demo_ws, 32).fill(files, digests, progress=False)
+    cache = PixelCache(demo_ws, 32)
+    zeros = cache.path(digests[0])
+    zeros.write_bytes(zeros.read_bytes()[:4] + bytes(32 * 32 * 3))
+    flipped = cache.path(digests[1])
+    raw = bytearray(flipped.read_bytes())
+    raw[100] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+    for f, d in zip(files, digests):
+        assert np.array_equal(cache.get(f, d), squished_pixels(read_file(f), 32))
+    assert cache.decodes == 2
+
+
+def test_an_entry_that_is_a_folder_is_the_caches_problem(demo_ws):
+    files, digests = _rows(demo_ws, 1)
+    cache = PixelCache(demo_ws, 32)
+    cache.path(digests[0]).mkdir(parents=True)
+    with pytest.raises(ZoolibError, match="pixel cache entry .* delete"):
+        cache.get(files[0], digests[0])

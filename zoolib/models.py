@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import archs  # noqa: F401 - registers zoo_cnn* in timm's registry before any lookup
-from .images import DECODE
+from .images import DECODE, DECODES, RESAMPLE
 from .workspace import Workspace, ZoolibError, write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,9 +131,48 @@ def read_info(ws: Workspace, name: str) -> dict:
     if not path.exists():
         have = ", ".join(generation_names(ws)) or "none"
         raise ZoolibError(f"generation {name!r} does not exist in {ws.models} (saved: {have})")
-    info = _read_json(path, "restore the generation's folder from a backup: without its "
-                            "model.json the generation cannot be loaded, served or evaluated")
-    return {**INFO_DEFAULTS, **info}
+    info = {**INFO_DEFAULTS, **_read_json(path, "restore the generation's folder from a backup: "
+                                                "without its model.json the generation cannot "
+                                                "be loaded, served or evaluated")}
+    _check_info(path, info)
+    return info
+
+
+def _check_info(path: Path, info: dict) -> None:
+    """Refuse a model.json whose preprocessing or classes make no sense, naming the key:
+    every reader (training, evaluation, bulk identification, serving) reads it here.
+
+    Raises:
+        ZoolibError: naming the file, the key and what was found.
+    """
+    def bad(key: str, want: str):
+        return ZoolibError(f"{path}: {key!r} must be {want}, found {info.get(key)!r}; "
+                           "restore the generation's model.json from a backup")
+
+    def numbers(key: str, positive: bool = False) -> bool:
+        v = info.get(key)
+        return (isinstance(v, list) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                        and math.isfinite(x) and (x > 0 or not positive) for x in v))
+
+    size = info.get("img_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 4096:
+        raise bad("img_size", "a whole number of pixels from 8 to 4096")
+    if not numbers("mean"):
+        raise bad("mean", "three numbers (one per RGB channel)")
+    if not numbers("std", positive=True):
+        raise bad("std", "three positive numbers (one per RGB channel)")
+    if info["interpolation"] not in RESAMPLE:
+        raise bad("interpolation", f"one of {', '.join(RESAMPLE)}")
+    if info["decode"] not in DECODES:
+        raise bad("decode", f"one of {', '.join(DECODES)}")
+    classes = info.get("classes")
+    if (not isinstance(classes, list) or not classes
+            or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise bad("classes", "a list of distinct class names")
+    if not isinstance(info.get("arch"), str) or not info["arch"]:
+        raise bad("arch", "a timm architecture name")
 
 
 def _read_json(path: Path, what_to_do: str) -> dict:

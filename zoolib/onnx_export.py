@@ -4,10 +4,10 @@ The graph is written once per generation, beside its weights, on first use:
 `models/<gen>/model.onnx` (and `model.int8.onnx` for the dynamically quantised
 variant). It is a derived file: deleting it only costs a new export.
 
-- What it computes: `inference.Heads`, the same module the torch runtime runs,
+- What it computes: `heads.Heads`, the same module the torch runtime runs,
   so both runtimes give the same four outputs (OUTPUTS): class probabilities,
   logits (the energy score), the pre-logit embedding ("more like this") and the
-  pooled stage features of the knn score (`neighbours.features`). The batch
+  pooled stage features of the knn score (`heads.features`). The batch
   axis is dynamic.
 - How: PyTorch's TorchScript exporter (`torch.onnx.export(dynamo=False)`); it
   needs the `onnx` package but not onnxscript, keeping the `onnx` extra small.
@@ -28,6 +28,7 @@ variant). It is a derived file: deleting it only costs a new export.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 from pathlib import Path
@@ -36,7 +37,10 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from . import library, splits
+from .heads import Heads
 from .models import update_info
+from .preprocess import file_batches
 from .workspace import Workspace, ZoolibError, file_lock, write_atomic
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ PARITY_TOLERANCE = 1e-4
 SAMPLE_SIZE = 8
 OPSET = 17
 INT8_MAX_DROP = 0.5  # test accuracy points the int8 graph may lose against the float one
+DIGEST_KEY = "zoolib.weights"  # graph metadata: a digest of the weights it was exported from
 # ONNX Runtime's threads busy-wait for work between runs by default. Off: between
 # forward passes the same cores decode images (bulkid without workers, serving's
 # decode threads), and spinning threads would take their time.
@@ -147,18 +152,39 @@ def open_model(ws: Workspace, name: str, model: torch.nn.Module, info: dict,
     """
     require()
     folder = ws.models / name
-    if int8:
-        _ensure(folder / FILE, info, lambda p: _write_checked(p, model, info, name))
-        return _ensure(folder / INT8_FILE, info,
-                       lambda p: _write_int8(ws, folder / FILE, p, info, name))
-    return _ensure(folder / FILE, info, lambda p: _write_checked(p, model, info, name))
+    digest = weights_digest(folder)
+    graph = _ensure(folder / FILE, info, digest,
+                    lambda p: _write_checked(p, model, info, name, digest))
+    if not int8:
+        return graph
+    return _ensure(folder / INT8_FILE, info, digest,
+                   lambda p: _write_int8(ws, folder / FILE, p, info, name, digest))
 
 
-def _ensure(path: Path, info: dict, write: Callable[[Path], None]) -> OnnxModel:
+def weights_digest(folder: Path) -> str:
+    """A digest of a generation's weights file: what its graphs must have been made from."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(folder / "weights.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stamp(path: Path, digest: str) -> None:
+    """Record `digest` in the graph's metadata (read back by `_existing`)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    graph.metadata_props.add(key=DIGEST_KEY, value=digest)
+    onnx.save(graph, str(path))
+
+
+def _ensure(path: Path, info: dict, digest: str, write: Callable[[Path], None]) -> OnnxModel:
     """The graph at `path` with its first session, written by `write` when missing or
     stale, one writer at a time (`workspace.file_lock`)."""
     with file_lock(path.with_name(f".{path.name}.lock")):
-        found = _existing(path, info)
+        found = _existing(path, info, digest)
         if found is not None:
             return found
         write(path)
@@ -167,9 +193,11 @@ def _ensure(path: Path, info: dict, write: Callable[[Path], None]) -> OnnxModel:
         return onnx_model
 
 
-def _existing(path: Path, info: dict) -> OnnxModel | None:
-    """The graph at `path` if it loads and has the expected input and outputs; a stale
-    or broken one is removed (it is derived: exported again from the weights)."""
+def _existing(path: Path, info: dict, digest: str) -> OnnxModel | None:
+    """The graph at `path` if it was exported from these weights (`weights_digest` in
+    its metadata), has the expected input and outputs (one probability per class)
+    and, for the int8 graph, its accuracy record in model.json; a stale, foreign or
+    broken one is removed (it is derived: exported again from the weights)."""
     if not path.exists():
         return None
     onnx_model = OnnxModel(path)
@@ -178,14 +206,31 @@ def _existing(path: Path, info: dict) -> OnnxModel | None:
     except ZoolibError as exc:
         problem = str(exc)
     else:
-        inputs, size = session.get_inputs(), int(info["img_size"])
-        if (len(inputs) == 1 and inputs[0].name == INPUT
-                and list(inputs[0].shape[1:]) == [3, size, size]
-                and tuple(o.name for o in session.get_outputs()) == OUTPUTS):
+        problem = _problem(session, info, digest, int8=path.name == INT8_FILE)
+        if problem is None:
             return onnx_model
-        problem = "its input or outputs are not those this zoolib exports"
     print(f"{path}: {problem}; exporting it again")
     path.unlink()
+    return None
+
+
+def _problem(session, info: dict, digest: str, int8: bool) -> str | None:
+    """Why a loaded graph is not this generation's current one, or None."""
+    inputs, size = session.get_inputs(), int(info["img_size"])
+    outputs = session.get_outputs()
+    if not (len(inputs) == 1 and inputs[0].name == INPUT
+            and list(inputs[0].shape[1:]) == [3, size, size]
+            and tuple(o.name for o in outputs) == OUTPUTS):
+        return "its input or outputs are not those this zoolib exports"
+    if outputs[0].shape[1] != len(info["classes"]):
+        return (f"it gives {outputs[0].shape[1]} class probabilities, the generation has "
+                f"{len(info['classes'])} classes")
+    found = session.get_modelmeta().custom_metadata_map.get(DIGEST_KEY)
+    if found != digest:
+        return ("it was not exported from this generation's weights.safetensors "
+                f"({'another digest' if found else 'no digest'} in its metadata)")
+    if int8 and not info.get("int8"):
+        return "model.json has no int8 accuracy record for it"
     return None
 
 
@@ -196,9 +241,7 @@ def sample(info: dict, n: int = SAMPLE_SIZE) -> torch.Tensor:
 
 
 def export(model: torch.nn.Module, info: dict, path: str | Path) -> None:
-    """Write `inference.Heads(model)` as an ONNX graph with a dynamic batch axis (unchecked)."""
-    from .inference import Heads  # inference imports this module when a runtime needs it
-
+    """Write `heads.Heads(model)` as an ONNX graph with a dynamic batch axis (unchecked)."""
     heads = Heads(model.cpu().eval(), stage=True).eval()
     axes = {k: {0: "batch"} for k in (INPUT, *OUTPUTS)}
     with warnings.catch_warnings(), torch.no_grad():
@@ -220,8 +263,6 @@ def differences(model: torch.nn.Module, path: str | Path, info: dict
     absolute difference over max(1, the largest magnitude of PyTorch's values),
     as their scale is the model's own.
     """
-    from .inference import Heads
-
     x = sample(info)
     ref = dict(zip(OUTPUTS, Heads(model.cpu().eval(), stage=True)(x)))
     got = OnnxModel(Path(path)).run(x)
@@ -233,7 +274,8 @@ def differences(model: torch.nn.Module, path: str | Path, info: dict
     return out
 
 
-def _write_checked(path: Path, model: torch.nn.Module, info: dict, name: str) -> None:
+def _write_checked(path: Path, model: torch.nn.Module, info: dict, name: str,
+                   digest: str) -> None:
     """Export to a temporary file, check parity there, and only then rename it into place."""
 
     def write(tmp: Path) -> None:
@@ -250,18 +292,21 @@ def _write_checked(path: Path, model: torch.nn.Module, info: dict, name: str) ->
                 f"{measured[worst]:.3g} in {worst!r} on {SAMPLE_SIZE} sample images (tolerance "
                 f"{PARITY_TOLERANCE:g}; all outputs: {_format(measured)}); {path.name} was not "
                 "kept: use runtime='torch' for this generation")
+        _stamp(tmp, digest)
         print(f"exported {name} to {path} (largest difference from PyTorch on {SAMPLE_SIZE} "
               f"sample images: {_format(measured)})")
 
     write_atomic(path, write=write)
 
 
-def _write_int8(ws: Workspace, source: Path, path: Path, info: dict, name: str) -> None:
+def _write_int8(ws: Workspace, source: Path, path: Path, info: dict, name: str,
+                digest: str) -> None:
     """Quantise the checked float graph into `path`, kept only if it loses less than
     INT8_MAX_DROP accuracy points on the generation's test split."""
 
     def write(tmp: Path) -> None:
         quantise(source, tmp, name)
+        _stamp(tmp, digest)
         full, int8, n = int8_accuracies(ws, name, info, source, tmp)
         drop = 100 * (full - int8)
         measured = (f"{n} test images: {full:.4f} float, {int8:.4f} int8, a drop of "
@@ -270,8 +315,10 @@ def _write_int8(ws: Workspace, source: Path, path: Path, info: dict, name: str) 
             raise ZoolibError(f"int8 quantisation of generation {name} costs accuracy ({measured}"
                               f"; at most {INT8_MAX_DROP} allowed): {path.name} was not kept; "
                               "use runtime='onnx'")
-        update_info(ws, name, int8={"test_images": n, "accuracy_float": round(full, 4),
-                                    "accuracy_int8": round(int8, 4)})
+        record = {"test_images": n, "accuracy_float": round(full, 4),
+                  "accuracy_int8": round(int8, 4)}
+        update_info(ws, name, int8=record)
+        info["int8"] = record
         print(f"quantised {name} to {path} (int8; {measured})")
 
     write_atomic(path, write=write)
@@ -307,19 +354,15 @@ def int8_accuracies(ws: Workspace, name: str, info: dict, float_path: Path, int8
     Raises:
         ZoolibError: the generation has no test image in today's library.
     """
-    from . import evaluate, library
-    from .inference import file_tensor
-
-    rows = evaluate.test_rows(ws, name, library.scan(ws, progress=False), info["classes"])
+    rows = splits.test_rows(ws, name, library.scan(ws, progress=False), info["classes"])
     if rows.empty:
         raise ZoolibError(f"generation {name} has no test image to measure int8's accuracy "
                           "on: use runtime='onnx'")
     labels = rows["label"].map(info["classes"].index).to_numpy()
     graphs = [OnnxModel(float_path), OnnxModel(int8_path)]
     right = [0, 0]
-    for start in range(0, len(rows), batch_size):
-        x = torch.stack([file_tensor(ws.library / p, info)
-                         for p in rows["path"][start:start + batch_size]])
+    for n, x in enumerate(file_batches(ws.library, rows["path"], info, batch_size)):
+        start = n * batch_size
         for i, graph in enumerate(graphs):
             pred = graph.run(x, ("probs",))["probs"].argmax(1).numpy()
             right[i] += int((pred == labels[start:start + batch_size]).sum())

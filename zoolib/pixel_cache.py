@@ -3,9 +3,13 @@
 A 12-megapixel photo costs ~190 ms to decode in full (~26 ms at a reduced DCT
 scale) and a training run reads it every epoch. The cache keeps the pixels the
 model sees (upright RGB, squish-resized, uint8, before augmentation) as one
-small `.npy` file per image under
+small file per image under
 
-    WORKSPACE/.zoolib/pixels/<size>-<interpolation>-<decode>/<hash[:2]>/<hash>.npy
+    WORKSPACE/.zoolib/pixels/<size>-<interpolation>-<decode>-v2/<hash[:2]>/<hash>.px
+
+holding the CRC32 of the pixels (4 bytes, little-endian) and then the raw uint8
+pixels, so an entry with the right length and the wrong pixels (zeros, flipped
+bytes) is caught and decoded again, never trained on.
 
 keyed by the image's content hash, so a changed image is a new entry, an
 unchanged one is reused across epochs and generations, and a deleted cache is
@@ -14,7 +18,7 @@ per epoch, on the cached pixels.
 
 One file per image rather than one big array: entries are added and found
 independently (a new image needs no rewrite), a broken entry is one decode to
-repair, and np.load of a 150 KB file costs a fraction of a millisecond.
+repair, and reading a 150 KB file costs a fraction of a millisecond.
 
 Each object also keeps the entries it has read in memory, up to `memory_mb`: at
 32 px an epoch of 27,000 images otherwise spends about 4% of its time in np.load
@@ -23,8 +27,8 @@ copies are read-only, so no caller can change what a later epoch reads.
 """
 from __future__ import annotations
 
-import io
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .machine import cores
 from .images import read_file, squished_pixels
-from .workspace import Workspace, write_atomic
+from .workspace import Workspace, ZoolibError, write_atomic
 
 
 class PixelCache:
@@ -52,13 +56,13 @@ class PixelCache:
         self.size, self.interpolation, self.decode = int(size), interpolation, decode
         self._memo: dict[str, np.ndarray] = {}
         self._room = int(memory_mb * 2**20)
-        self.folder = ws.cache / "pixels" / f"{self.size}-{interpolation}-{decode}"
+        self.folder = ws.cache / "pixels" / f"{self.size}-{interpolation}-{decode}-v2"
         self.decodes = 0  # images decoded by this object (tests count cache misses)
         self._count = threading.Lock()
 
     def path(self, digest: str) -> Path:
         """Where an image's pixels are kept."""
-        return self.folder / digest[:2] / f"{digest}.npy"
+        return self.folder / digest[:2] / f"{digest}.px"
 
     def _decode(self, file: str | Path) -> np.ndarray:
         with self._count:
@@ -68,18 +72,30 @@ class PixelCache:
     def _put(self, digest: str, pixels: np.ndarray) -> None:
         path = self.path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.save(buf, pixels, allow_pickle=False)
-        write_atomic(path, buf.getvalue())  # a reader never sees half an entry
+        data = np.ascontiguousarray(pixels, np.uint8).tobytes()
+        crc = zlib.crc32(data).to_bytes(4, "little")
+        write_atomic(path, crc + data)  # a reader never sees half an entry
 
     def _load(self, digest: str) -> np.ndarray | None:
-        """The cached pixels, or None when missing or not what this cache holds."""
+        """The cached pixels, or None when missing or not what this cache holds (length
+        or checksum wrong).
+
+        Raises:
+            ZoolibError: the entry is not a file (a folder in its place): the cache's
+                problem, not the library image's.
+        """
+        path = self.path(digest)
         try:
-            pixels = np.load(self.path(digest), allow_pickle=False)
-        except (OSError, ValueError, EOFError):  # missing or broken: decode again
+            raw = path.read_bytes()
+        except FileNotFoundError:
             return None
-        ok = pixels.shape == (self.size, self.size, 3) and pixels.dtype == np.uint8
-        return pixels if ok else None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise ZoolibError(f"the pixel cache entry {path} cannot be read ({exc}): delete "
+                              f"{self.folder} (a derived cache, rebuilt on the next run)") from exc
+        n = self.size * self.size * 3
+        if len(raw) != 4 + n or zlib.crc32(raw[4:]).to_bytes(4, "little") != raw[:4]:
+            return None
+        return np.frombuffer(raw, np.uint8, count=n, offset=4).reshape(self.size, self.size, 3)
 
     def get(self, file: str | Path, digest: str) -> np.ndarray:
         """An image's pixels (read-only): from memory or the cache, else decoded and kept."""

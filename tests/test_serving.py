@@ -222,7 +222,7 @@ def test_error_answers_name_no_absolute_path_of_the_server(client, trained_ws):
     message = (f"prediction not logged to {root / 'zoo.sqlite'}: disk I/O error; see "
                f"'{root}' and /var/lib/zoo/x.db, multipart/form-data, POST /predict, "
                "<_io.BytesIO object at 0x7f01ab>")
-    assert serving._public(message, root) == (
+    assert serving.app._public(message, root) == (
         "prediction not logged to WORKSPACE/zoo.sqlite: disk I/O error; see 'WORKSPACE' and "
         "<path>, multipart/form-data, POST /predict, <object>")
 
@@ -247,6 +247,19 @@ def test_health_reports_a_failed_redeployment_as_degraded(client, trained_ws):
     state = client.get("/health").json()
     assert state["status"] == "degraded" and state["deployed"] is None
     assert "deployed.json" in state["deploy_error"]
+
+
+def test_a_hand_edited_deployment_of_a_throwaway_generation_is_not_served(client, trained_ws):
+    """models.write_deployed refuses a throw-away run; the server must as well."""
+    name = second_generation(trained_ws)
+    info_path = trained_ws.models / name / "model.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "throwaway": True}))
+    trained_ws.deployed_json.write_text(json.dumps({"generation": name}))  # by hand
+    state = client.get("/health").json()
+    assert (state["status"], state["generation"]) == ("degraded", "gen-0001")
+    assert "throw-away" in state["deploy_error"]
+    ok = client.post("/predict", files={"file": ("a.png", png_bytes(), "image/png")})
+    assert ok.json()["generation"] == "gen-0001"
 
 
 @pytest.mark.parametrize("args, message", [

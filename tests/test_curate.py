@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from zoolib import curate, evaluate, journal, library, splits
+from zoolib import curate, journal, library, splits
 from zoolib.images import content_hash, probe
 from zoolib.workspace import ZoolibError
 
@@ -264,7 +264,7 @@ def test_a_rotated_image_keeps_its_split_and_its_benchmark_place(demo_ws):
     assert not set(m2.set_index("path").loc[turned, "hash"]) & set(m["hash"])  # new bytes
     after = splits.split_manifest(demo_ws, m2, classes).set_index("path")["split"]
     pd.testing.assert_series_equal(after.loc[before.index], before)
-    assert set(bench) <= set(evaluate.benchmark_rows(demo_ws, m2)["path"])
+    assert set(bench) <= set(splits.benchmark_rows(demo_ws, m2)["path"])
 
 
 def _exif_jpeg(path, size, orientation, shot):

@@ -272,7 +272,7 @@ def test_workspace_that_is_a_file_says_so(tmp_path):
 
 
 def test_training_decode_error_names_the_file(tmp_path):
-    from zoolib.train import _SquishLoader
+    from zoolib.loaders import _SquishLoader
 
     bad = tmp_path / "lion" / "broken.jpg"
     bad.parent.mkdir()

@@ -118,7 +118,8 @@ def fastai_learner(ws, loaded: inference.Loaded, files: list[Path], batch_size: 
     from fastai.vision.all import (ImageDataLoaders, Learner, Normalize, Resize, ResizeMethod,
                                    imagenet_stats)
 
-    from zoolib.train import TrainConfig, make_dataloaders
+    from zoolib.loaders import make_dataloaders
+    from zoolib.train import TrainConfig
 
     classes, size = loaded.classes, loaded.info["img_size"]
     picked = files[:2 * len(classes)]  # a tiny train/valid set: only test_dl is timed

@@ -184,7 +184,7 @@ def test_batches_read_in_a_row_stay_within_the_memory_cap():
 
 def test_parts_are_flushed_while_running(ws, monkeypatch):
     """Rows reach disk every read of a few batches, not only at the end (memory stays flat)."""
-    monkeypatch.setattr(bulkid.results, "FLUSH_ROWS", 16)
+    monkeypatch.setattr(bulkid.parts, "FLUSH_ROWS", 16)
     per_read = 8 * bulkid.engine._read_batches(8, 40)  # rows join the table a read at a time
     parts_seen = []
     parts = ws.bulkid / "gen-0001-inbox" / "parts"
@@ -222,6 +222,30 @@ def test_interrupted_run_leaves_a_table_and_resumes(ws):
     assert set(table["path"]) <= set(out["path"])
 
 
+def test_copies_made_by_sync_tools_are_left_alone_with_a_warning(ws):
+    """Dropbox, Syncthing and Finder copies beside the parts and segments must not break
+    or double a run: only part-NNNNN / seg-NNNNN files belong to the dataset."""
+    n = len(_inbox_files(ws))
+    with pytest.raises(Stop):
+        bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(2))
+    with pytest.raises(Stop):  # a second interrupted run: a segment
+        bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(1))
+    run_dir = ws.bulkid / "gen-0001-inbox"
+    (seg,) = (run_dir / "segments").glob("seg-*.parquet")
+    copies = [seg.with_name(f"{seg.stem} (1).parquet"),
+              seg.with_name(f"{seg.stem}.sync-conflict-20261207-1.parquet")]
+    for c in copies:
+        c.write_bytes(seg.read_bytes())
+    (run_dir / "parts").mkdir(exist_ok=True)
+    copies.append(run_dir / "parts" / "part-00002 copy.parquet")
+    copies[-1].write_bytes(seg.read_bytes())
+    with pytest.warns(UserWarning, match="not part of the results"):
+        out = bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
+    assert len(out) == n and out["path"].is_unique
+    assert len(bulkid.load_results(ws, "gen-0001-inbox")) == n
+    assert all(c.exists() for c in copies)  # never deleted
+
+
 def test_resume_reads_only_the_path_column(ws, monkeypatch):
     with pytest.raises(Stop):
         bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(2))
@@ -239,9 +263,9 @@ def test_resume_reads_only_the_path_column(ws, monkeypatch):
 def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     """A killed process never merges: its parts are read as they are, and a crash
     between merging and removing parts leaves no duplicate row."""
-    monkeypatch.setattr(bulkid.results, "FLUSH_ROWS", 16)
+    monkeypatch.setattr(bulkid.parts, "FLUSH_ROWS", 16)
     monkeypatch.setattr(bulkid.engine, "_READ_BATCHES", 1)  # rows join the table batch by batch
-    monkeypatch.setattr(bulkid.results, "consolidate", lambda run_dir: None)  # as if killed
+    monkeypatch.setattr(bulkid.parts, "consolidate", lambda run_dir: None)  # as if killed
     with pytest.raises(Stop):
         bulkid.run(ws, batch_size=16, num_workers=0, progress=False, on_batch=_stop_after(3))
     monkeypatch.undo()
@@ -251,7 +275,7 @@ def test_hard_kill_keeps_parts_and_never_duplicates(ws, monkeypatch):
     assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48
 
     parts = {p: p.read_bytes() for p in (run_dir / "parts").glob("part-*.parquet")}
-    bulkid.results.consolidate(run_dir)
+    bulkid.parts.consolidate(run_dir)
     for p, data in parts.items():  # as if killed after merging, before removing the parts
         p.write_bytes(data)
     assert len(bulkid.load_results(ws, "gen-0001-inbox")) == 48  # held parts: never read
@@ -350,11 +374,13 @@ def test_bad_input(ws, tmp_path):
     ("bulkid/old-run", "is inside the workspace's bulkid/"),
     ("_trash", "is the workspace's _trash/"),
     (".zoolib", "is the workspace's .zoolib/"),
+    ("served/ab", "is inside the workspace's served/"),  # one list of internals (Workspace)
+    ("cleaning", "is the workspace's cleaning/"),
 ])
 def test_an_inbox_over_workspace_files_is_refused(ws, where, match):
     """Discarding the error rows of such a run would move the database, models and side
     tables to the trash."""
-    for folder in ("splits", "bulkid/old-run", "_trash", ".zoolib"):
+    for folder in ("splits", "bulkid/old-run", "_trash", ".zoolib", "served/ab", "cleaning"):
         (ws.root / folder).mkdir(parents=True, exist_ok=True)
     (ws.root / "zoo.sqlite").write_bytes(b"")
     folder = (ws.root / where).resolve()
@@ -418,9 +444,9 @@ def _temp(folder, name, pid):
 
 def test_leftovers_of_a_killed_run_are_cleaned_on_the_next_run(ws, monkeypatch, capsys):
     files = _inbox_files(ws)[:20]
-    monkeypatch.setattr(bulkid.results, "FLUSH_ROWS", 4)
+    monkeypatch.setattr(bulkid.parts, "FLUSH_ROWS", 4)
     monkeypatch.setattr(bulkid.engine, "_READ_BATCHES", 1)
-    monkeypatch.setattr(bulkid.results, "consolidate", lambda run_dir: None)  # killed: no merge
+    monkeypatch.setattr(bulkid.parts, "consolidate", lambda run_dir: None)  # killed: no merge
     bulkid.run(ws, files=files, name="k", batch_size=4, num_workers=0, progress=False,
                knn=False)
     monkeypatch.undo()
@@ -460,7 +486,7 @@ def test_a_corrupt_results_table_is_named_then_set_aside_and_redone(ws, capsys):
 def test_a_corrupt_table_with_parts_is_rebuilt_from_them(ws, monkeypatch):
     files = _inbox_files(ws)[:12]
     bulkid.run(ws, files=files[:4], name="p", num_workers=0, progress=False, knn=False)
-    monkeypatch.setattr(bulkid.results, "consolidate", lambda run_dir: None)  # killed: no merge
+    monkeypatch.setattr(bulkid.parts, "consolidate", lambda run_dir: None)  # killed: no merge
     bulkid.run(ws, files=files[:8], name="p", num_workers=0, progress=False, knn=False)
     monkeypatch.undo()
     (ws.bulkid / "p" / "results.parquet").write_bytes(os.urandom(300))

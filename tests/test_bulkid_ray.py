@@ -58,7 +58,7 @@ def test_ray_rows_equal_local_rows(ws, cluster):
 
 def test_ray_run_resumes_without_duplicates(ws, cluster, monkeypatch):
     ref = bulkid.run(ws, name="local", num_workers=0, progress=False, runtime="torch")
-    monkeypatch.setattr(bulkid.results, "consolidate", lambda run_dir: None)  # killed: no merge
+    monkeypatch.setattr(bulkid.parts, "consolidate", lambda run_dir: None)  # killed: no merge
     with pytest.raises(Stop):
         bulkid.run(ws, name="ray", engine="ray", batch_size=16, progress=False,
                    runtime="torch", on_batch=_stop_after(2))
@@ -79,8 +79,8 @@ def test_the_pure_batch_function_gives_the_engine_rows(ws):
     loaded = inference.load(ws, "gen-0001", runtime="torch")
     paths = [str(p) for p in _inbox_files(ws)]
     table = bulkid.engine.identify_files(ws, loaded, paths, None,
-                                         bulkid.engine._not_regular(paths))
-    got = bulkid.results.float16_rows(table.column("embedding"))
+                                         bulkid.inbox._not_regular(paths))
+    got = bulkid.schema.float16_rows(table.column("embedding"))
     frame = table.drop_columns(["embedding"]).to_pandas()
     frame.insert(bulkid.RESULT_COLUMNS.index("embedding"), "embedding", got)
     _same_rows(frame, ref)

@@ -100,6 +100,37 @@ def test_more_like_this_on_the_view_keeps_its_index_and_extends_it(segmented, ws
         assert top["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-3)  # its original
 
 
+def test_a_rewritten_file_of_the_same_name_and_rows_rebuilds_the_index(segmented):
+    """A file set aside and identified again keeps its name and perhaps its row count:
+    the index is keyed on its size and part numbers too, never reused for other rows."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    view = bulkid.open_view(segmented, NAME)
+    view.index  # built and saved
+    main = segmented.bulkid / NAME / "results.parquet"
+    table = pq.read_table(main)
+    meta = dict(table.schema.metadata)
+    meta[b"zoolib.parts"] = json.dumps([900, 900]).encode()  # new parts, as a re-run makes
+    pq.write_table(table.take(np.arange(table.num_rows)[::-1]).replace_schema_metadata(meta), main)
+    again = bulkid.open_view(segmented, NAME)
+    frame = bulkid.load_results(segmented, NAME)
+    query = frame.loc[frame["error"] == "", "path"].iloc[2]
+    near = bulkid.more_like_this(again, query, k=5)
+    assert near["path"].tolist() == bulkid.more_like_this(frame, query, k=5)["path"].tolist()
+
+
+def test_a_damaged_index_is_built_again(segmented):
+    view = bulkid.open_view(segmented, NAME)
+    view.index
+    saved = segmented.bulkid / NAME / "ann" / "index.faiss"
+    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="cannot be read"):
+        again = bulkid.open_view(segmented, NAME).index
+    assert again.ntotal == len(view)
+
+
 def test_a_view_of_an_unknown_run_names_the_runs(ws):
     from zoolib.workspace import ZoolibError
 
@@ -197,7 +228,7 @@ def test_a_merge_keeps_the_first_row_of_each_path_and_leaves_out_stored_ones(ws,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from zoolib.bulkid import results
+    from zoolib.bulkid import parts as store
 
     bulkid.run(ws, batch_size=16, num_workers=0, progress=False)
     table = pq.read_table(ws.bulkid / NAME / "results.parquet")
@@ -211,9 +242,9 @@ def test_a_merge_keeps_the_first_row_of_each_path_and_leaves_out_stored_ones(ws,
     pq.write_table(again, parts[1])  # rows n/2..q repeated; q.. only here
     want = pa.concat_tables([table.slice(0, q), again.slice(q - n // 2)]).to_pandas()
     out = tmp_path / "merged.parquet"
-    results._merge(parts, out, table.schema)
+    store._merge(parts, out, table.schema)
     pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(), want)  # the firsts, in order
     stored = table.column("path").combine_chunks().slice(0, 5)
-    results._merge(parts, out, table.schema, stored)
+    store._merge(parts, out, table.schema, stored)
     pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(),
                                   want.iloc[5:].reset_index(drop=True))

@@ -17,14 +17,7 @@ How a run streams:
 - Finished rows go to the results module's part writer, flushed every few
   seconds; a re-run with the same name skips every path already done.
 
-What is identified: every file under the inbox, any depth, except hidden ones
-(names starting with "."; hidden folders are not entered). Symbolic links are
-never followed: a link (to a file or a folder) gets a row with the error "is a
-symbolic link; zoolib does not follow links", and so does a pipe, socket or
-device, which is never opened; nothing is skipped silently. An inbox that is,
-holds or lies inside the workspace's own files (its root, library, models,
-splits, bulkid, _trash, .zoolib or zoo.sqlite) is refused: discarding its error
-rows would move the workspace's files to the trash.
+What is identified, and which inboxes are refused: see `zoolib.bulkid.inbox`.
 
 Scores:
 
@@ -44,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from pathlib import Path
 from typing import Callable
 
@@ -56,143 +48,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import inference, neighbours
-from ..images import RESAMPLE, content_hash, read_file, squished_pixels
+from ..images import RESAMPLE
 from ..machine import cores as machine_cores
+from ..preprocess import normalise
 from ..models import resolve_generation
 from ..workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
-from . import results
+from . import parts, results, schema
+from .inbox import LINK_ERROR, SPECIAL_ERROR, ImageFiles, input_files, list_files  # noqa: F401
 
 _READ_BATCHES = 4  # model batches decoded in a row when decoding in this process ...
 _READ_BYTES = 64 << 20  # ... while their pixels take at most this much (or one batch)
 ENGINES = ("local", "ray")
 RAY_INSTALL = "pip install -e '.[ray]' (in the zoolib checkout)"
 RAY_BATCHES = 4  # model batches per Ray call
-LINK_ERROR = "is a symbolic link; zoolib does not follow links"
-SPECIAL_ERROR = "is not a regular file (a pipe, socket or device); zoolib does not open it"
-
-
-# ----------------------------------------------------------------------------- reading files
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Files -> (uint8 HWC pixels or zeros, content hash, error) for a DataLoader.
-
-    Every failure (unreadable, truncated, not an image, decompression bomb) is
-    returned as an error string, so one bad file never stops a run.
-
-    Args:
-        paths: the files, in the order rows are produced.
-        size: the square input size from model.json.
-        interpolation: the resize filter from model.json.
-        decode: the decode mode from model.json ("full" when it has none).
-        refused: path -> error for files that must not be opened (links, pipes:
-            see `_not_regular`); they get that error without being read.
-    """
-
-    def __init__(self, paths: list[str | Path], size: int, interpolation: str = "bilinear",
-                 refused: dict[str, str] | None = None, decode: str = "full"):
-        self.paths, self.size = [str(p) for p in paths], int(size)
-        self.interpolation, self.refused, self.decode = interpolation, refused or {}, decode
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
-        if self.refused and self.paths[i] in self.refused:
-            return self._blank(), "", self.refused[self.paths[i]]
-        try:
-            data = read_file(self.paths[i])
-        except OSError as exc:
-            return self._blank(), "", f"{type(exc).__name__}: {exc}"
-        digest = content_hash(data)
-        if not data:
-            return self._blank(), digest, "empty file (0 bytes)"
-        try:
-            # Decoded like training (EXIF upright, RGB) and squish-resized: the pixels
-            # of inference.to_tensor before the float conversion.
-            pixels = squished_pixels(data, self.size, self.interpolation, self.decode)
-            return torch.from_numpy(pixels), digest, ""
-        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a row's error
-            return self._blank(), digest, f"{type(exc).__name__}: {exc}"
-
-    def _blank(self) -> torch.Tensor:
-        """Zero pixels standing in for an unreadable file (its row gets no prediction)."""
-        return torch.zeros((self.size, self.size, 3), dtype=torch.uint8)
-
-
-def normalise(batch: torch.Tensor, info: dict, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 NHWC pixels -> normalised NCHW float32, equal to `inference.to_tensor` per image.
-
-    The result is an NCHW view of channels-last memory (the decoders' HWC order):
-    on a CPU, oneDNN convolutions run faster on it (resnet18: 1.5x at 224 px,
-    1.07x at 32 px; efficientnet_b0 1.7x at 224 px), and the arithmetic is done
-    in place on the contiguous batch, the same values as `(x - mean) / std`.
-    """
-    mean = torch.tensor(info["mean"], device=device)
-    std = torch.tensor(info["std"], device=device)
-    x = batch.to(device, non_blocking=True).float()
-    return x.div_(255.0).sub_(mean).div_(std).permute(0, 3, 1, 2)
-
-
-def list_files(folder: Path) -> list[Path]:
-    """Every non-hidden entry under `folder` that is not a folder, sorted.
-
-    Any depth; hidden names (".") are skipped and hidden folders not entered.
-    Symbolic links (to files or folders, or broken) are listed as themselves and
-    never followed, and so are pipes, sockets, devices and folders that cannot be
-    listed: `run` gives each an error row (see `_scan`) without opening it, so no
-    file is ever left out silently.
-    """
-    return [Path(p) for p in _scan(folder)[0]]
-
-
-def _scan(folder: str | Path) -> tuple[list[str], dict[str, str]]:
-    """The entries `list_files` lists (as strings, sorted) and the error of each that
-    is not a regular file (a link, pipe, socket or device), from one directory walk.
-
-    os.scandir tells a link or a folder from the directory entry itself, with no
-    system call per file (os.walk plus os.path.isfile costs a stat per file).
-    """
-    top = os.fspath(folder)
-    found, refused, todo = [], {}, [top]
-    while todo:
-        where = todo.pop()
-        try:
-            entries = os.scandir(where)
-        except OSError as exc:
-            if where == top:
-                raise ZoolibError(f"cannot list the inbox {top}: {exc}") from exc
-            refused[where] = f"{type(exc).__name__}: {exc}; the folder's files were not listed"
-            found.append(where)
-            continue
-        with entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_symlink():
-                    refused[entry.path] = LINK_ERROR
-                elif entry.is_dir(follow_symlinks=False):
-                    todo.append(entry.path)
-                    continue
-                elif not entry.is_file(follow_symlinks=False):
-                    refused[entry.path] = SPECIAL_ERROR
-                found.append(entry.path)
-    return sorted(found), refused
-
-
-def _not_regular(paths: list[str]) -> dict[str, str]:
-    """The error of each given path that is a link, pipe, socket or device (one lstat
-    each); missing files are left to the reader, which reports them."""
-    refused = {}
-    for p in paths:
-        try:
-            mode = os.lstat(p).st_mode
-        except OSError:
-            continue
-        if stat.S_ISLNK(mode):
-            refused[p] = LINK_ERROR
-        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            refused[p] = SPECIAL_ERROR
-    return refused
 
 
 # ----------------------------------------------------------------------------- the run
@@ -247,7 +115,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
 
     Returns:
         The whole results table of the run (rows of earlier calls included), with
-        columns `results.RESULT_COLUMNS`; `attrs` holds generation, classes and name.
+        columns `schema.RESULT_COLUMNS`; `attrs` holds generation, classes and name.
         With `lazy`, a `view.ResultsView` of it.
 
     Raises:
@@ -263,7 +131,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
                           f"not {engine!r}")
     loaded = inference.load(ws, generation, device=device, runtime=runtime, tta=tta)
     _check_preprocessing(loaded)
-    paths, refused = _input_files(ws, inbox, files)
+    paths, refused = input_files(ws, inbox, files)
     name = name or f"{loaded.name}-{'inbox' if files is None else 'files'}"
     run_dir = results.run_dir(ws, name)
     with results.exclusive(run_dir, name):
@@ -314,66 +182,6 @@ def _check_preprocessing(loaded: inference.Loaded) -> None:
                           f"with {', '.join(RESAMPLE)}")
 
 
-def _input_files(ws: Workspace, inbox: str | Path | None, files: list[Path] | None
-                 ) -> tuple[list[str], dict[str, str]]:
-    """Absolute file paths as strings (rows are keyed by them), without duplicates, and
-    the error of each that must not be opened (links, pipes: see `_scan`)."""
-    if files is not None:
-        paths = [os.path.abspath(os.path.expanduser(f)) for f in files]
-        if not paths:
-            raise ZoolibError("files is an empty list: nothing to identify")
-        paths = list(dict.fromkeys(paths))  # duplicates would duplicate rows
-        return paths, _not_regular(paths)
-    folder = Path(inbox).expanduser().resolve() if inbox is not None else ws.inbox
-    if not folder.is_dir():
-        raise ZoolibError(f"inbox {folder} does not exist or is not a folder")
-    _check_inbox(ws, folder)
-    paths, refused = _scan(folder)
-    if not paths:
-        raise ZoolibError(f"inbox {folder} is empty: no file to identify")
-    return paths, refused
-
-
-def _internals(ws: Workspace) -> dict[str, Path]:
-    """The workspace's own files and folders, by name, with links resolved."""
-    named = {"library/": ws.library, "models/": ws.models, "splits/": ws.splits,
-             "bulkid/": ws.bulkid, "_trash/": ws.trash, ".zoolib/": ws.cache,
-             "zoo.sqlite": ws.journal_db}
-    return {k: Path(os.path.realpath(p)) for k, p in named.items()}
-
-
-def _check_inbox(ws: Workspace, folder: Path) -> None:
-    """Refuse an inbox that is the workspace root, holds it, is or lies inside one of
-    its internals, or holds one (linked from elsewhere). The workspace's own inbox/,
-    its other folders and folders outside it are fine.
-
-    Every file of an inbox gets a row, and discarding a run's error rows moves the
-    files to the trash: an inbox over the workspace would trash its database,
-    models and side tables (`library/_meta.csv`, `splits/benchmark.csv`).
-
-    Raises:
-        ZoolibError: naming the folder and the workspace files it is, holds or lies in.
-    """
-    real, root = Path(os.path.realpath(folder)), Path(os.path.realpath(ws.root))
-    why = ("bulk identification would list them as inbox files, and discarding their error "
-           "rows would move them to _trash/; point the inbox at a folder of new images: "
-           f"{ws.inbox} or a folder outside the workspace")
-    if real == root or real in root.parents:
-        what = "is the workspace root" if real == root else f"contains the workspace {root}"
-        raise ZoolibError(f"inbox {folder} {what}, with its library, models, splits and "
-                          f"database: {why}")
-    internals = _internals(ws)
-    for label, path in internals.items():
-        if real == path or path in real.parents:
-            where = "is" if real == path else "is inside"
-            raise ZoolibError(f"inbox {folder} {where} the workspace's {label} ({path}), "
-                              f"which holds workspace files, not new images: {why}")
-    held = [label for label, path in internals.items() if real in path.parents]
-    if held:
-        raise ZoolibError(f"inbox {folder} contains the workspace's {', '.join(held)} "
-                          f"(linked from {ws.root}): {why}")
-
-
 def _default_workers(cuda: bool) -> int:
     """Decoding processes for a run.
 
@@ -407,7 +215,7 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
                    loaded.info["decode"]),
         batch_size=per_read, shuffle=False,
         num_workers=workers, pin_memory=cuda, persistent_workers=False)
-    writer = results.PartWriter(run_dir, results.schema(loaded))
+    writer = parts.PartWriter(run_dir, parts.schema(loaded))
     threads = torch.get_num_threads()
     if not cuda and workers and threads > 4:
         # On a CPU the decoders and the model share the cores: give the model the
@@ -436,7 +244,7 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
         torch.set_num_threads(threads)
         bar.close()
         writer.flush()
-        results.consolidate(run_dir)
+        parts.consolidate(run_dir)
 
 
 def identify_files(ws: Workspace, loaded: inference.Loaded, paths: list[str],
@@ -454,7 +262,7 @@ def identify_files(ws: Workspace, loaded: inference.Loaded, paths: list[str],
         batch_size: images per forward pass.
     """
     if not paths:
-        return results.SCHEMA.empty_table()
+        return schema.SCHEMA.empty_table()
     info = loaded.info
     files = ImageFiles(paths, info["img_size"], info["interpolation"], refused, info["decode"])
     items = [files[i] for i in range(len(files))]
@@ -526,13 +334,13 @@ def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: l
                          root=str(ws.root), generation=loaded.name, runtime=loaded.runtime,
                          device=str(loaded.device), knn=knn, batch_size=batch_size,
                          tta=loaded.tta))
-    writer = results.PartWriter(run_dir, results.schema(loaded))
+    writer = parts.PartWriter(run_dir, parts.schema(loaded))
     bar = tqdm(total=len(todo), unit="img", desc=f"identifying with {loaded.name} on Ray",
                disable=not progress, smoothing=0.1)
     done = 0
     try:
         for table in rows.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(table.cast(results.SCHEMA))  # Ray may widen types (large_binary)
+            writer.add(table.cast(schema.SCHEMA))  # Ray may widen types (large_binary)
             done += table.num_rows
             bar.update(table.num_rows)
             if on_batch is not None:
@@ -540,7 +348,7 @@ def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: l
     finally:
         bar.close()
         writer.flush()
-        results.consolidate(run_dir)
+        parts.consolidate(run_dir)
 
 
 def _read_batches(batch_size: int, size: int) -> int:
@@ -608,7 +416,7 @@ def _rows(ws: Workspace, loaded: inference.Loaded, paths: list[str], hashes: lis
         "margin": margin, "entropy": entropy, "ood": ood, "knn": knn,
         "embedding": _blobs(s.get("emb", np.zeros((0, 0))), ok),
         "generation": pa.repeat(pa.scalar(loaded.name), n), "error": list(errors),
-    }, schema=results.SCHEMA)
+    }, schema=schema.SCHEMA)
 
 
 def _offsets(ok: np.ndarray, width: int) -> np.ndarray:
@@ -627,8 +435,8 @@ def _lists(values: pa.Array, ok: np.ndarray) -> pa.ListArray:
 
 def _blobs(emb: np.ndarray, ok: np.ndarray) -> pa.BinaryArray:
     """The embedding column: one row of `emb` as float16 bytes per readable row, else null."""
-    data = np.ascontiguousarray(emb, dtype=results.EMBEDDING)
-    offsets = _offsets(ok, data.shape[1] * results.EMBEDDING.itemsize if data.size else 0)
+    data = np.ascontiguousarray(emb, dtype=schema.EMBEDDING)
+    offsets = _offsets(ok, data.shape[1] * schema.EMBEDDING.itemsize if data.size else 0)
     valid = pa.array(ok).buffers()[1]  # Arrow's validity bitmap has the bool array's bits
     return pa.BinaryArray.from_buffers(pa.binary(), len(ok), [
         valid, pa.py_buffer(offsets), pa.py_buffer(data.tobytes())], null_count=int((~ok).sum()))

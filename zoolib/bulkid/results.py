@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,33 +40,15 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import inference
 from ..models import remove_dead_temps
 from ..workspace import Workspace, ZoolibError, file_lock, open_workspace, write_atomic
+from .parts import _holds, _live_parts, _merge, _merged, _run_of, _sources, consolidate, numbered
+from .schema import _META_KEY, EMBEDDING, RESULT_COLUMNS, SCHEMA, float16_rows, upgrade  # noqa: F401
 
-RESULT_COLUMNS = ["path", "rel", "hash", "pred", "confidence", "top5", "top5_prob", "margin",
-                  "entropy", "ood", "knn", "embedding", "generation", "error"]
-SCHEMA = pa.schema([
-    ("path", pa.string()), ("rel", pa.string()), ("hash", pa.string()), ("pred", pa.string()),
-    ("confidence", pa.float64()), ("top5", pa.list_(pa.string())),
-    ("top5_prob", pa.list_(pa.float32())), ("margin", pa.float64()),
-    ("entropy", pa.float64()), ("ood", pa.float64()), ("knn", pa.float64()),
-    ("embedding", pa.binary()),
-    ("generation", pa.string()), ("error", pa.string()),
-])
-_META_KEY = b"zoolib.bulkid"
-_PARTS_KEY = b"zoolib.parts"  # [first, last]: the part numbers a file holds
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
-FLUSH_SECONDS = 10.0  # at most this much finished work is lost by a hard kill
-FLUSH_ROWS = 4096  # ... or this many rows, whichever comes first
-EMBEDDING = np.dtype("<f2")  # float16, little-endian whatever the machine
-# Dictionary-encode only repetitive strings: trying it on embeddings doubles write time.
-_DICT_COLUMNS = ["pred", "generation", "error"]
-# Snappy saves ~30 % on embeddings but makes writing them 2.5x slower; the rest is small.
-_COMPRESSION = {c: "none" if c == "embedding" else "snappy" for c in RESULT_COLUMNS}
 
 
 def run_dir(ws: Workspace, name: str) -> Path:
@@ -146,7 +127,7 @@ def recover(run_dir: Path) -> pa.Array:
     stored = _paths(_read_sources(run_dir, _set_aside, ["path"], merged=True))
     _migrate(run_dir)
     parts = _live_parts(run_dir)
-    stale = set((run_dir / "parts").glob("part-*.parquet")) - set(parts)
+    stale = set(numbered(run_dir / "parts", "part")) - set(parts)
     for p in stale:  # a crash between merging them and removing them: rows kept elsewhere
         p.unlink()
     if stale:
@@ -186,174 +167,6 @@ def _set_aside(path: Path, exc: Exception) -> None:
     path.replace(target)
     print(f"{path} is not a readable results table ({exc}): renamed it {target.name}; "
           "the images it held are identified again")
-
-
-def float16_rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
-    """The embedding column read back: a float16 array per row (None where null)."""
-    blobs = column.combine_chunks()
-    # Slices of one float16 view of the data buffer: no bytes object per row.
-    values = np.frombuffer(blobs.buffers()[2] or b"", dtype=EMBEDDING)
-    ends = np.frombuffer(blobs.buffers()[1], dtype=np.int32, count=len(blobs) + 1,
-                         offset=4 * blobs.offset) // EMBEDDING.itemsize
-    valid = blobs.is_valid().to_numpy(zero_copy_only=False).tolist()
-    return [values[a:b] if ok else None
-            for a, b, ok in zip(ends[:-1].tolist(), ends[1:].tolist(), valid)]
-
-
-def upgrade(table: pa.Table) -> pa.Table:
-    """A table of an older layout brought to SCHEMA: a `knn` column (null) added where
-    it is missing; embeddings stored as float16 lists converted to bytes."""
-    if "knn" not in table.schema.names:
-        at = table.schema.get_field_index("ood") + 1
-        table = table.add_column(at, "knn", pa.nulls(table.num_rows, type=pa.float64()))
-    i = table.schema.get_field_index("embedding")
-    if not pa.types.is_list(table.schema.field(i).type):
-        return table
-    blobs = [None if v is None else np.asarray(v, dtype=EMBEDDING).tobytes()
-             for v in table.column(i).to_pylist()]
-    return table.set_column(i, "embedding", pa.array(blobs, type=pa.binary()))
-
-
-# ----------------------------------------------------------------------------- storage
-
-def schema(loaded: inference.Loaded) -> pa.Schema:
-    """The table schema with the generation and class list in its metadata."""
-    meta = {"generation": loaded.name, "classes": list(loaded.classes)}
-    return SCHEMA.with_metadata({_META_KEY: json.dumps(meta).encode()})
-
-
-def _run_of(path: Path) -> Path:
-    """The run folder of one of its table files (results.parquet, a segment, a part)."""
-    return path.parent.parent if path.parent.name in ("parts", "segments") else path.parent
-
-
-def _number(path: Path) -> int:
-    """The number in `part-NNNNN.parquet` / `seg-NNNNN.parquet`."""
-    return int(path.stem.split("-")[1])
-
-
-def _holds(path: Path) -> tuple[int, int] | None:
-    """The part numbers a table file holds (`_PARTS_KEY`), or None for an older file."""
-    meta = pq.read_schema(path).metadata or {}
-    if _PARTS_KEY not in meta:
-        return None
-    first, last = json.loads(meta[_PARTS_KEY])
-    return int(first), int(last)
-
-
-def _merged(run_dir: Path) -> list[Path]:
-    """results.parquet, then the segments in the order they were written."""
-    main = run_dir / "results.parquet"
-    segments = sorted((run_dir / "segments").glob("seg-*.parquet"), key=_number)
-    return ([main] if main.exists() else []) + segments
-
-
-def _held_numbers(merged: list[Path]) -> list[tuple[int, int]]:
-    """The part-number ranges the merged files hold (unreadable files skipped: they
-    are named by whoever reads them)."""
-    ranges = []
-    for path in merged:
-        try:
-            held = _holds(path)
-        except (OSError, pa.ArrowException):
-            continue
-        if held:
-            ranges.append(held)
-    return ranges
-
-
-def _live_parts(run_dir: Path) -> list[Path]:
-    """The parts no merged file holds, in the order they were written."""
-    held = _held_numbers(_merged(run_dir))
-    parts = sorted((run_dir / "parts").glob("part-*.parquet"), key=_number)
-    return [p for p in parts if not any(a <= _number(p) <= b for a, b in held)]
-
-
-def _sources(run_dir: Path) -> list[Path]:
-    """Every file of the dataset, in the order its rows were written."""
-    return _merged(run_dir) + _live_parts(run_dir)
-
-
-class PartWriter:
-    """Buffers batches and writes them as numbered, atomically renamed part files."""
-
-    def __init__(self, run_dir: Path, schema: pa.Schema):
-        self.dir, self.schema = run_dir / "parts", schema
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.pending: list[pa.Table] = []
-        self.rows, self.last = 0, time.monotonic()
-        # numbers never repeat in a run folder: a merged file names the parts it holds
-        numbers = [_number(p) for p in self.dir.glob("part-*.parquet")]
-        numbers += [b for _, b in _held_numbers(_merged(run_dir))]
-        self.next = max(numbers, default=0) + 1
-
-    def add(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.rows += table.num_rows
-        if self.rows >= FLUSH_ROWS or time.monotonic() - self.last >= FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            path = self.dir / f"part-{self.next:05d}.parquet"
-            meta = {**self.schema.metadata, _PARTS_KEY: json.dumps([self.next] * 2).encode()}
-            table = pa.concat_tables(self.pending).replace_schema_metadata(meta)
-            # fsync: a part counts as done for resume, so it must survive a power cut
-            write_atomic(path, write=lambda p: pq.write_table(
-                table, p, use_dictionary=_DICT_COLUMNS, compression=_COMPRESSION), fsync=True)
-            self.next += 1
-        self.pending, self.rows, self.last = [], 0, time.monotonic()
-
-
-def _merge(sources: list[Path], out_path: Path, schema: pa.Schema,
-           stored: pa.Array | None = None) -> None:
-    """Stream `sources` into one Parquet file, keeping the first row of each path and
-    leaving out the paths in `stored` (rows the dataset already has)."""
-    seen: set[str] = set()
-    with pq.ParquetWriter(out_path, schema, use_dictionary=_DICT_COLUMNS,
-                          compression=_COMPRESSION) as out:
-        for src in sources:
-            # pre_buffer=False: else the reader holds every byte it read until closed
-            for batch in pq.ParquetFile(src, pre_buffer=False).iter_batches(
-                    batch_size=FLUSH_ROWS):
-                paths = batch.column("path").to_pylist()
-                keep = [p not in seen for p in paths]
-                seen.update(paths)
-                if stored is not None and len(stored):
-                    keep = pc.and_(pa.array(keep), pc.invert(pc.is_in(batch.column("path"),
-                                                                     value_set=stored)))
-                out.write_table(upgrade(pa.Table.from_batches([batch]).filter(keep)))
-
-
-def consolidate(run_dir: Path, stored: pa.Array | None = None) -> None:
-    """Merge the run's live parts into one new file of the dataset and remove them.
-
-    The first merge makes results.parquet, later ones `segments/seg-NNNNN.parquet`;
-    files already there are left as they are. Streams batch by batch (memory bounded
-    by a batch); the parts are removed only after the new file is in place, and a
-    crash between the two leaves parts that the new file's metadata marks as held.
-
-    Args:
-        run_dir: the run folder.
-        stored: paths already in the dataset, left out of the merge (after a crash of
-            an older version, whose parts could repeat rows of results.parquet).
-    """
-    parts = _live_parts(run_dir)
-    if not parts:
-        return
-    first, last = _number(parts[0]), _number(parts[-1])
-    main = run_dir / "results.parquet"
-    target = run_dir / "segments" / f"seg-{first:05d}.parquet" if main.exists() else main
-    target.parent.mkdir(exist_ok=True)
-    if len(parts) == 1 and stored is None:  # one part is already a whole file: rename it
-        parts[0].replace(target)
-        return
-    meta = {**(pq.read_schema(parts[-1]).metadata or {}),
-            _PARTS_KEY: json.dumps([first, last]).encode()}
-    schema = SCHEMA.with_metadata(meta)
-    write_atomic(target, write=lambda tmp: _merge(parts, tmp, schema, stored), fsync=True)
-    for p in parts:
-        p.unlink()
 
 
 def _read_source(path: Path, columns: list[str] | None = None) -> pa.Table:

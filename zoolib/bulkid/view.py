@@ -12,7 +12,6 @@ table (`bulkid/<run>/ann/`), extended when later runs add segments.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -24,15 +23,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import ann
-from ..workspace import ZoolibError, open_workspace, write_atomic
+from ..workspace import ZoolibError, open_workspace
+from . import parts, schema
 from . import results as store
+from .index import load_or_build
 
 SCORES = ["confidence", "margin", "entropy", "ood", "knn"]
 # float64 as stored where a filter cuts at a threshold or ranks (confidence < 0.8,
 # the lowest knn) so it cuts where pandas cuts; float32 for the sort-only scores
 SCORE_TYPES = {"confidence": np.float64, "knn": np.float64, "margin": np.float32,
                "entropy": np.float32, "ood": np.float32}
-ROW_COLUMNS = [c for c in store.RESULT_COLUMNS if c != "embedding"]
+ROW_COLUMNS = [c for c in schema.RESULT_COLUMNS if c != "embedding"]
 # What a thumbnail's caption and actions need: a page reads these, not the top-5 lists
 PAGE_COLUMNS = ["path", "rel", "pred", "confidence", "error"]
 _BATCH = 1 << 16  # rows decoded at a time while opening: bounds the temporaries
@@ -256,7 +257,7 @@ class ResultsView:
     def index(self) -> ann.Index:
         """The nearest-neighbour index of the embeddings (built or loaded once)."""
         if self._index is None:
-            self._index = _load_or_build(self)
+            self._index = load_or_build(self)
         return self._index
 
     @cached_property
@@ -312,7 +313,7 @@ class _Files:
             where[mine] = np.arange(done, done + len(mine))
             done += len(mine)
         if not pieces:
-            return pa.table({c: pa.array([], store.SCHEMA.field(c).type) for c in columns})
+            return pa.table({c: pa.array([], schema.SCHEMA.field(c).type) for c in columns})
         return pa.concat_tables(pieces).take(pa.array(where))
 
     def scan(self, columns: list[str], start: int = 0) -> Iterator[pa.RecordBatch]:
@@ -332,9 +333,9 @@ def _decode(column: pa.Array) -> np.ndarray:
     model wrote the table, so every value has the same length)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    values = np.frombuffer(column.buffers()[2] or b"", dtype=store.EMBEDDING)
+    values = np.frombuffer(column.buffers()[2] or b"", dtype=schema.EMBEDDING)
     ends = np.frombuffer(column.buffers()[1], dtype=np.int32, count=len(column) + 1,
-                         offset=4 * column.offset) // store.EMBEDDING.itemsize
+                         offset=4 * column.offset) // schema.EMBEDDING.itemsize
     lengths = np.diff(ends)
     dim = int(lengths.max(initial=0)) or 1
     out = np.zeros((len(column), dim), np.float32)
@@ -358,7 +359,7 @@ def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
     if store._may_repeat(run_dir):  # an older version's leftovers: rows to de-duplicate
         return ResultsView.from_frame(store.load_results(ws, name))
     meta = store._read_run_json(run_dir)
-    files = _Files(store._sources(run_dir))
+    files = _Files(parts._sources(run_dir))
     n = int(files.starts[-1])
     scores = {c: np.full(n, np.nan, SCORE_TYPES[c]) for c in SCORES}
     ok, pred = np.ones(n, bool), np.full(n, -1, np.int32)
@@ -421,33 +422,6 @@ def _codes(column: pa.Array, names: dict[str, int]) -> np.ndarray:
     idx = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     valid = encoded.is_valid().to_numpy(zero_copy_only=False)
     return np.where(valid, local[idx], -1)
-
-
-# ----------------------------------------------------------------------------- the index
-
-def _load_or_build(view: ResultsView) -> ann.Index:
-    """The view's index: loaded from `index_dir` and extended by the files added since,
-    or built; saved back when the view is over merged files only."""
-    files = view._files
-    if view._index_dir is None or files is None:
-        return ann.Index.build(view._embeddings, len(view), view.dim, compressed=True)
-    listing = [[n, r] for n, r in zip(files.names, files.rows_per_file)]
-    meta_path, index_path = view._index_dir / "index.json", view._index_dir / "index.faiss"
-    index, covered = None, 0
-    if meta_path.exists() and index_path.exists():
-        saved = json.loads(meta_path.read_text())["files"]
-        if saved == listing[:len(saved)]:
-            index, covered = ann.Index.load(index_path), len(saved)
-    if index is None:
-        index = ann.Index.build(view._embeddings, len(view), view.dim, compressed=True)
-    else:
-        for batch in files.embeddings(covered):
-            index.add(batch)
-    if not any(n.startswith("part-") for n in files.names) and covered < len(listing):
-        view._index_dir.mkdir(exist_ok=True)
-        write_atomic(index_path, write=index.save)
-        write_atomic(meta_path, json.dumps({"files": listing}))
-    return index
 
 
 __all__ = ["PAGE_COLUMNS", "ROW_COLUMNS", "SCORES", "ResultsView", "open_view"]

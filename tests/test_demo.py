@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoolib import demo, translog
+from zoolib import demo, library, translog
 
 
 def _digest(root):
@@ -45,8 +45,20 @@ def test_demo_holds_every_situation(demo_ws, truth):
 
 
 def test_add_class(demo_ws):
+    before = {p: p.read_bytes() for p in demo_ws.library.rglob("*") if p.is_file()}
     paths = demo.add_class(demo_ws)
     assert len(paths) == 50 and all(p.parent.name == demo.ADDED_CLASS for p in paths)
+    assert all(p.is_file() for p in paths)
+    # real, distinct, readable images of the new class, and nothing else changed
+    m = library.scan(demo_ws, progress=False)
+    added = m[m["label"] == demo.ADDED_CLASS]
+    assert len(added) == 50 and added["readable"].all() and added["hash"].nunique() == 50
+    assert {p: p.read_bytes() for p in before} == before
+    assert demo.ADDED_CLASS in library.training_classes(m, 40, set())  # it takes part
+    drawn = [p.read_bytes() for p in paths]
+    shutil.rmtree(paths[0].parent)
+    again = demo.add_class(demo_ws)  # the same seed draws the same images
+    assert again == paths and [p.read_bytes() for p in again] == drawn
 
 
 def test_demo_imports_nothing_from_pipeline():

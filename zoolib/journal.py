@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import db
-from .workspace import Workspace, ZoolibError, check_user_file, lexical, user_area
+from .workspace import (Workspace, ZoolibError, check_user_file, lexical, user_area,
+                        write_atomic)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -207,9 +208,6 @@ def _free_path(path: Path) -> Path:
     return candidate
 
 
-_PARTIAL = ".zoolib-partial-"  # prefix of a copy being written (hidden from scans)
-
-
 def _move(src: Path, dest: Path) -> None:
     """Move a file (a link as itself) without ever leaving half a file at `dest`.
 
@@ -226,14 +224,8 @@ def _move(src: Path, dest: Path) -> None:
 
 
 def _copy(src: Path, dest: Path) -> None:
-    """Copy a file's content and times to `dest`, all or nothing (hidden partial first)."""
-    partial = dest.with_name(f"{_PARTIAL}{os.getpid()}-{dest.name}")
-    try:
-        shutil.copy2(src, partial, follow_symlinks=False)
-        os.replace(partial, dest)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    """Copy a file's content and times to `dest`, all or nothing (`write_atomic`)."""
+    write_atomic(dest, write=lambda tmp: shutil.copy2(src, tmp, follow_symlinks=False))
 
 
 def move_journaled(ws: Workspace, action: str, src: Path, dest: Path, copy: bool = False,
@@ -304,7 +296,7 @@ def recover(ws: Workspace) -> list[int]:
         origin = Path(r.path) if Path(r.path).is_absolute() else ws.root / r.path
         if dest.exists() or dest.is_symlink() or not (origin.exists() or origin.is_symlink()):
             continue
-        for partial in dest.parent.glob(f"{_PARTIAL}*-{dest.name}"):
+        for partial in dest.parent.glob(f".{dest.name}.*.tmp"):  # a copy cut short
             partial.unlink(missing_ok=True)
         written.append(record(ws, "abandoned", r.path, undoes=int(r.id),
                               reason="interrupted before the file moved (or after it moved "

@@ -6,12 +6,15 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .workspace import write_atomic
+
 
 def save(fig, path: str | Path | None):
-    """Lay the figure out and, given a path, write it as a PNG; returns the figure."""
+    """Lay the figure out and, given a path, write it as a PNG (whole or not at all:
+    `workspace.write_atomic`); returns the figure. The one figure saver of zoolib."""
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        write_atomic(path, write=lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return fig
 
 

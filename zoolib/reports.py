@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import translog
+from .plots import save
 from .workspace import Workspace, open_workspace
 
 BANDS = (0.0, 0.5, 0.7, 0.9, 1.0)  # confidence band edges
@@ -194,13 +195,6 @@ def class_comparison(df: pd.DataFrame, gens: list[str] | None = None) -> pd.Data
 # --- figures -------------------------------------------------------------------------
 
 
-def _save(fig, path: str | Path | None):
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
-
-
 def plot_usage(df: pd.DataFrame, path: str | Path | None = None):
     """Predictions per day and per week, stacked by generation (None if no data)."""
     if df.empty:
@@ -212,7 +206,7 @@ def plot_usage(df: pd.DataFrame, path: str | Path | None = None):
         table.plot.bar(stacked=True, ax=ax, width=0.85, legend=freq == "D")
         ax.set_title(f"Predictions {title}")
         ax.set_xlabel("")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _errorbars(ax, table: pd.DataFrame, x: str, label: str | None = None, offset: float = 0):
@@ -244,7 +238,7 @@ def plot_accuracy(df: pd.DataFrame, path: str | Path | None = None):
             ax.text(0.5, 0.5, "no evaluation names a class", ha="center", transform=ax.transAxes)
             continue
         _errorbars(ax, table, key)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_accuracy_over_time(df: pd.DataFrame, freq: str = "W", path: str | Path | None = None):
@@ -264,7 +258,7 @@ def plot_accuracy_over_time(df: pd.DataFrame, freq: str = "W", path: str | Path 
                   [f"{p:%m-%d}" for p in periods], rotation=0)
     ax.set_title(f"Accuracy per {'week' if freq == 'W' else 'day'} and generation")
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_band_share(df: pd.DataFrame, path: str | Path | None = None):
@@ -277,7 +271,7 @@ def plot_band_share(df: pd.DataFrame, path: str | Path | None = None):
     ax.set_xlabel("share of predictions")
     ax.set_title("Confidence bands")
     ax.legend(title="confidence", bbox_to_anchor=(1.0, 1.0), loc="upper left")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_class_comparison(df: pd.DataFrame, path: str | Path | None = None):
@@ -290,7 +284,7 @@ def plot_class_comparison(df: pd.DataFrame, path: str | Path | None = None):
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title("Accuracy per true class: latest vs previous generation")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # --- one report ----------------------------------------------------------------------
@@ -313,7 +307,7 @@ def build(workspace, out_dir: str | Path, since: str | None = None) -> dict:
     written = []
     for name, fig in figures.items():
         if fig is not None:
-            fig.savefig(out / name, dpi=110)
+            save(fig, out / name)
             plt.close(fig)
             written.append(name)
     tables = {"summary.csv": summary(df), "comparison.csv": compare(df),

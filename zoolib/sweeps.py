@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import pipeline
+from .plots import save
 from .workspace import ZoolibError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -141,7 +142,4 @@ def plot_sweep(table: pd.DataFrame, metric: str, path: str | Path | None = None)
         ax.legend(fontsize=8)
     ax.set_xticks(range(len(table)), table["run"], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return save(fig, path)

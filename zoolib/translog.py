@@ -64,7 +64,7 @@ class UnknownTransactionError(ZoolibError):
 
 def served_images(ws: Workspace) -> Path:
     """Where served images are kept, by content hash, for later review."""
-    return ws.root / "served"
+    return ws.served
 
 
 def now() -> datetime:

@@ -81,6 +81,24 @@ class Workspace:
     def journal_db(self) -> Path:
         return self.root / "zoo.sqlite"
 
+    @property
+    def served(self) -> Path:
+        """Served images kept by content hash for review (`translog`)."""
+        return self.root / "served"
+
+    @property
+    def cleaning(self) -> Path:
+        """Derived tables of the cleaning step (rebuilt by re-running it)."""
+        return self.root / "cleaning"
+
+    def internals(self) -> dict[str, Path]:
+        """The workspace's own files and folders, by name: everything but the class
+        folders of the library and the inbox. The one list of them."""
+        return {"library/": self.library, "models/": self.models, "splits/": self.splits,
+                "bulkid/": self.bulkid, "_trash/": self.trash, ".zoolib/": self.cache,
+                "served/": self.served, "cleaning/": self.cleaning,
+                "zoo.sqlite": self.journal_db}
+
     def __str__(self) -> str:
         return str(self.root)
 

@@ -265,3 +265,30 @@ def test_recipe_choices_are_checked():
     assert TrainConfig(arch="zoo_cnn").resolved().optimizer == "muon"
     assert TrainConfig(flip=True).resolved().flip == "alternate"
     assert TrainConfig(flip=False).resolved().flip == "none"
+
+
+def test_validate_last_scores_the_last_epoch_only_and_trains_the_same(demo_ws, tmp_path):
+    from zoolib import demo
+
+    last = train(demo_ws, TrainConfig(**{**TINY, "epochs": 3}), progress=False)
+    assert last.info["config"]["validate"] == "last"  # the airbench recipe's
+    h = last.history
+    assert h["valid_loss"].iloc[:2].isna().all() and h["accuracy"].iloc[:2].isna().all()
+    assert h[["train_loss", "valid_loss", "accuracy"]].iloc[2].notna().all()
+    assert np.isfinite(last.info["metrics"]["valid_accuracy"])
+    other = demo.build(tmp_path / "every", seed=0)
+    every = train(other, TrainConfig(**{**TINY, "epochs": 3}, validate="every"), progress=False)
+    assert every.history[["valid_loss", "accuracy"]].notna().all().all()
+    # the same weights: validating is not part of what a run computes
+    a = models.load_generation(demo_ws, last.name)[0].state_dict()
+    b = models.load_generation(other, every.name)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert every.history["valid_loss"].iloc[2] == pytest.approx(h["valid_loss"].iloc[2])
+
+
+def test_the_plateau_schedule_needs_every_epoch_validated():
+    from zoolib.workspace import ZoolibError
+
+    with pytest.raises(ZoolibError, match="VALIDATE must be 'every'"):
+        TrainConfig(schedule="plateau", validate="last").check()
+    assert TrainConfig(arch="resnet18").resolved().validate == "every"

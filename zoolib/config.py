@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("triangle", "plateau")
 OPTIMIZERS = ("sgd", "muon", "adam")
 FLIPS = ("alternate", "random", "none")
+VALIDATES = ("every", "last")
 # UPPER_CASE names of the notebooks that train, read by the notebook, not by TrainConfig
 NOTEBOOK_NAMES = frozenset({"WORKSPACE", "REPORT_DIR"})
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -64,6 +65,11 @@ class TrainConfig:
         triangle_start, triangle_peak, triangle_end: the triangle's shape: the rate
             rises from start x peak rate to the peak over the first triangle_peak
             share of the steps, then falls to end x peak (airbench: 0.2, 0.23, 0.07).
+        validate: "every" epoch (the curves of 02_train; classic) or the "last"
+            only (airbench: a fixed-budget triangle reads nothing else, and
+            validation is about 4% of a short run's time; the other epochs'
+            validation values are NaN in history.csv). The plateau schedule needs
+            "every". Not part of a run's identity (the weights are the same).
         patience: flat epochs without a better validation loss that make a plateau.
         min_improvement: a validation loss lower by this share of the best counts
             as better (0.005 = 0.5%).
@@ -130,6 +136,7 @@ class TrainConfig:
     triangle_start: float = 0.2
     triangle_peak: float = 0.23
     triangle_end: float = 0.07
+    validate: str | None = None
     patience: int = 3
     min_improvement: float = 0.005
     anneal_pct: float = 0.25
@@ -213,10 +220,13 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ZoolibError(f"{name.upper()} must be positive, got {getattr(self, name)}")
         for name, allowed in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
-                              ("flip", FLIPS)):
+                              ("flip", FLIPS), ("validate", VALIDATES)):
             if getattr(self, name) not in allowed:
                 raise ZoolibError(f"{name.upper()} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
+        if self.schedule == "plateau" and self.validate != "every":
+            raise ZoolibError(f"SCHEDULE='plateau' watches the validation loss every epoch: "
+                              f"VALIDATE must be 'every', got {self.validate!r}")
         if self.recipe in recipe.AIRBENCH_LIKE and (not self.arch.startswith("zoo_cnn")
                                                     or self.pretrained):
             raise ZoolibError(f"RECIPE={self.recipe!r} trains a zoo_cnn from random weights, not "

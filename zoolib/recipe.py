@@ -46,13 +46,13 @@ RECIPES: dict[str, dict] = {
         "optimizer": "muon", "lr": 11.5, "weight_decay": 0.0153, "schedule": "triangle",
         "epochs": 10, "batch_size": None, "flip": "alternate", "lookahead": True,
         "ema_decay": 0.0, "whiten": True, "dirac": True, "bn_frozen_scale": True,
-        "max_rotate": 0.0, "max_zoom": 1.0,
+        "max_rotate": 0.0, "max_zoom": 1.0, "validate": "last",
     },
     "classic": {
         "optimizer": "adam", "lr": 0.01, "weight_decay": 0.05, "schedule": "plateau",
         "epochs": 40, "batch_size": 64, "flip": "random", "lookahead": False,
         "ema_decay": 0.9998, "whiten": False, "dirac": False, "bn_frozen_scale": False,
-        "max_rotate": 10.0, "max_zoom": 1.1,
+        "max_rotate": 10.0, "max_zoom": 1.1, "validate": "every",
     },
 }
 

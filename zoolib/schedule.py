@@ -217,8 +217,8 @@ class TriangleSchedule(PlateauSchedule):
 
     def after_epoch(self):
         s, e = self.state, self.epoch + 1
-        value = float(self.recorder.values[-1][self.idx])
-        if s.best is None or self._better(value, s.best, strict=False):
+        value = float(self.recorder.values[-1][self.idx])  # NaN: not validated (VALIDATE)
+        if not math.isnan(value) and (s.best is None or self._better(value, s.best, strict=False)):
             s.best, s.last_improved = value, e
         if e >= self.epochs:
             s.kept, s.best_epoch, s.phase = value, e, "done"

@@ -59,7 +59,8 @@ from timm.optim import Lookahead
 
 from . import augment, models, recipe, warmstart
 from .callbacks import (Checkpoint, CpuAutocast, Ema, GroupWeightDecay, LookaheadRate,
-                        ReleaseMemory, SkipDone, TrainableUntil, cpu_has_bf16, release_memory)
+                        ReleaseMemory, SkipDone, TrainableUntil, ValidateLast, cpu_has_bf16,
+                        release_memory)
 from .config import TrainConfig, read_params
 from .distributed import init, is_main, on_main, parallel_callbacks, rank0_first, world_size
 from .loaders import batch_size, data_hash, make_dataloaders, prepare_data, whitening_images
@@ -70,8 +71,9 @@ from .schedule import PlateauSchedule, Progress, TriangleSchedule
 from .workspace import Workspace, ZoolibError, open_workspace
 
 # Settings that do not change what a run computes, so not part of its identity: the
-# pixel cache (same pixels), data-loading workers, RESUME (False starts this run over).
-NOT_IDENTITY = ("cache", "num_workers", "resume")
+# pixel cache (same pixels), data-loading workers, RESUME (False starts this run over),
+# VALIDATE (only which epochs are scored).
+NOT_IDENTITY = ("cache", "num_workers", "resume", "validate")
 
 
 @dataclass
@@ -265,6 +267,7 @@ def _fit(run: _Run, model: torch.nn.Module, progress: bool, extra_cbs) -> TrainR
            ChannelsLast(), *_precision_cbs(run.precision),
            *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
            *([GroupWeightDecay(decays)] if decays else []),
+           *([ValidateLast()] if cfg.validate == "last" else []),
            *parallel_callbacks(), *extra_cbs]
     with rank0_first():  # rank 0 fills the pixel cache; the others then only read it
         learn = build_learner(ws, cfg, data, classes, model, run_dir, run.prep, cbs, progress)

@@ -123,7 +123,8 @@ def config(args, init_from: str) -> TrainConfig:
     return TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs,
                        min_images=min(40, min(args.sizes + [args.new_class])),
                        init_from=init_from, seed=args.seed, resume=False,
-                       num_workers=args.workers, **given)
+                       num_workers=args.workers, validate="every",  # epochs-to-reach needs each
+                       **given)
 
 
 def train_generation(ws, args, init_from: str, label: str) -> tuple:

@@ -251,6 +251,16 @@ def plot_overlaps(pairs: pd.DataFrame, path: str | Path | None = None, title: st
 
 # --------------------------------------------------------------------------- features
 
+def _library_rows(ws: Workspace, generation: str | None) -> tuple[str, pd.DataFrame]:
+    """The generation's name and the library's readable images of its classes, one row
+    per content (a copy would only repeat its twin's score)."""
+    name = models.resolve_generation(ws, generation, include_throwaway=True)
+    classes = models.read_info(ws, name)["classes"]
+    manifest = library.scan(ws, progress=False)
+    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)]
+    return name, rows.drop_duplicates("hash").reset_index(drop=True)
+
+
 def library_features(ws: Workspace, generation: str, rows: pd.DataFrame, batch_size: int = 128,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Features of library images (path column) under a generation, in one pass each
@@ -286,11 +296,7 @@ def out_of_distribution(ws: Workspace, generation: str = "last", k: int = 10,
     """
     from cleanlab.outlier import OutOfDistribution
 
-    name = models.resolve_generation(ws, generation, include_throwaway=True)
-    classes = models.read_info(ws, name)["classes"]
-    manifest = library.scan(ws, progress=False)
-    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)]
-    rows = rows.drop_duplicates("hash").reset_index(drop=True)
+    name, rows = _library_rows(ws, generation)
     stage, _ = library_features(ws, name, rows, progress=progress)
     scores = np.full(len(rows), np.nan)
     for label, idx in rows.groupby("label").indices.items():
@@ -348,11 +354,7 @@ def map_frame(ws: Workspace, generation: str = "last", results: pd.DataFrame | N
         "inbox"), label (the class, or the predicted class for inbox rows), x, y
         and mark ("" or the first name in `marks` that holds the path).
     """
-    name = models.resolve_generation(ws, generation, include_throwaway=True)
-    classes = models.read_info(ws, name)["classes"]
-    manifest = library.scan(ws, progress=False)
-    rows = manifest[manifest["readable"] & manifest["label"].isin(classes)]
-    rows = rows.drop_duplicates("hash").reset_index(drop=True)
+    name, rows = _library_rows(ws, generation)
     _, emb = library_features(ws, name, rows, progress=progress)
     frame = pd.DataFrame({"path": rows["path"], "where": "library", "label": rows["label"]})
     if results is not None and len(results):

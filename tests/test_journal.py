@@ -149,3 +149,43 @@ def test_journal_and_transaction_log_open_the_database_the_same_way(demo_ws, mon
     journal.connect(demo_ws).close()
     translog.connect(demo_ws).close()
     assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------- long names
+
+def test_free_path_cuts_the_stem_to_fit_the_counter(tmp_path):
+    import os
+
+    name = "x" + "€" * 83 + ".jpg"  # 254 bytes: "~1" fits only with a cut
+    (tmp_path / name).write_bytes(b"x")
+    free = journal._free_path(tmp_path / name)
+    assert free.name == "x" + "€" * 82 + "~1.jpg"  # a whole 3-byte character cut
+    assert len(os.fsencode(free.name)) <= 255
+    free.write_bytes(b"y")
+    assert journal._free_path(tmp_path / name).name == "x" + "€" * 82 + "~2.jpg"
+
+
+def test_recover_removes_a_cut_short_partial_copy_of_a_255_byte_name(demo_ws):
+    from zoolib.workspace import temp_path
+
+    src = demo_ws.inbox / "camera0" / ("p" * 251 + ".jpg")
+    src.write_bytes(b"data")
+    dest = demo_ws.library / "lion" / src.name
+    event = journal.record(demo_ws, "add_to_library", journal._rel(demo_ws, src),
+                           journal._rel(demo_ws, dest), row_first=True)  # killed mid-copy
+    partial = temp_path(dest)
+    partial.write_bytes(b"da")
+    assert journal.recover(demo_ws) and journal.read(demo_ws).iloc[-1]["undoes"] == event
+    assert not partial.exists() and src.exists() and not dest.exists()
+
+
+def test_recover_keeps_a_move_whose_file_moved_on_back_to_its_origin(demo_ws):
+    """lion -> zebra -> lion: the first move's destination is empty and its origin full,
+    as after a kill, but the move happened; a later event took the file on."""
+    from zoolib import curate
+
+    first = curate.relabel(demo_ws, ["lion/lion_0001.jpg"], "zebra")
+    curate.relabel(demo_ws, ["zebra/lion_0001.jpg"], "lion")
+    assert journal.recover(demo_ws) == []
+    assert not journal.read(demo_ws)["undone"].any(), "a move that happened was abandoned"
+    assert first

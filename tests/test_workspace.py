@@ -98,3 +98,19 @@ def test_file_lock_refuses_another_holder_is_reentrant_and_keeps_its_file(tmp_pa
     t.start()
     t.join()
     assert seen[-1] == "held"
+
+
+def test_write_atomic_writes_a_255_byte_name_through_a_short_hidden_temporary(tmp_path):
+    import os
+
+    from zoolib import workspace
+
+    target = tmp_path / ("é" * 125 + "x.jpg")  # 255 bytes: the longest name ext4 holds
+    seen = []
+    workspace.write_atomic(target, write=lambda p: seen.append(p) or p.write_bytes(b"img"))
+    temp_path = workspace.temp_path
+    assert target.read_bytes() == b"img" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    assert seen == [temp_path(target)] and seen[0].name.startswith(".zl.")
+    assert len(os.fsencode(seen[0].name)) < 64  # short whatever the name
+    assert temp_path(target).name != temp_path(tmp_path / "other.jpg").name
+    assert f"{os.getpid()}-" in seen[0].name  # the writer's pid (models.remove_dead_temps)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import db
-from .workspace import (Workspace, ZoolibError, check_user_file, lexical, user_area,
-                        write_atomic)
+from .workspace import (Workspace, ZoolibError, check_user_file, cut_stem, lexical, name_limit,
+                        temp_path, user_area, write_atomic)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
@@ -200,10 +200,25 @@ def _rel(ws: Workspace, path: Path) -> str:
 
 
 def _free_path(path: Path) -> Path:
-    """`path`, or `path` with a counter added if it exists: nothing is overwritten."""
-    n, candidate = 1, path
+    """`path`, or `path` with a counter `~N` added if it exists: nothing is overwritten.
+
+    The counter goes before the suffix; where the name would then pass the file
+    system's limit, the stem is cut (whole characters) to make room.
+
+    Raises:
+        ZoolibError: the name does not fit even cut (`check_user_file` refuses such
+            names before a batch starts: this is the last guard).
+    """
+    limit, n, candidate = name_limit(path.parent), 1, path
+    if len(os.fsencode(path.name)) > limit:
+        raise ZoolibError(f"{path}: the name is longer than the {limit} bytes its folder holds")
     while candidate.exists() or candidate.is_symlink():
-        candidate = path.with_name(f"{path.stem}~{n}{path.suffix}")
+        tail = f"~{n}{path.suffix}"
+        stem = cut_stem(path.name, tail, limit)
+        if not stem:
+            raise ZoolibError(f"{path}: no counted name ({tail}) fits the {limit} bytes its "
+                              "folder holds: rename it shorter")
+        candidate = path.with_name(stem + tail)
         n += 1
     return candidate
 
@@ -279,6 +294,8 @@ def recover(ws: Workspace) -> list[int]:
     A live trash, copy or move row whose destination is missing while the file
     is back at (or still at) its origin did not happen, or was undone by a
     process killed before it journaled the undo: an "abandoned" row says so.
+    Unless a later standing event took a file from that destination (a relabel
+    back to the first class): then the move happened and the file went on.
     Hidden partial copies left beside such destinations are removed (their
     source is intact). Library actions call this under the workspace lock.
 
@@ -289,15 +306,20 @@ def recover(ws: Workspace) -> list[int]:
     if rows.empty:
         return []
     first = rows["details"].fillna("").str.contains('"row_first": true', regex=False)
-    live = rows[first & ~rows["undone"].astype(bool)]
+    standing = ~rows["undone"].astype(bool)
+    live, standing = rows[first & standing], rows[standing]
+    last_on = standing.groupby("path")["id"].max()  # the latest standing event on each file
     written = []
     for r in live.itertuples():
         dest = ws.root / r.dest
         origin = Path(r.path) if Path(r.path).is_absolute() else ws.root / r.path
         if dest.exists() or dest.is_symlink() or not (origin.exists() or origin.is_symlink()):
             continue
-        for partial in dest.parent.glob(f".{dest.name}.*.tmp"):  # a copy cut short
-            partial.unlink(missing_ok=True)
+        if last_on.get(r.dest, -1) > r.id:  # a later event moved the file on from dest
+            continue
+        for pattern in (temp_path(dest, "*").name, f".{dest.name}.*.tmp"):  # new, older names
+            for partial in dest.parent.glob(pattern):  # a copy cut short
+                partial.unlink(missing_ok=True)
         written.append(record(ws, "abandoned", r.path, undoes=int(r.id),
                               reason="interrupted before the file moved (or after it moved "
                               "back): the file is at its origin"))

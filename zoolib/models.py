@@ -35,8 +35,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INFO_DEFAULTS = {"interpolation": "bilinear", "decode": "full"}
 _GEN = re.compile(r"^gen-(\d{4,})$")
 SPLITS_FILE = "splits.parquet"  # a generation's own train/valid/test/benchmark rows
-# A temporary of write_atomic (".<name>.<pid>-<thread>.tmp") or of save_generation
-# (".<name>.<pid>-<random>.tmp"): the writer's process id is the second-last field.
+# A temporary of write_atomic (".zl.<pid>-<thread>-<tag>.tmp", `workspace.temp_path`) or of
+# save_generation (".<name>.<pid>-<random>.tmp"): the writer's process id follows the last dot
+# but one.
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.tmp$")
 # Temporary folders of save_generation before they carried a process id (mkdtemp's
 # 8 random characters); removed once this old: no save takes an hour.

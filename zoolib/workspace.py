@@ -5,6 +5,7 @@ workbench writes for a project lives inside it, never inside the repository.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -20,6 +21,7 @@ UNKNOWN = "Unknown"
 # Names that would collide with the workspace's own folders or with OS devices.
 _RESERVED = {"_trash", "_meta.csv", ".", "..", "con", "prn", "aux", "nul"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+NAME_MAX, COUNTER = 255, "~999999"  # bytes of a name where the OS does not say; longest counter
 
 
 class ZoolibError(ValueError):
@@ -144,9 +146,8 @@ def open_workspace(path: str | Path | Workspace) -> Workspace:
     if not ws.root.is_dir():
         raise ZoolibError(f"workspace {ws.root} does not exist")
     if not ws.library.is_dir():
-        raise ZoolibError(
-            f"workspace {ws.root} has no library/ folder: expected library/<class>/<image>"
-        )
+        raise ZoolibError(f"workspace {ws.root} has no library/ folder: expected "
+                          "library/<class>/<image>")
     if not class_folders(ws):
         raise ZoolibError(f"workspace {ws.root} is empty: library/ holds no class folder")
     return ws
@@ -154,9 +155,8 @@ def open_workspace(path: str | Path | Workspace) -> Workspace:
 
 def class_folders(ws: Workspace) -> list[Path]:
     """The class folders of the library, sorted by name (hidden ones skipped)."""
-    return sorted(
-        p for p in ws.library.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
-    )
+    return sorted(p for p in ws.library.iterdir()
+                  if p.is_dir() and not p.name.startswith((".", "_")))
 
 
 def _invisible(c: str) -> bool:
@@ -286,7 +286,7 @@ def check_user_file(ws: Workspace, path: str | Path, areas=("library", "inbox", 
 
     Raises:
         ZoolibError: a workspace internal, an area not allowed, a link when links
-            are not accepted, or not a file.
+            are not accepted, not a file, or a name too long for the workspace.
     """
     p, area = lexical(ws, path), user_area(ws, path)
     if area == "internal":
@@ -304,7 +304,29 @@ def check_user_file(ws: Workspace, path: str | Path, areas=("library", "inbox", 
                               "copy the file it points to instead")
     elif not p.is_file():
         raise ZoolibError(f"{path} is not a file" + (" (a folder)" if p.is_dir() else ""))
+    limit, size = name_limit(ws.library), len(os.fsencode(p.name))
+    if size > limit or not cut_stem(p.name, COUNTER + p.suffix, limit):  # a namesake's too
+        raise ZoolibError(f"{path}: its name is {size} bytes; the workspace holds names of at "
+                          f"most {limit} bytes, a counter ({COUNTER}) included: rename it shorter")
     return p
+
+
+def name_limit(folder: Path) -> int:
+    """The longest name (bytes) `folder`'s file system holds (PC_NAME_MAX, else NAME_MAX)."""
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no answer
+        return NAME_MAX
+
+
+def cut_stem(name: str, tail: str, limit: int) -> str:
+    """`name`'s stem cut at a character boundary to fit `limit` bytes before `tail` ("" if none)."""
+    stem, room = Path(name).stem, limit - len(os.fsencode(tail))
+    while stem and len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem
 
 
 # ---------------------------------------------------------------- one writer at a time
@@ -355,10 +377,8 @@ def file_lock(path: Path, timeout: float = -1, busy: str | None = None) -> Itera
 
 def lock(ws: Workspace, timeout: float = 60):
     """The workspace's action lock: one library action (a batch) at a time, across
-    processes and threads (`file_lock` on `.zoolib/actions.lock`).
-
-    Re-entrant within a thread, so an action may call another. Use as
-    ``with lock(ws): ...``.
+    processes and threads (`file_lock` on `.zoolib/actions.lock`); re-entrant within
+    a thread, so an action may call another. Use as ``with lock(ws): ...``.
 
     Raises:
         ZoolibError (on entry): another process held the lock for `timeout` seconds.
@@ -370,12 +390,10 @@ def lock(ws: Workspace, timeout: float = 60):
 
 def write_atomic(path: str | Path, data: str | bytes | None = None, *,
                  write: Callable[[Path], object] | None = None, fsync: bool = False) -> Path:
-    """Write a whole file or nothing: a temporary sibling, then an atomic rename.
+    """Write a whole file or nothing: a temporary sibling (`temp_path`), then an atomic rename.
 
     The one helper every writer in zoolib uses. A crash mid-write leaves the old
-    file (or none), never half a file. The temporary name is unique per process
-    and thread, so two writers never share one, and it starts with a dot, so
-    scans and globs skip it.
+    file (or none), never half a file.
 
     Args:
         path: the file to write.
@@ -391,7 +409,7 @@ def write_atomic(path: str | Path, data: str | bytes | None = None, *,
     path = Path(path)
     if (data is None) == (write is None):
         raise TypeError("write_atomic needs exactly one of data or write")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    tmp = temp_path(path)
     try:
         if write is not None:
             write(tmp)
@@ -408,6 +426,15 @@ def write_atomic(path: str | Path, data: str | bytes | None = None, *,
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def temp_path(path: Path, writer: str = "") -> Path:
+    """The temporary sibling of `path`, `.zl.<writer>-<tag>.tmp`: writer `<pid>-<thread>`
+    (default; "*" globs any), tag a hash of the name. Short whatever the name, hidden
+    from scans (a dot-file), its pid where `models.remove_dead_temps` reads it."""
+    writer = writer or f"{os.getpid()}-{threading.get_ident()}"
+    tag = hashlib.blake2s(os.fsencode(path.name), digest_size=6).hexdigest()
+    return path.with_name(f".zl.{writer}-{tag}.tmp")
 
 
 def _fsync(path: Path) -> None:

@@ -52,11 +52,16 @@ __all__ = ["CHECKED", "CURATION_ACTIONS", "MERGE", "PAIR_COLUMNS", "RELABEL", "R
 def undo(ws: Workspace, event_id: int) -> int:
     """Reverse any curation event (rotation, table edit, trash, copy, move).
 
+    A merge or relabel is undone whole or not at all: while a later event still
+    acts on its files (a second relabel of one of them, say), it is refused with
+    nothing changed, naming the event to undo first.
+
     Returns:
         The id of the journal row recording the undo.
 
     Raises:
-        ZoolibError: no such event, or it was already undone.
+        ZoolibError: no such event, it was already undone, or (a merge or relabel)
+            it could not be undone whole.
     """
     row = journal.undoable_event(ws, event_id)
     details = json.loads(row["details"] or "{}")

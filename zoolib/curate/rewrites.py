@@ -221,10 +221,75 @@ def _rekey(ws: Workspace, path: Path, columns: list[str], moves: dict[str, str])
 
 
 def undo_moves(ws: Workspace, row: pd.Series, details: dict) -> int:
-    """Undo a merge or relabel: side tables first, then the files, newest first."""
+    """Undo a merge or relabel whole, or refuse it with nothing changed.
+
+    Every file is checked first (`_check_undo_moves`); then the files move back,
+    newest first, and only then the side tables are restored: a table never
+    names a path its file has not reached.
+
+    Raises:
+        ZoolibError: the undo could not be complete (see `_check_undo_moves`).
+    """
+    _check_undo_moves(ws, row, details)
+    for event in reversed(details["events"]):
+        journal.undo(ws, event)
     for table_event in reversed(details["tables"]):
         table_row = journal.undoable_event(ws, table_event)
         undo_table(ws, table_row, json.loads(table_row["details"]))
-    for event in reversed(details["events"]):
-        journal.undo(ws, event)
     return journal.record(ws, "undo", path=row["path"], undoes=int(row["id"]))
+
+
+def _check_undo_moves(ws: Workspace, row: pd.Series, details: dict) -> None:
+    """Refuse an undo of a merge or relabel that could not be complete (or exact).
+
+    Raises:
+        ZoolibError: a later standing event acts on one of its files or their
+            side-table rows (named: undo it first), a part of it was undone on its
+            own, a file is not where the event put it, or its origin is taken.
+    """
+    rows = journal.read(ws)
+    own = rows[rows["id"].isin(details["events"] + details["tables"])].set_index("id")
+    what = f"cannot undo {row['action']} {row['id']}"
+    for event in details["events"] + details["tables"]:
+        if event not in own.index or own.loc[event, "undone"]:
+            raise ZoolibError(f"{what}: its part {event} was undone on its own")
+    moves = own.loc[details["events"], ["path", "dest"]]
+    blocker = _later_event_on(rows, int(row["id"]), set(moves["path"]) | set(moves["dest"]))
+    if blocker is not None:
+        raise ZoolibError(f"{what}: a later event still acts on its files; undo event "
+                          f"{blocker[0]} ({blocker[1]}) first, then this one")
+    for origin, dest in moves.itertuples(index=False):
+        if not os.path.lexists(ws.root / dest):
+            raise ZoolibError(f"{what}: {dest} is missing (moved or deleted outside zoolib)")
+        if os.path.lexists(ws.root / origin):
+            raise ZoolibError(f"{what}: {origin} is taken by another file; move it away first")
+
+
+def _later_event_on(rows: pd.DataFrame, after: int, paths: set[str]) -> tuple[int, str] | None:
+    """The latest standing event after `after` that acts on one of `paths` (workspace-
+    relative), as (id, action) of what a user undoes: the relabel, merge or rotation
+    that a file move or table edit is part of, else the event itself."""
+    later = rows[(rows["id"] > after) & ~rows["undone"].astype(bool) & rows["undoes"].isna()]
+    details = {int(r.id): json.loads(r.details or "{}") for r in later.itertuples()}
+    owner = {part: (int(r.id), r.action) for r in later.itertuples() if r.action in _WHOLES
+             for part in _parts(details[int(r.id)])}
+    for r in later[::-1].itertuples():
+        if _named(r, details[int(r.id)]) & paths:
+            return owner.get(int(r.id), (int(r.id), r.action))
+    return None
+
+
+_WHOLES = (MERGE, RELABEL, "rotate")  # events made of parts, undone whole
+
+
+def _parts(details: dict) -> list[int]:
+    """The journal ids of an event's parts (file moves, table edits, a rotation's trash)."""
+    return details.get("events", []) + details.get("tables", []) + (
+        [details["trash_event"]] if "trash_event" in details else [])
+
+
+def _named(r, details: dict) -> set[str]:
+    """The workspace-relative paths a journal row acts on: its file and destination, and
+    the library images its details list (a mark's paths, a table edit's rows)."""
+    listed = details.get("paths", []) + [c["path"] for c in details.get("changes", [])]
+    return {r.path, r.dest} | {f"library/{p}" for p in listed}

@@ -203,3 +203,18 @@ def test_a_worker_that_dies_is_a_message_naming_the_fix(demo_ws, monkeypatch):
     monkeypatch.setattr(library, "POOL_MIN_FILES", 1)
     with pytest.raises(ZoolibError, match="__name__ == \"__main__\".*workers=1"):
         library.scan(demo_ws, progress=False, workers=2)
+
+
+def test_a_read_only_workspace_scans_with_a_warning(demo_ws, monkeypatch):
+    import errno
+
+    first = library.scan(demo_ws, progress=False)
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(library, "write_atomic", refuse)
+    (demo_ws.root / ".zoolib" / "manifest.parquet").unlink()  # nothing cached to reuse
+    with pytest.warns(UserWarning, match="scan cache .* was not saved"):
+        again = library.scan(demo_ws, progress=False)
+    pd.testing.assert_frame_equal(again, first)

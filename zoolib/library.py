@@ -1,21 +1,18 @@
 """Scan the labelled library into a manifest DataFrame; class counts and cutoffs.
 
 The scan is incremental: a file whose size and modification time match the
-cached manifest is not opened again. The cache lives in the workspace
-(`.zoolib/manifest.parquet`) and can always be rebuilt.
-
-New or changed files are described (read, hashed, decoded) in a process pool
-when there are enough of them to pay for starting one: chunks of paths go out,
-rows come back, and only a few chunks are in flight at a time, so memory holds
-the rows, never a backlog of pending results or many files' bytes. The rows do
-not depend on the number of workers: each file is described by the same
-function, and the manifest is sorted by path.
+cached manifest (`.zoolib/manifest.parquet`, always rebuildable) is not opened
+again. New or changed files are described (read, hashed, decoded) in a process
+pool when there are enough of them to pay for starting one, a few chunks of
+paths in flight at a time, so memory holds the rows, never a backlog of
+results. The rows do not depend on the number of workers.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import unicodedata
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -319,9 +316,14 @@ def _load_cache(ws: Workspace) -> pd.DataFrame:
 
 
 def _save_cache(ws: Workspace, files: pd.DataFrame) -> None:
+    """Keep the scan for next time; on a read-only copy of a workspace, say so and go on."""
     path = _cache_path(ws)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, write=lambda p: files.to_parquet(p, index=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, write=lambda p: files.to_parquet(p, index=False))
+    except OSError as exc:  # the scan is right without its cache: the next one is slower
+        warnings.warn(f"the scan cache {path} was not saved ({exc}); the next scan reads "
+                      "every file again", stacklevel=3)
 
 
 def name_issues(labels) -> dict[str, str]:

@@ -86,6 +86,56 @@ def test_warm_start_generation_after_adding_a_class(trained_ws):
         assert start.state[k].shape[0] == 8  # one row per class of the grown list
 
 
+@pytest.mark.parametrize("method,schedule", [("copy", "fine_tune"), ("shrink_perturb", "rewarm"),
+                                             ("dash", "rewarm")])
+def test_each_warm_method_learns_the_grown_set_and_is_recorded(trained_ws, method, schedule):
+    demo.add_class(trained_ws)
+    start = _AtStart()
+    cfg = TrainConfig(**{**TINY, "epochs": 3}, init_from="last", warm_method=method,
+                      warm_schedule=schedule)
+    r = train(trained_ws, cfg, progress=False, extra_cbs=[start])
+    assert (r.info["warm_method"], r.info["warm_schedule"]) == (method, schedule)
+    assert r.info["config"]["warm_method"] == method
+    assert r.info["metrics"]["valid_accuracy"] > 3 / len(r.info["classes"])  # chance: 1/8
+    parent, _ = models.load_generation(trained_ws, "gen-0001")
+    p = parent.state_dict()
+    body = [k for k in p if k not in models.classifier_keys(parent) and p[k].dim() > 1]
+    moved = [k for k in body if not torch.equal(start.state[k], p[k])]
+    # copy keeps the body as it is; the others change it before the first step, but
+    # from the parent's weights, not from new random ones
+    assert (not moved) if method == "copy" else moved
+    cos = {k: torch.nn.functional.cosine_similarity(start.state[k].flatten().float(),
+                                                    p[k].flatten().float(), 0) for k in body}
+    assert min(cos.values()) > 0.5, min(cos.items(), key=lambda kv: kv[1])
+    stem = "stem.0.weight"  # the whitening layer is fixed: copied, never shrunk or perturbed
+    assert torch.equal(start.state[stem], p[stem])
+
+
+def test_a_resumed_dash_run_is_not_shrunk_twice(trained_ws, monkeypatch, capsys):
+    from zoolib import warmstart
+
+    calls = []
+    real = warmstart.dash
+    monkeypatch.setattr(warmstart, "dash", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = TrainConfig(**{**TINY, "epochs": 3}, init_from="last", warm_method="dash")
+    _interrupted(trained_ws, cfg, 1)
+    capsys.readouterr()
+    r = train(trained_ws, cfg, progress=False)
+    assert "resuming an interrupted run after epoch 1" in capsys.readouterr().out
+    assert len(calls) == 1 and r.info["warm_method"] == "dash"
+
+
+def test_warm_settings_are_checked():
+    with pytest.raises(ZoolibError, match="WARM_METHOD must be one of"):
+        TrainConfig(warm_method="reset").check()
+    with pytest.raises(ZoolibError, match="apply with WARM_METHOD='shrink_perturb'"):
+        TrainConfig(warm_shrink=0.5).check()
+    sp = TrainConfig(warm_method="shrink_perturb").resolved()
+    assert (sp.warm_shrink, sp.warm_perturb) == (0.4, 0.1)  # Ash & Adams'
+    with pytest.raises(ZoolibError, match="DASH_LAMBDA"):
+        TrainConfig(dash_lambda=0).check()
+
+
 def test_throwaway_run_with_lower_cutoff(trained_ws):
     cfg = TrainConfig(**{**TINY, "epochs": 1}, min_images=35, throwaway=True, init_from="last",
                       freeze_epochs=0)

@@ -23,6 +23,8 @@ SCHEDULES = ("triangle", "plateau")
 OPTIMIZERS = ("sgd", "muon", "adam")
 FLIPS = ("alternate", "random", "none")
 VALIDATES = ("every", "last")
+WARM_METHODS = ("copy", "shrink_perturb", "dash")
+WARM_SCHEDULES = ("fine_tune", "rewarm")
 # UPPER_CASE names of the notebooks that train, read by the notebook, not by TrainConfig
 NOTEBOOK_NAMES = frozenset({"WORKSPACE", "REPORT_DIR"})
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -105,9 +107,16 @@ class TrainConfig:
         max_warp: perspective warp (0 = off).
         max_lighting: brightness/contrast change (0 = off).
         carry_rows: on a warm start, keep output rows of shared classes.
-        warm_shrink, warm_perturb: on a warm start, the body becomes
-            `shrink * parent + perturb * fresh init` (warmstart.shrink_perturb;
-            1.0 and 0.0: a plain copy).
+        warm_method: what a warm start does to the copied body (`warmstart`):
+            "copy" (kept as it is: the practitioner's), "shrink_perturb" (Ash &
+            Adams 2020: `warm_shrink * parent + warm_perturb * fresh init`) or
+            "dash" (Shin et al. 2024: each filter scaled by its agreement with the
+            new data's gradient, at least `dash_lambda`).
+        warm_schedule: "fine_tune" (the head alone for FREEZE_EPOCHS, then the body
+            at LR_WARM / LR_MULT) or "rewarm" (the head alone, then the whole
+            model at the scratch run's rates, warmed up and decayed again).
+        warm_shrink, warm_perturb: "shrink_perturb" only (None: 0.4 and 0.1).
+        dash_lambda: "dash": the smallest scale of a filter (their 0.3).
         pretrained: start a scratch run from ImageNet weights (needs internet).
         num_workers: DataLoader workers; None = 0 on a small CPU machine, else fastai's.
         resume: continue an interrupted run with the same settings.
@@ -162,8 +171,11 @@ class TrainConfig:
     max_warp: float = 0.0
     max_lighting: float = 0.0
     carry_rows: bool = False
-    warm_shrink: float = 1.0
-    warm_perturb: float = 0.0
+    warm_method: str = "copy"
+    warm_schedule: str = "fine_tune"
+    warm_shrink: float | None = None
+    warm_perturb: float | None = None
+    dash_lambda: float = 0.3
     pretrained: bool = False
     num_workers: int | None = None
     resume: bool = True
@@ -205,6 +217,9 @@ class TrainConfig:
             raise ZoolibError(f"RECIPE must be one of {', '.join(recipe.RECIPE_NAMES)}, "
                               f"got {cfg.recipe!r}")
         cfg = recipe.resolve(cfg)
+        if cfg.warm_method == "shrink_perturb":  # Ash & Adams' values
+            cfg = replace(cfg, warm_shrink=0.4 if cfg.warm_shrink is None else cfg.warm_shrink,
+                          warm_perturb=0.1 if cfg.warm_perturb is None else cfg.warm_perturb)
         return cfg if cfg.lr_warm is not None else replace(cfg, lr_warm=cfg.lr / 2)
 
     def check(self) -> None:
@@ -220,7 +235,8 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ZoolibError(f"{name.upper()} must be positive, got {getattr(self, name)}")
         for name, allowed in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
-                              ("flip", FLIPS), ("validate", VALIDATES)):
+                              ("flip", FLIPS), ("validate", VALIDATES),
+                              ("warm_method", WARM_METHODS), ("warm_schedule", WARM_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ZoolibError(f"{name.upper()} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
@@ -253,9 +269,7 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema_decay < 1:
             raise ZoolibError("LABEL_SMOOTHING and EMA_DECAY must be in [0, 1), got "
                               f"{self.label_smoothing} and {self.ema_decay}")
-        if not 0 < self.warm_shrink <= 1 or self.warm_perturb < 0:
-            raise ZoolibError(f"WARM_SHRINK must be in (0, 1] and WARM_PERTURB at least 0, got "
-                              f"{self.warm_shrink} and {self.warm_perturb}")
+        self._check_warm()
         if not 0 <= self.max_shift < 0.5:
             raise ZoolibError(f"MAX_SHIFT is a share of the side in [0, 0.5), got {self.max_shift}")
         if self.precision not in PRECISIONS:
@@ -266,6 +280,17 @@ class TrainConfig:
         if self.folds and not (self.folds >= 2 and 0 <= self.fold < self.folds):
             raise ZoolibError(f"FOLDS={self.folds}, FOLD={self.fold}: need FOLDS >= 2 "
                               "and 0 <= FOLD < FOLDS (FOLDS=0 turns folds off)")
+
+    def _check_warm(self) -> None:
+        if self.warm_method != "shrink_perturb":
+            if self.warm_shrink is not None or self.warm_perturb is not None:
+                raise ZoolibError("WARM_SHRINK and WARM_PERTURB apply with WARM_METHOD="
+                                  f"'shrink_perturb', not {self.warm_method!r}: set it or drop them")
+        elif not 0 < self.warm_shrink <= 1 or self.warm_perturb < 0:
+            raise ZoolibError(f"WARM_SHRINK must be in (0, 1] and WARM_PERTURB at least 0, got "
+                              f"{self.warm_shrink} and {self.warm_perturb}")
+        if not 0 < self.dash_lambda <= 1:
+            raise ZoolibError(f"DASH_LAMBDA must be in (0, 1], got {self.dash_lambda}")
 
 
 def _coerce(name: str, kind: str, value):

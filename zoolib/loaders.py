@@ -188,3 +188,10 @@ def whitening_images(dls, n: int = 5000, seed: int = 0) -> torch.Tensor:
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
     norm = next(t for t in dls.after_batch if isinstance(t, Normalize))
     return (x - norm.mean.view(1, -1, 1, 1).cpu()) / norm.std.view(1, -1, 1, 1).cpu()
+
+
+def dash_batches(dls, bs: int = 256):
+    """Every training image with its label, unaugmented and unflipped, normalised as the
+    model sees them, in batches: what DASH measures the gradient on."""
+    items = [dict(item, train=False) for item in dls.train_ds.items]  # never flipped
+    return dls.test_dl(items, with_labels=True, bs=bs)

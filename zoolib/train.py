@@ -63,7 +63,8 @@ from .callbacks import (Checkpoint, CpuAutocast, Ema, GroupWeightDecay, Lookahea
                         release_memory)
 from .config import TrainConfig, read_params
 from .distributed import init, is_main, on_main, parallel_callbacks, rank0_first, world_size
-from .loaders import batch_size, data_hash, make_dataloaders, prepare_data, whitening_images
+from .loaders import (batch_size, dash_batches, data_hash, make_dataloaders, prepare_data,
+                      whitening_images)
 from .muon import MuonSGD
 from .runs import (TrainResult, already_saved, attempt_id, discard_run, load_checkpoint, open_run,
                    read_checkpoint, run_path, save_kept)
@@ -114,8 +115,12 @@ def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
                        "head_init": "random", "model_args": args}, models.preprocessing(
                            model, cfg.pretrained)
     parent = models.resolve_generation(ws, cfg.init_from)
+    sp = cfg.warm_method == "shrink_perturb"
     model, record = warmstart.warm_start(ws, parent, cfg.arch, classes, carry_rows=cfg.carry_rows,
-                                         shrink=cfg.warm_shrink, perturb=cfg.warm_perturb)
+                                         shrink=cfg.warm_shrink if sp else 1.0,
+                                         perturb=cfg.warm_perturb if sp else 0.0,
+                                         fix=partial(_freeze_fixed, cfg=cfg))
+    record.update(warm_method=cfg.warm_method, warm_schedule=cfg.warm_schedule)
     # the body learned on the parent's inputs: keep its normalisation, filter and decode
     p_info = models.read_info(ws, parent)
     prep = {key: p_info[key] for key in ("mean", "std", "interpolation", "decode")}
@@ -152,11 +157,13 @@ def lr_max(cfg: TrainConfig, warm: bool, batch: int) -> tuple[list[float], list[
     "adam": groups (body, head); the decay is fastai's, the same for all (None).
     "sgd": groups (body, batch-norm biases, head) at (1, BIAS_LR_SCALE, 1) x the
     rate, in airbench's decoupled terms (`recipe.sgd_rates`) for `batch` images
-    a step. A warm start's head trains at LR_WARM and its body at LR_WARM / LR_MULT.
+    a step. A warm start's head trains at LR_WARM and its body at LR_WARM / LR_MULT
+    (WARM_SCHEDULE="fine_tune"), or both at LR ("rewarm").
     """
     cfg = cfg.resolved()
-    head = cfg.lr_warm if warm else cfg.lr
-    body = head / cfg.lr_mult if warm else head
+    fine_tune = warm and cfg.warm_schedule == "fine_tune"  # "rewarm": the scratch rates
+    head = cfg.lr_warm if fine_tune else cfg.lr
+    body = head / cfg.lr_mult if fine_tune else head
     if cfg.optimizer == "adam":
         return [body, head], None
     shares = [body / cfg.lr, body * cfg.bias_lr_scale / cfg.lr, head / cfg.lr]
@@ -309,9 +316,12 @@ def _freeze_fixed(model: torch.nn.Module, cfg: TrainConfig) -> None:
 
 
 def _recipe_callbacks(learn: Learner, cfg: TrainConfig, warm: bool, fresh: bool) -> list:
-    """The airbench pieces that need the Learner: the whitening init (a new scratch
-    run), the whitening bias's epochs, the alternating flip's epoch, lookahead."""
+    """The pieces that need the Learner and its data: DASH (a new warm run), the
+    whitening init (a new scratch run), the whitening bias's epochs, the
+    alternating flip's epoch, lookahead."""
     cbs = []
+    if fresh and warm and cfg.warm_method == "dash":
+        warmstart.dash(learn.model, dash_batches(learn.dls), lam=cfg.dash_lambda)
     if cfg.whiten:
         stem = recipe.stem_conv(learn.model)
         if fresh and not warm:

@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INFO_DEFAULTS = {"interpolation": "bilinear", "decode": "full"}
 _GEN = re.compile(r"^gen-(\d{4,})$")
 SPLITS_FILE = "splits.parquet"  # a generation's own train/valid/test/benchmark rows
-# A temporary of write_atomic (".zl.<pid>-<thread>-<tag>.tmp", `workspace.temp_path`) or of
+# A temporary of write_atomic (".<name>.<pid>-<thread>-<tag>.tmp", `workspace.temp_path`) or of
 # save_generation (".<name>.<pid>-<random>.tmp"): the writer's process id follows the last dot
 # but one.
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.tmp$")

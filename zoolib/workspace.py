@@ -429,12 +429,13 @@ def write_atomic(path: str | Path, data: str | bytes | None = None, *,
 
 
 def temp_path(path: Path, writer: str = "") -> Path:
-    """The temporary sibling of `path`, `.zl.<writer>-<tag>.tmp`: writer `<pid>-<thread>`
-    (default; "*" globs any), tag a hash of the name. Short whatever the name, hidden
-    from scans (a dot-file), its pid where `models.remove_dead_temps` reads it."""
+    """The temporary sibling of `path`, `.<name's first 24 characters>.<writer>-<tag>.tmp`:
+    writer `<pid>-<thread>` (default; "*" globs any), tag a hash of the whole name.
+    Short whatever the name (at most ~130 bytes), hidden from scans (a dot-file),
+    its pid where `models.remove_dead_temps` reads it, and still saying whose it is."""
     writer = writer or f"{os.getpid()}-{threading.get_ident()}"
     tag = hashlib.blake2s(os.fsencode(path.name), digest_size=6).hexdigest()
-    return path.with_name(f".zl.{writer}-{tag}.tmp")
+    return path.with_name(f".{path.name[:24]}.{writer}-{tag}.tmp")
 
 
 def _fsync(path: Path) -> None:

@@ -12,6 +12,8 @@ One idea per module:
 - `filters`: the pandas filters the notebooks and the widget call.
 - `view`: a run opened lazily (`open_view`): small columns as arrays, rows read a
   page at a time, "more like this" through a nearest-neighbour index.
+- `reader`: the view's files, opened once and read by row position through those
+  handles, whatever the run does to the files afterwards.
 
 The names below are the package's public calls; import them from here.
 """

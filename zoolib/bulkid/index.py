@@ -15,8 +15,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
 from .. import ann
 from ..workspace import write_atomic
 
@@ -30,7 +28,7 @@ def load_or_build(view: ResultsView) -> ann.Index:
     files = view._files
     if view._index_dir is None or files is None:
         return ann.Index.build(view._embeddings, len(view), view.dim, compressed=True)
-    listing = [_entry(path, rows) for path, rows in zip(files.paths, files.rows_per_file)]
+    listing = files.listing  # of the files as opened: the run may have changed them since
     meta_path, index_path = view._index_dir / "index.json", view._index_dir / "index.faiss"
     index, covered = _saved(meta_path, index_path, listing)
     if index is None:
@@ -47,17 +45,6 @@ def load_or_build(view: ResultsView) -> ann.Index:
             warnings.warn(f"the index of {view._index_dir.parent} was not saved ({exc}); "
                           "it is built again next time", stacklevel=2)
     return index
-
-
-def _entry(path: Path, rows: int) -> list:
-    """What identifies one file of the dataset for the index: name, rows, size, parts."""
-    from .parts import _holds
-
-    try:
-        held = list(_holds(path) or [])
-    except (OSError, pa.ArrowException):
-        held = []
-    return [path.name, int(rows), path.stat().st_size, held]
 
 
 def _saved(meta_path: Path, index_path: Path, listing: list) -> tuple[ann.Index | None, int]:

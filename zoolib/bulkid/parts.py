@@ -8,7 +8,9 @@ records the part numbers it holds (`zoolib.parts`), so a stale part is never rea
 Only files named exactly `part-NNNNN.parquet` and `seg-NNNNN.parquet` belong to the
 dataset: the copies sync tools and file managers make beside them
 (`seg-00002 (1).parquet`, `...sync-conflict...`, `part-00002 copy.parquet`) are
-left alone, with one warning naming them.
+left alone, with one warning naming them. A copy under a valid name (`seg-00099.parquet`
+beside the `seg-00002.parquet` it copies) repeats an earlier file's part numbers or image
+paths: `repeats` finds it, for the readers to leave out and a run to set aside.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import warnings
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,7 +28,7 @@ import pyarrow.parquet as pq
 from .. import inference
 from ..workspace import write_atomic
 from .schema import (_COMPRESSION, _DICT_COLUMNS, _META_KEY, _PARTS_KEY, FLUSH_ROWS, FLUSH_SECONDS,
-                     SCHEMA, upgrade)
+                     SCHEMA, conform)
 
 _NAMED = {"part": re.compile(r"^part-\d{5}\.parquet$"), "seg": re.compile(r"^seg-\d{5}\.parquet$")}
 _WARNED: set[Path] = set()
@@ -69,7 +72,12 @@ def _number(path: Path) -> int:
 
 def _holds(path: Path) -> tuple[int, int] | None:
     """The part numbers a table file holds (`_PARTS_KEY`), or None for an older file."""
-    meta = pq.read_schema(path).metadata or {}
+    return held_in(pq.read_schema(path).metadata)
+
+
+def held_in(meta: dict | None) -> tuple[int, int] | None:
+    """The part numbers recorded in a table file's metadata, or None (an older file)."""
+    meta = meta or {}
     if _PARTS_KEY not in meta:
         return None
     first, last = json.loads(meta[_PARTS_KEY])
@@ -107,6 +115,95 @@ def _live_parts(run_dir: Path) -> list[Path]:
 def _sources(run_dir: Path) -> list[Path]:
     """Every file of the dataset, in the order its rows were written."""
     return _merged(run_dir) + _live_parts(run_dir)
+
+
+def repeats(paths: list[Path], keys: list | None = None) -> dict[Path, str]:
+    """The merged files among `paths` (in the dataset's order) that repeat an earlier
+    one: holding part numbers it holds (a copy under a valid name), or, given `keys`
+    (each file's image paths, Arrow strings), an image path it has. Parts are never
+    counted: `_live_parts` and `_merge` see to them.
+
+    Two files that both record their part numbers, and different ones, are not
+    compared path by path: zoolib's merges never write a path twice, so only a
+    file without them (an older version's, or one another tool rewrote, dropping
+    the metadata) can repeat paths. That keeps a large dataset of this version
+    from a hash of every path each time it is opened.
+
+    Returns:
+        Each repeating file -> what it repeats (for a warning); the first of two
+        files is the one kept.
+    """
+    merged = [i for i, p in enumerate(paths) if p.parent.name != "parts"]
+    held, kept, out = {i: _held_or_none(paths[i]) for i in merged}, [], {}
+    for i in merged:
+        same = next((j for j in kept if _overlap(held[i], held[j])), None)
+        if same is None:
+            kept.append(i)
+        else:
+            out[paths[i]] = f"holds parts {held[i][0]}-{held[i][1]}, as {paths[same].name} does"
+    if keys is not None:
+        out.update(_repeated_paths([paths[i] for i in kept], [keys[i] for i in kept],
+                                   [held[i] for i in kept]))
+    return out
+
+
+def _held_or_none(path: Path) -> tuple[int, int] | None:
+    """`_holds`, or None for a file that cannot be read."""
+    try:
+        return _holds(path)
+    except (OSError, pa.ArrowException):  # named by whoever reads it
+        return None
+
+
+def _overlap(a: tuple | None, b: tuple | None) -> bool:
+    """Whether two ranges (None: not known) overlap."""
+    return bool(a and b and a[0] <= b[1] and b[0] <= a[1])
+
+
+def _repeated_paths(paths: list[Path], keys: list, held: list) -> dict[Path, str]:
+    """`repeats` by image path: the files holding a path an earlier file holds.
+
+    Only files that may share a path with another are hashed: part numbers do not
+    vouch for the pair, and their least and greatest paths overlap (min_max is
+    twenty times cheaper than a hash). Their paths are then encoded in one pass;
+    codes are given in the order first seen, so a file's code under the number of
+    codes seen before it is a path of an earlier file.
+    """
+    bounds = [_bounds(k) for k in keys]
+    unsure = [i for i in range(len(paths)) if any(
+        j != i and not (held[i] and held[j]) and _overlap(bounds[i], bounds[j])
+        for j in range(len(paths)))]
+    if not unsure:
+        return {}
+    chunks = [c for i in unsure for c in _chunks(keys[i])]
+    codes = pa.chunked_array(chunks, pa.string()).dictionary_encode()
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in codes.chunks]
+                           or [np.zeros(0, np.int32)])
+    first = np.zeros(len(codes), np.int64)  # code -> the file (of unsure) it was first seen in
+    out, seen, start = {}, 0, 0
+    for n, i in enumerate(unsure):
+        mine = codes[start:start + len(keys[i])]
+        start += len(keys[i])
+        old = mine[mine < seen]
+        if len(old):
+            out[paths[i]] = (f"repeats {len(old)} image path(s) of "
+                             f"{paths[unsure[first[old[0]]]].name}")
+        fresh = mine[mine >= seen]
+        first[fresh] = n
+        seen = max(seen, int(mine.max(initial=-1)) + 1)
+    return out
+
+
+def _chunks(key) -> list[pa.Array]:
+    """The arrays of a column, chunked or not."""
+    return key.chunks if isinstance(key, pa.ChunkedArray) else [key]
+
+
+def _bounds(key) -> tuple[str, str] | None:
+    """The least and greatest of a file's image paths (None: it has none)."""
+    found = pc.min_max(key)
+    low, high = found["min"].as_py(), found["max"].as_py()
+    return None if low is None else (low, high)
 
 
 class PartWriter:
@@ -151,13 +248,15 @@ def _merge(sources: list[Path], out_path: Path, schema: pa.Schema,
             # pre_buffer=False: else the reader holds every byte it read until closed
             for batch in pq.ParquetFile(src, pre_buffer=False).iter_batches(
                     batch_size=FLUSH_ROWS):
-                paths = batch.column("path").to_pylist()
+                # in SCHEMA's types: a file another tool rewrote (`_migrate`) may differ
+                table = conform(pa.Table.from_batches([batch]))
+                paths = table.column("path").to_pylist()
                 keep = [p not in seen for p in paths]
                 seen.update(paths)
                 if stored is not None and len(stored):
-                    keep = pc.and_(pa.array(keep), pc.invert(pc.is_in(batch.column("path"),
+                    keep = pc.and_(pa.array(keep), pc.invert(pc.is_in(table.column("path"),
                                                                      value_set=stored)))
-                out.write_table(upgrade(pa.Table.from_batches([batch]).filter(keep)))
+                out.write_table(table.filter(keep))
 
 
 def consolidate(run_dir: Path, stored: pa.Array | None = None) -> None:

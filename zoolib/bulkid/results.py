@@ -23,6 +23,14 @@ How it is written and resumed (a partitioned Parquet dataset, appended to):
   removed, parts left over are merged, and a table file that cannot be read is
   renamed `<file>.corrupt-<time>` (never deleted) and its images identified
   again. Each of these is said in a printed line.
+- A merged file repeating an earlier one (a copy under a valid name such as
+  `seg-00099.parquet`: the same part numbers, or image paths already read) is
+  left out by readers with a warning naming it, and set aside by the next run
+  (`<file>.duplicate-<time>`, never deleted): the first file is the one kept.
+- A file another tool rewrote with other Arrow types of the same values
+  (large_string paths, float32 scores) is read cast to SCHEMA's types, and
+  rewritten once in them by the next run; one whose columns hold other kinds of
+  values is unreadable, named by readers and set aside by a run.
 - Embeddings (float16) are stored as one binary value per row (the little-endian
   float16 bytes): pyarrow reads and writes a float16 list value by value, ~10x
   slower, which at 32 px cost as much as decoding the images. `load_results`
@@ -32,10 +40,11 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -45,10 +54,13 @@ import pyarrow.parquet as pq
 from .. import inference
 from ..models import remove_dead_temps
 from ..workspace import Workspace, ZoolibError, file_lock, open_workspace, write_atomic
-from .parts import _holds, _live_parts, _merge, _merged, _run_of, _sources, consolidate, numbered
-from .schema import _META_KEY, EMBEDDING, RESULT_COLUMNS, SCHEMA, float16_rows, upgrade  # noqa: F401
+from .parts import (_holds, _live_parts, _merge, _merged, _run_of, _sources, consolidate, numbered,
+                    repeats)
+from .schema import (_META_KEY, EMBEDDING, RESULT_COLUMNS, SCHEMA, conform,  # noqa: F401
+                     float16_rows, unreadable, upgrade)
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+_T = TypeVar("_T")
 
 
 def run_dir(ws: Workspace, name: str) -> Path:
@@ -124,7 +136,8 @@ def recover(run_dir: Path) -> pa.Array:
     for sub in ("parts", "segments"):
         remove_dead_temps(run_dir / sub)
     # the path column alone: a resume never reads the embeddings (most of the bytes)
-    stored = _paths(_read_sources(run_dir, _set_aside, ["path"], merged=True))
+    stored = _paths(_read_sources(run_dir, _set_aside, ["path"], merged=True,
+                                  on_repeat=_set_aside_repeat))
     _migrate(run_dir)
     parts = _live_parts(run_dir)
     stale = set(numbered(run_dir / "parts", "part")) - set(parts)
@@ -137,7 +150,7 @@ def recover(run_dir: Path) -> pa.Array:
     consolidate(run_dir, stored)
     print(f"merged {len(parts)} part(s) left by an interrupted run into "
           f"{_sources(run_dir)[-1]}")
-    return _paths(_read_sources(run_dir, _set_aside, ["path"]))
+    return _paths(_read_sources(run_dir, _set_aside, ["path"], on_repeat=_set_aside_repeat))
 
 
 def _migrate(run_dir: Path) -> None:
@@ -152,60 +165,119 @@ def _migrate(run_dir: Path) -> None:
         print(f"rewrote {path} in the current layout of results tables")
 
 
-def _paths(tables: list[pa.Table]) -> pa.Array:
-    """The path column of `tables`, as one Arrow array."""
-    chunks = [c for t in tables for c in t.column("path").chunks]
+def _paths(tables: list[tuple[Path, pa.Table]]) -> pa.Array:
+    """The path column of `tables` (file, table), as one Arrow array."""
+    chunks = [c for _, t in tables for c in t.column("path").chunks]
     return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
 def _set_aside(path: Path, exc: Exception) -> None:
     """Rename an unreadable table file `<name>.corrupt-<UTC time>` in the run folder
     (never deleted: it may still be recovered by hand), saying so."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    run_dir = _run_of(path)
-    target = run_dir / f"{path.name}.corrupt-{stamp}"
-    path.replace(target)
+    target = _aside(path, "corrupt")
     print(f"{path} is not a readable results table ({exc}): renamed it {target.name}; "
           "the images it held are identified again")
 
 
+def _set_aside_repeat(path: Path, why: str) -> None:
+    """`on_repeat` for a run: rename a merged file repeating an earlier one
+    `<name>.duplicate-<UTC time>` (never deleted), with a warning."""
+    target = _aside(path, "duplicate")
+    warnings.warn(f"{path} {why}: renamed it {target.name} (kept, not read); its rows are "
+                  "read from the first file, any others identified again", stacklevel=2)
+
+
+def _leave_out(path: Path, why: str) -> None:
+    """`on_repeat` for readers: a warning; the file is left where it is (a reader
+    changes nothing in the run folder, which may be read-only or in use by a run)."""
+    run_dir = _run_of(path)
+    warnings.warn(f"{path} {why}: left out, so that no image has two rows; run bulk "
+                  f"identification again with name={run_dir.name!r} to set it aside "
+                  f"(renamed {path.name}.duplicate-<time>)", stacklevel=3)
+
+
+def _aside(path: Path, what: str) -> Path:
+    """Rename a table file `<name>.<what>-<UTC time>` in its run folder; the new path."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = _run_of(path) / f"{path.name}.{what}-{stamp}"
+    path.replace(target)
+    return target
+
+
+def _check(path: Path) -> None:
+    """Raise ValueError (saying what is wrong) unless `path` reads as a results table
+    whose columns cast to SCHEMA's (`schema.unreadable`); FileNotFoundError if gone."""
+    try:
+        why = unreadable(pq.read_schema(path))
+    except pa.ArrowException as exc:  # ArrowInvalid: "Parquet magic bytes not found", ...
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    if why:
+        raise ValueError(why)
+
+
 def _read_source(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """One table file (results.parquet, a segment or a part) in SCHEMA's layout
-    (`columns` of it only, as stored, when given).
+    """One table file (results.parquet, a segment or a part) in SCHEMA's layout and
+    types (`columns` of it only, when given).
 
     Raises:
         FileNotFoundError: the file is gone (merged by the run meanwhile).
         ValueError: it is not a readable results table (with what is wrong).
     """
+    _check(path)
     try:
-        names = pq.read_schema(path).names
-        missing = [c for c in RESULT_COLUMNS if c not in names and c != "knn"]
-        if missing:
-            raise ValueError(f"it lacks the column(s) {', '.join(missing)}")
-        table = pq.read_table(path, columns=columns)
-    except pa.ArrowException as exc:  # ArrowInvalid: "Parquet magic bytes not found", ...
+        return conform(pq.read_table(path, columns=columns))
+    except pa.ArrowException as exc:
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
-    return table if columns else upgrade(table)
+
+
+def settled(read: Callable[[], _T], attempts: int = 5) -> _T:
+    """`read()`, called again (a few times at most) while a file it lists vanishes: a
+    running run merged it meanwhile, so a reader never sees a half set."""
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except FileNotFoundError:
+            continue
+    return read()
 
 
 def _read_sources(run_dir: Path, on_corrupt: Callable[[Path, Exception], None],
-                  columns: list[str] | None = None, merged: bool = False) -> list[pa.Table]:
-    """The tables of `_sources` (of `_merged` only, if `merged`), calling `on_corrupt`
-    for each unreadable one.
+                  columns: list[str] | None = None, merged: bool = False,
+                  on_repeat: Callable[[Path, str], None] = _leave_out,
+                  ) -> list[tuple[Path, pa.Table]]:
+    """The files of `_sources` (of `_merged` only, if `merged`) and their tables,
+    calling `on_corrupt` for each unreadable one and `on_repeat` for each merged file
+    repeating an earlier one (`parts.repeats`: they are left out). `columns`, when
+    given, must include "path"."""
+    def read() -> list[tuple[Path, pa.Table]]:
+        files = _merged(run_dir) if merged else _sources(run_dir)
+        found = [(p, t) for p in files
+                 if (t := _read_or_report(p, on_corrupt, columns)) is not None]
+        again = repeats([p for p, _ in found], [t.column("path") for _, t in found])
+        for path, why in again.items():
+            on_repeat(path, why)
+        return [(p, t) for p, t in found if p not in again]
 
-    A file that vanishes while being read was merged by the run meanwhile: the
-    list is read again (a few times at most), so a reader never sees a half set.
+    return settled(read)
+
+
+def checked_sources(run_dir: Path) -> list[Path]:
+    """`_sources` for a reader that reads them lazily (`view.open_view`), each checked
+    (`_check`): a ZoolibError names the first that fails (`_refuse_corrupt`). A
+    merged file holding the parts of an earlier one is left out with a warning;
+    image paths repeated are for the reader to find (`parts.repeats` with keys).
     """
-    attempts = 5
-    while True:
+    files = []
+    for path in _sources(run_dir):
         try:
-            files = _merged(run_dir) if merged else _sources(run_dir)
-            tables = [_read_or_report(p, on_corrupt, columns) for p in files]
-            return [t for t in tables if t is not None]
-        except FileNotFoundError:
-            attempts -= 1
-            if not attempts:
-                raise
+            _check(path)
+        except ValueError as exc:
+            _refuse_corrupt(path, exc)
+        files.append(path)
+    again = repeats(files)
+    for path, why in again.items():
+        _leave_out(path, why)
+    return [p for p in files if p not in again]
 
 
 def _read_or_report(path: Path, on_corrupt: Callable[[Path, Exception], None],
@@ -230,7 +302,7 @@ def read_table(run_dir: Path, on_corrupt: Callable[[Path, Exception], None] = _r
                columns: list[str] | None = None) -> pa.Table:
     """Every file of the dataset (`_sources`) as one table, one row per path; only
     `columns` (which must include "path") when given."""
-    tables = _read_sources(run_dir, on_corrupt, columns)
+    tables = [t for _, t in _read_sources(run_dir, on_corrupt, columns)]
     if not tables:
         empty = SCHEMA.empty_table()
         return empty.select(columns) if columns else empty

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .. import ann
 from ..workspace import ZoolibError, open_workspace
 from . import parts, schema
 from . import results as store
 from .index import load_or_build
+from .reader import Files, decode
 
 SCORES = ["confidence", "margin", "entropy", "ood", "knn"]
 # float64 as stored where a filter cuts at a threshold or ranks (confidence < 0.8,
@@ -63,7 +63,7 @@ class ResultsView:
                  scores: dict[str, np.ndarray], ok: np.ndarray, attrs: dict,
                  fetch: Callable[[np.ndarray, list[str]], pd.DataFrame],
                  embeddings: Callable[[], Iterator[np.ndarray]],
-                 embedding_at: Callable[[int], np.ndarray], files: _Files | None = None,
+                 embedding_at: Callable[[int], np.ndarray], files: Files | None = None,
                  index_dir: Path | None = None, path: pa.Array | None = None):
         self.rel, self.path, self.pred, self.classes = rel, path, pred, classes
         self.scores, self.ok, self.attrs = scores, ok, attrs
@@ -282,75 +282,15 @@ def _text_order(values: pa.Array, ascending: bool) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- on disk
 
-class _Files:
-    """The Parquet files of a run's dataset, addressed by global row position."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = list(paths)
-        # pre_buffer=False: with it (pyarrow's default) a reader keeps the raw bytes of
-        # what it read until it is closed, 0.6 GB over a scan of nine million rows
-        self.files = [pq.ParquetFile(p, pre_buffer=False) for p in paths]
-        self.names = [p.name for p in paths]
-        sizes = [[f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
-                 for f in self.files]
-        self.groups = [(fi, gi) for fi, s in enumerate(sizes) for gi in range(len(s))]
-        self.starts = np.cumsum([0] + [n for s in sizes for n in s])
-        self.rows_per_file = [sum(s) for s in sizes]
-
-    def locate(self, positions: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.starts, positions, side="right") - 1
-
-    def read(self, positions: np.ndarray, columns: list[str]) -> pa.Table:
-        """Rows at `positions`, in that order."""
-        groups = self.locate(positions)
-        pieces, where = [], np.empty(len(positions), np.int64)
-        done = 0
-        for g in np.unique(groups):
-            fi, gi = self.groups[g]
-            mine = np.flatnonzero(groups == g)
-            table = self.files[fi].read_row_group(gi, columns=columns)
-            pieces.append(table.take(pa.array(positions[mine] - self.starts[g])))
-            where[mine] = np.arange(done, done + len(mine))
-            done += len(mine)
-        if not pieces:
-            return pa.table({c: pa.array([], schema.SCHEMA.field(c).type) for c in columns})
-        return pa.concat_tables(pieces).take(pa.array(where))
-
-    def scan(self, columns: list[str], start: int = 0) -> Iterator[pa.RecordBatch]:
-        """Every row's `columns`, batch by batch, from file `start` on."""
-        for path in self.paths[start:]:
-            with pq.ParquetFile(path, pre_buffer=False) as f:
-                have = [c for c in columns if c in f.schema_arrow.names]
-                yield from f.iter_batches(batch_size=_BATCH, columns=have)
-
-    def embeddings(self, start: int = 0) -> Iterator[np.ndarray]:
-        for batch in self.scan(["embedding"], start):
-            yield _decode(batch.column(0))
-
-
-def _decode(column: pa.Array) -> np.ndarray:
-    """float32 matrix of a binary float16 embedding column (zero rows where null; one
-    model wrote the table, so every value has the same length)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    values = np.frombuffer(column.buffers()[2] or b"", dtype=schema.EMBEDDING)
-    ends = np.frombuffer(column.buffers()[1], dtype=np.int32, count=len(column) + 1,
-                         offset=4 * column.offset) // schema.EMBEDDING.itemsize
-    lengths = np.diff(ends)
-    dim = int(lengths.max(initial=0)) or 1
-    out = np.zeros((len(column), dim), np.float32)
-    full = lengths == dim  # nulls (and empty values) stay zero
-    if full.any():
-        starts = ends[:-1][full]
-        out[full] = values[starts[:, None] + np.arange(dim)]
-    return out
-
-
 def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
     """Open a run's results lazily (see the module doc); also while it runs.
 
+    A merged file repeating the rows of an earlier one (a copy under a valid name)
+    is left out with a warning, as `load_results` leaves it out. The view reads the
+    files it opened to the end, whatever the run does to them (`reader`).
+
     Raises:
-        ZoolibError: no run of that name, or a file of it cannot be read.
+        ZoolibError: no run of that name, or a file of it cannot be read (named).
     """
     ws = open_workspace(workspace)
     run_dir = ws.bulkid / str(name)
@@ -359,7 +299,41 @@ def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
     if store._may_repeat(run_dir):  # an older version's leftovers: rows to de-duplicate
         return ResultsView.from_frame(store.load_results(ws, name))
     meta = store._read_run_json(run_dir)
-    files = _Files(parts._sources(run_dir))
+    attrs = {"name": str(name), "generation": meta["generation"],
+             "classes": list(meta["classes"]), "root": str(ws.root)}
+    return _open(store.settled(lambda: Files(store.checked_sources(run_dir))), attrs,
+                 run_dir / "ann")
+
+
+def _open(files: Files, attrs: dict, index_dir: Path) -> ResultsView:
+    """The view of `files`, less those whose image paths repeat an earlier one's."""
+    rel, pred, names, scores, ok = _scan(files)
+    # rel for path: one follows from the other, and only rel is in memory here
+    repeated = parts.repeats(files.paths, files.split(rel))
+    if repeated:  # rare (a copied file): read the others again rather than cut arrays
+        for path, why in repeated.items():
+            store._leave_out(path, why)
+        return _open(files.without(repeated), attrs, index_dir)
+    classes = sorted(names)
+    remap = np.array([classes.index(c) for c in names] or [0], np.int32)  # first seen -> sorted
+    for i in range(0, len(pred), _BATCH):  # in place, a batch at a time: no copy of every row
+        part = pred[i:i + _BATCH]
+        part[:] = np.where(part < 0, -1, remap[np.maximum(part, 0)])
+
+    def fetch(positions: np.ndarray, columns: list[str]) -> pd.DataFrame:
+        return files.read(positions, columns).to_pandas()
+
+    def embedding_at(position: int) -> np.ndarray:
+        return decode(files.read(np.array([position]), ["embedding"]).column(0))[0]
+
+    return ResultsView(rel, pred, classes, scores, ok, attrs, fetch, files.embeddings,
+                       embedding_at, files, index_dir=index_dir)
+
+
+def _scan(files: Files) -> tuple[pa.ChunkedArray, np.ndarray, dict[str, int],
+                                 dict[str, np.ndarray], np.ndarray]:
+    """The small columns of every row: rel, class codes (in the order first seen) and
+    the names they stand for, the scores, whether each file was readable."""
     n = int(files.starts[-1])
     scores = {c: np.full(n, np.nan, SCORE_TYPES[c]) for c in SCORES}
     ok, pred = np.ones(n, bool), np.full(n, -1, np.int32)
@@ -376,24 +350,8 @@ def open_view(workspace, name: str, progress: bool = False) -> ResultsView:
         pred[start:stop] = _codes(batch.column("pred"), names)
         start = stop
     pa.default_memory_pool().release_unused()  # the decoded batches' pages, back to the OS
-    classes = sorted(names)
-    remap = np.array([classes.index(c) for c in names] or [0], np.int32)  # first seen -> sorted
-    for i in range(0, n, _BATCH):  # in place, a batch at a time: no copy of every row
-        part = pred[i:i + _BATCH]
-        part[:] = np.where(part < 0, -1, remap[np.maximum(part, 0)])
     # chunked as read: concatenating would hold every path twice for a moment
-    rel = pa.chunked_array(rels, pa.string())
-    attrs = {"name": str(name), "generation": meta["generation"],
-             "classes": list(meta["classes"]), "root": str(ws.root)}
-
-    def fetch(positions: np.ndarray, columns: list[str]) -> pd.DataFrame:
-        return files.read(positions, columns).to_pandas()
-
-    def embedding_at(position: int) -> np.ndarray:
-        return _decode(files.read(np.array([position]), ["embedding"]).column(0))[0]
-
-    return ResultsView(rel, pred, classes, scores, ok, attrs, fetch, files.embeddings,
-                       embedding_at, files, index_dir=run_dir / "ann")
+    return pa.chunked_array(rels, pa.string()), pred, names, scores, ok
 
 
 def _owned(strings: pa.Array) -> pa.Array:

@@ -49,44 +49,94 @@ def _fake_cifar(root: Path, n_train: int, n_test: int) -> Path:
 def test_pipeline_writes_report(rep, tmp_path):
     data = _fake_cifar(tmp_path / "cifar", n_train=40, n_test=6)
     args = rep.parse_args(["--quick", "--data", str(data), "--out", str(tmp_path / "out"),
-                           "--run", "smoke", "--sizes", "12,16,20", "--new-class", "10",
+                           "--run", "smoke", "--generations", "3", "--arrivals", "deer:2",
+                           "--initial", "12", "--growth", "0.25", "--new-class", "10",
                            "--inbox-per-class", "8", "--test-per-class", "5", "--epochs", "2",
-                           "--holdout", "deer", "--workers", "0"])
+                           "--seeds", "0", "--arch", "zoo_cnn_small", "--workers", "0"])
+    assert not args.default_run  # a smoke run never writes bench/results
     m = rep.run(args)
     out = tmp_path / "out" / "smoke"
-    for name in ("summary.md", "metrics.json", "curves.png", "inbox.png", "generations.csv",
-                 "enrichment.csv", "junk_scores.csv", "inbox_truth.csv"):
+    for name in ("summary.md", "metrics.json", "test_accuracy.png", "compute.png", "curves.png",
+                 "inbox_s0.png", "runs.csv", "generations.csv", "enrichment_s0.csv",
+                 "junk_scores_s0.csv", "inbox_truth_s0.csv"):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["run"] == "smoke"
+    # the library grows 25% a generation (half up); deer arrives at generation 2
+    plan = m["settings"]["plan"]
+    assert plan["1"] == {c: 12 for c in rep.ANIMALS if c != "deer"}
+    assert plan["2"]["deer"] == 10 and plan["2"]["dog"] == 15
+    assert plan["3"]["deer"] == 13 and plan["3"]["dog"] == 19
     # inbox: 8 per class of all ten classes, opaque names, never library files
-    truth = pd.read_csv(out / "inbox_truth.csv")
-    assert len(truth) == 80 and m["inbox"]["images"] == 80 and truth["junk"].sum() == 32
-    lib = {p.stat().st_ino for p in (out / "workspace" / "library").rglob("*.jpg")}
-    assert len(lib) == 6 * 20  # generation 3's library
+    truth = pd.read_csv(out / "inbox_truth_s0.csv")
+    assert len(truth) == 80 and truth["junk"].sum() == 32
+    ws = out / "workspace" / "seed-0"
+    lib = {p.stat().st_ino for p in (ws / "library").rglob("*.jpg")}
+    assert len(lib) == 5 * 19 + 13  # generation 3's library
     assert not lib & {Path(s).stat().st_ino for s in truth["source"]}  # hard links: by inode
-    inbox = list((out / "workspace" / "inbox").iterdir())
+    inbox = list((ws / "inbox").iterdir())
     assert not any(p.is_symlink() for p in inbox)  # zoolib never follows links
-    assert {p.stat().st_ino for p in inbox} == {Path(s).stat().st_ino for s in truth["source"]}
-    # the library grows: five classes, then the held-out one arrives, then more of all
-    assert m["library_counts"]["1"] == {c: 12 for c in rep.ANIMALS if c != "deer"}
-    assert m["library_counts"]["2"]["deer"] == 10 and m["library_counts"]["2"]["dog"] == 16
-    assert set(m["library_counts"]["3"].values()) == {20}
-    # every generation after the first: a warm chain and a scratch run on the same splits
-    runs = m["runs"]
-    assert runs["2"]["warm"]["n_classes"] == runs["3"]["scratch"]["n_classes"] == 6
-    assert runs["1"]["scratch"]["n_classes"] == 5
-    assert set(m["warm_vs_scratch"]) == {"2", "3"} and set(m["test"]["3"]) == {"warm", "scratch"}
-    assert m["test"]["3"]["warm"]["images"] == 30 and m["test"]["1"]["scratch"]["images"] == 25
-    assert m["lookalike"]["class"] in {"bird", "cat", "dog", "frog", "horse"}
-    assert sum(m["lookalike"]["counts"].values()) == 10 and m["lookalike"]["base_share"] == 0.1
-    scores = pd.read_csv(out / "junk_scores.csv")
+    # a scratch run every generation; the chain warm-starts from its own previous generation
+    runs = {(r["gen"], r["chain"]): r for r in m["runs"]}
+    assert set(runs) == {(1, "scratch"), (2, "scratch"), (2, "copy:fine_tune"), (3, "scratch"),
+                         (3, "copy:fine_tune")}
+    assert runs[(2, "copy:fine_tune")]["parent"] == runs[(1, "scratch")]["name"]
+    assert runs[(3, "copy:fine_tune")]["parent"] == runs[(2, "copy:fine_tune")]["name"]
+    assert runs[(3, "copy:fine_tune")]["method"] == "copy"
+    assert runs[(3, "copy:fine_tune")]["schedule"] == "fine_tune"
+    assert runs[(1, "scratch")]["classes"] == 5 and runs[(3, "scratch")]["classes"] == 6
+    assert runs[(3, "copy:fine_tune")]["test_images"] == 30
+    assert runs[(1, "scratch")]["test_images"] == 25
+    # TTA at the last generation only (--tta last)
+    assert runs[(2, "scratch")]["test_accuracy_tta"] is None
+    assert 0 <= runs[(3, "copy:fine_tune")]["test_accuracy_tta"] <= 1
+    w3 = runs[(3, "copy:fine_tune")]
+    assert w3["cum_seconds"] == pytest.approx(runs[(1, "scratch")]["train_seconds"]
+                                              + runs[(2, "copy:fine_tune")]["train_seconds"]
+                                              + w3["train_seconds"])
+    assert w3["scratch_cum_seconds"] == pytest.approx(
+        sum(runs[(g, "scratch")]["train_seconds"] for g in (1, 2, 3)))
+    assert w3["test_gain"] == pytest.approx(w3["test_accuracy"]
+                                            - runs[(3, "scratch")]["test_accuracy"])
+    inbox_figures = m["inbox"][0]
+    assert inbox_figures["holdout"] == "deer"
+    look = inbox_figures["lookalike"]
+    assert look["class"] in {"bird", "cat", "dog", "frog", "horse"}
+    assert sum(look["counts"].values()) == 10 and look["base_share"] == 0.1
+    scores = pd.read_csv(out / "junk_scores_s0.csv")
     assert {"confidence", "margin", "ood", "knn"} <= set(scores["score"])
     assert scores["default"].sum() == 1
     assert set(m["goals"]) == set(rep.GOALS)
     assert all(set(g) >= {"value", "goal", "met"} for g in m["goals"].values())
-    assert m["memory"]["peak_rss_mb"] > 100 and m["memory"]["rss_per_epoch_mb"]["gen3-warm"]
+    assert m["memory"]["peak_rss_mb"] > 100 and m["memory"]["rss_per_epoch_mb"]["s0-g3-scratch"]
+    assert m["cpu"]["cores"] >= 1 and len(m["commit"]) == 40
+    gens = pd.read_csv(out / "generations.csv")
+    assert len(gens) == 6 and set(gens["chain"]) == {"scratch", "copy:fine_tune"}
     summary = (out / "summary.md").read_text()
-    assert "held-out class **deer**" in summary and "## Goals" in summary
+    assert "## Chain copy:fine_tune" in summary and "## Goals" in summary
+
+
+def test_flags_plan_and_default_run(rep):
+    args = rep.parse_args([])
+    assert args.default_run and args.generations == 6 and args.seeds == [0, 1]
+    assert args.chains == [rep.Chain("copy", "fine_tune")] and args.epochs is None
+    plan = rep.library_plan(args)
+    assert plan[1] == {c: 340 for c in ("bird", "deer", "dog", "frog")}
+    assert plan[2]["cat"] == 300 and plan[4]["horse"] == 300 and "horse" not in plan[3]
+    assert max(plan[6].values()) == 847  # 340 x 1.2^5, rounded each generation
+    est = rep.estimate(plan, 1, 2, 10)
+    assert est["runs"] == 22 and est["training_minutes"] < 60
+    assert rep.parse_args(["--run", "x", "--out", "/tmp/o"]).default_run
+    other = rep.parse_args(["--methods", "copy,dash", "--warm-schedule", "rewarm",
+                            "--growth", "0.1,0.2,0.25,0.15,0.2", "--arrivals", "deer:3,frog:5"])
+    assert not other.default_run
+    assert [c.label for c in other.chains] == ["copy:rewarm", "dash:rewarm"]
+    assert other.growth == [0.1, 0.2, 0.25, 0.15, 0.2]
+    assert rep.parse_args(["--methods", "copy,shrink_perturb:rewarm"]).chains[1] == rep.Chain(
+        "shrink_perturb", "rewarm")
+    for bad in (["--arrivals", "okapi:2"], ["--arrivals", "cat:7"], ["--methods", "paste"],
+                ["--growth", "0.1,0.2"], ["--methods", "copy,copy:fine_tune"]):
+        with pytest.raises(SystemExit):
+            rep.parse_args(bad)
 
 
 def _run(name, history, metrics):
@@ -102,14 +152,74 @@ def test_warm_vs_scratch_ratio(rep):
                       "accuracy": [.6, .73, .74]},
                 {"epochs_run": 3, "plateau_epoch": None, "valid_accuracy": .74})
     c = rep.warm_vs_scratch(warm, scratch)
-    assert c["scratch_best_accuracy"] == .72 and c["scratch_best_epoch"] == 7
-    assert c["warm_epochs_to_scratch_best"] == 2
-    assert c["ratio"] == pytest.approx(2 / 7) and c["ratio_vs_epochs"] == pytest.approx(2 / 8)
-    assert (c["scratch_plateau_epoch"], c["warm_plateau_epoch"]) == (6, None)
+    assert c["scratch_best_valid"] == .72 and c["scratch_best_epoch"] == 7
+    assert c["epochs_to_scratch_best"] == 2 and c["scratch_epochs"] == 8
+    assert c["epoch_ratio"] == pytest.approx(2 / 8)
+    assert c["ratio_vs_best_epoch"] == pytest.approx(2 / 7)
     worse = _run("w", {"epoch": [1, 2], "valid_loss": [1, 1], "accuracy": [.5, .6]},
                  {"epochs_run": 2, "plateau_epoch": None, "valid_accuracy": .6})
     never = rep.warm_vs_scratch(worse, scratch)
-    assert never["warm_epochs_to_scratch_best"] is None and never["ratio"] is None
+    assert never["epochs_to_scratch_best"] is None and never["epoch_ratio"] is None
+
+
+def _metrics(gaps: dict, ratios: list, spread: float = 0.01) -> dict:
+    """A hand-made metrics dict: two seeds, four generations, one chain; scratch test
+    accuracy 0.80 (+spread in seed 1), the warm chain's gaps[gen] = (seed 0, seed 1)."""
+    runs = []
+    for seed in (0, 1):
+        for gen in (1, 2, 3, 4):
+            base = 0.80 + spread * seed
+            runs.append({"seed": seed, "gen": gen, "chain": "scratch", "test_accuracy": base,
+                         "epoch_ratio": 0.9, "epochs_to_scratch_best": 9})
+            if gen > 1:
+                runs.append({"seed": seed, "gen": gen, "chain": "copy:fine_tune",
+                             "test_accuracy": base + gaps[gen][seed],
+                             "epoch_ratio": ratios[seed] if gen == 4 else 0.5})
+    inbox = [{"seed": s, "lookalike": {"enrichment": e},
+              "junk_scores": [{"score": "knn", "auc": a, "default": True},
+                              {"score": "confidence", "auc": 0.99, "default": False}]}
+             for s, e, a in ((0, 4.0, 0.90), (1, 3.0, 0.86))]
+    return {"settings": {"generations": 4, "default_chain": "copy:fine_tune",
+                         "chains": ["copy:fine_tune"]},
+            "runs": runs, "inbox": inbox, "seconds": {"total": 80 * 60},
+            "memory": {"peak_rss_mb": 1500}}
+
+
+def test_goals_from_a_hand_made_run(rep):
+    gaps = {2: (-0.03, -0.02), 3: (0.0, -0.004), 4: (0.02, 0.01)}
+    g = rep.goals(_metrics(gaps, [0.2, 0.3]))
+    assert set(g) == set(rep.GOALS)
+    assert g["epoch_ratio"] == {**g["epoch_ratio"], "value": 0.25, "goal": 0.25, "met": True}
+    assert g["epoch_ratio"]["per_seed"] == [0.2, 0.3]
+    assert g["test_gain"]["value"] == pytest.approx(0.015) and g["test_gain"]["met"]
+    assert g["test_gain"]["higher_in_each_seed"] and g["test_gain"]["goal"] == 0.01
+    # gens 3+ only (gen 2's -2.5 points do not count): worst mean gap -0.002 at gen 3;
+    # seed spread: the mean over gens 3-4 of the warm (0.006, 0.0) and scratch (0.01, 0.01)
+    # ranges over seeds, 0.0065
+    nb = g["never_below"]
+    assert nb["value"] == pytest.approx(-0.002) and nb["goal"] == pytest.approx(-0.0065)
+    assert nb["met"] and nb["per_generation"] == {"3": -0.002, "4": 0.015}
+    assert g["enrichment"]["value"] == 3.5 and g["enrichment"]["met"]
+    assert g["junk_auc"]["value"] == pytest.approx(0.88) and g["junk_auc"]["met"]
+    assert g["minutes"] == {**g["minutes"], "value": 80.0, "goal": 90, "met": True}
+    assert g["peak_rss_mb"]["met"] and g["peak_rss_mb"]["value"] == 1500
+
+
+def test_goals_name_what_is_missed(rep):
+    # gen 4 ends higher on average, but lower in seed 1; a seed never reaches scratch's best;
+    # gen 3 falls further below scratch than the seeds spread
+    gaps = {2: (0.0, 0.0), 3: (-0.05, -0.04), 4: (0.04, -0.005)}
+    m = _metrics(gaps, [0.2, None], spread=0.002)
+    m["inbox"][1]["lookalike"]["enrichment"] = float("nan")  # no candidate in seed 1
+    m["seconds"]["total"], m["memory"]["peak_rss_mb"] = 95 * 60, 2048
+    g = rep.goals(m)
+    assert g["epoch_ratio"]["value"] is None and not g["epoch_ratio"]["met"]
+    assert g["test_gain"]["value"] == pytest.approx(0.0175)
+    assert not g["test_gain"]["higher_in_each_seed"] and not g["test_gain"]["met"]
+    assert g["never_below"]["value"] == pytest.approx(-0.045) and not g["never_below"]["met"]
+    assert g["enrichment"]["value"] is None and not g["enrichment"]["met"]
+    assert g["junk_auc"]["met"]
+    assert not g["minutes"]["met"] and not g["peak_rss_mb"]["met"]  # 2048 is not under 2048
 
 
 def test_enrichment_and_junk_auc(rep):
@@ -142,9 +252,11 @@ def test_enrichment_and_junk_auc(rep):
 
 def test_bad_inputs_name_the_problem(rep, tmp_path):
     with pytest.raises(ZoolibError, match="needed"):
-        rep.sample_files(tmp_path, [10, 20, 30], 5, 0)
-    args = rep.parse_args(["--holdout", "okapi", "--out", str(tmp_path)])
-    with pytest.raises(ZoolibError, match="--holdout"):
+        rep.sample_files(tmp_path, {"cat": 30}, 5, 0)
+    busy = tmp_path / "ws"
+    (busy / "seed-0").mkdir(parents=True)
+    args = rep.parse_args(["--out", str(tmp_path), "--workspace", str(busy)])
+    with pytest.raises(ZoolibError, match="not empty"):
         rep.run(args)
 
 

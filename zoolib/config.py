@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from . import pretrained as weights
 from . import recipe
 from .workspace import ZoolibError
 
@@ -117,7 +118,13 @@ class TrainConfig:
             model at the scratch run's rates, warmed up and decayed again).
         warm_shrink, warm_perturb: "shrink_perturb" only (None: 0.4 and 0.1).
         dash_lambda: "dash": the smallest scale of a filter (their 0.3).
-        pretrained: start a scratch run from ImageNet weights (needs internet).
+        pretrained: the weights a scratch run starts from (`zoolib.pretrained`): ""
+            (random, the default), a timm pretrained name ("<arch>.<tag>", the bare
+            tag, or the arch for its default tag; downloaded from timm's hub) or a
+            weights file in timm's key names (.safetensors or .pth). A pretrained
+            start is a fine-tune: FREEZE_EPOCHS of the head alone, then the body as
+            WARM_SCHEDULE says. True/False (older parameter files) mean the
+            architecture's default tag and "".
         num_workers: DataLoader workers; None = 0 on a small CPU machine, else fastai's.
         resume: continue an interrupted run with the same settings.
         folds: cross-validation: k folds of train+valid by content hash (0 = off).
@@ -176,12 +183,16 @@ class TrainConfig:
     warm_shrink: float | None = None
     warm_perturb: float | None = None
     dash_lambda: float = 0.3
-    pretrained: bool = False
+    pretrained: str = ""
     num_workers: int | None = None
     resume: bool = True
     folds: int = 0
     fold: int = 0
     cache: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pretrained, bool):  # PRETRAINED=True/False of older files
+            self.pretrained = weights.default_name(self.arch) if self.pretrained else ""
 
     @classmethod
     def from_params(cls, params: dict, other=()) -> "TrainConfig":
@@ -259,7 +270,8 @@ class TrainConfig:
                               f"{self.whiten_bias_epochs}")
         if self.freeze_epochs < 0:
             raise ZoolibError(f"FREEZE_EPOCHS must be at least 0, got {self.freeze_epochs}")
-        if self.init_from != "scratch" and self.freeze_epochs >= self.epochs:
+        self._check_pretrained()
+        if (self.init_from != "scratch" or self.pretrained) and self.freeze_epochs >= self.epochs:
             raise ZoolibError(f"FREEZE_EPOCHS={self.freeze_epochs} leaves no epoch to train the "
                               f"whole model in EPOCHS={self.epochs}: raise EPOCHS or lower it")
         if not 0 <= self.min_improvement < 1:
@@ -280,6 +292,19 @@ class TrainConfig:
         if self.folds and not (self.folds >= 2 and 0 <= self.fold < self.folds):
             raise ZoolibError(f"FOLDS={self.folds}, FOLD={self.fold}: need FOLDS >= 2 "
                               "and 0 <= FOLD < FOLDS (FOLDS=0 turns folds off)")
+
+    def _check_pretrained(self) -> None:
+        if not isinstance(self.pretrained, str):
+            raise ZoolibError(f"PRETRAINED must be a str (a timm tag or a weights file), got "
+                              f"{self.pretrained!r}")
+        if self.pretrained and self.init_from != "scratch":
+            raise ZoolibError(f"PRETRAINED={self.pretrained!r} starts a run from scratch, but "
+                              f"INIT_FROM={self.init_from!r} warm-starts from a generation: "
+                              "set PRETRAINED='' or INIT_FROM='scratch'")
+        if self.pretrained and not weights.is_file(self.pretrained):
+            weights.hub_name(self.arch, self.pretrained)  # an unknown tag, named, before any data
+        elif self.pretrained and not Path(self.pretrained).expanduser().is_file():
+            raise ZoolibError(f"PRETRAINED weights file {self.pretrained} does not exist")
 
     def _check_warm(self) -> None:
         if self.warm_method != "shrink_perturb":
@@ -307,8 +332,8 @@ def _coerce(name: str, kind: str, value):
             return None
         raise bad
     if base == "str":
-        if isinstance(value, str) or (name == "FLIP" and isinstance(value, bool)):
-            return value  # FLIP=True/False: the recipe's flip or none
+        if isinstance(value, str) or (name in ("FLIP", "PRETRAINED") and isinstance(value, bool)):
+            return value  # FLIP=True/False: the recipe's flip or none; PRETRAINED: __post_init__
         raise bad
     if base == "bool":
         if isinstance(value, bool):

@@ -19,10 +19,11 @@ CPUs with native bfloat16, else fp32) and fastai's `ChannelsLast` (oneDNN's CPU
 convolutions are faster on it too: zoo_cnn trains 1.4x faster at 32 px on 2
 cores, measured), and the fit.
 
-A warm start is a fine-tune: the Learner's splitter (`recipe.split_groups`) makes
-the body and the new output layer separate parameter groups, so fastai's `freeze`
-trains the head alone for `freeze_epochs` (batch-norm statistics frozen too),
-then the whole model trains with the body at `lr_warm / lr_mult`.
+A warm start is a fine-tune, and so is a start from pretrained weights
+(`PRETRAINED`, `zoolib.pretrained`): the Learner's splitter (`recipe.split_groups`)
+makes the body and the new output layer separate parameter groups, so fastai's
+`freeze` trains the head alone for `freeze_epochs` (batch-norm statistics frozen
+too), then the whole model trains with the body at `lr_warm / lr_mult`.
 
 Under torchrun every process calls `train`; rank 0 alone writes (data
 preparation, the run folder, checkpoints, the generation) and sends what it
@@ -57,7 +58,7 @@ from fastai.optimizer import Adam, OptimWrapper
 from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 from timm.optim import Lookahead
 
-from . import augment, models, recipe, warmstart
+from . import augment, models, pretrained, recipe, warmstart
 from .callbacks import (Checkpoint, CpuAutocast, Ema, GroupWeightDecay, LookaheadRate,
                         ReleaseMemory, SkipDone, TrainableUntil, ValidateLast, cpu_has_bf16,
                         release_memory)
@@ -101,19 +102,26 @@ class _Run:
 
     @property
     def warm(self) -> bool:
+        """Warm-started from a parent generation."""
         return self.init["init"] == "warm"
+
+    @property
+    def fine_tune(self) -> bool:
+        """Starts from trained weights (a parent's or pretrained ones): the head trains
+        alone for FREEZE_EPOCHS, then the body as WARM_SCHEDULE says."""
+        return self.init["init"] in ("warm", "pretrained")
 
 
 def _initial_model(ws: Workspace, cfg: TrainConfig, classes: list[str]):
     """The model to train, its model.json record and its preprocessing."""
     if cfg.init_from == "scratch":
         args = recipe.model_args(cfg)
-        model = models.create_model(cfg.arch, len(classes), pretrained=cfg.pretrained, **args)
-        if cfg.dirac:
+        model, record, prep = pretrained.new_model(cfg.arch, len(classes), cfg.pretrained, args)
+        if cfg.dirac and not cfg.pretrained:  # identity filters would overwrite trained ones
             recipe.dirac_init(model)
-        return model, {"parent": None, "init": "pretrained" if cfg.pretrained else "scratch",
-                       "head_init": "random", "model_args": args}, models.preprocessing(
-                           model, cfg.pretrained)
+        if cfg.pretrained:  # a fine-tune: the head alone first, then the body as this says
+            record["warm_schedule"] = cfg.warm_schedule
+        return model, {**record, "model_args": args}, prep
     parent = models.resolve_generation(ws, cfg.init_from)
     sp = cfg.warm_method == "shrink_perturb"
     model, record = warmstart.warm_start(ws, parent, cfg.arch, classes, carry_rows=cfg.carry_rows,
@@ -157,8 +165,8 @@ def lr_max(cfg: TrainConfig, warm: bool, batch: int) -> tuple[list[float], list[
     "adam": groups (body, head); the decay is fastai's, the same for all (None).
     "sgd": groups (body, batch-norm biases, head) at (1, BIAS_LR_SCALE, 1) x the
     rate, in airbench's decoupled terms (`recipe.sgd_rates`) for `batch` images
-    a step. A warm start's head trains at LR_WARM and its body at LR_WARM / LR_MULT
-    (WARM_SCHEDULE="fine_tune"), or both at LR ("rewarm").
+    a step. A warm or pretrained start (`warm`) trains its head at LR_WARM and its body
+    at LR_WARM / LR_MULT (WARM_SCHEDULE="fine_tune"), or both at LR ("rewarm").
     """
     cfg = cfg.resolved()
     fine_tune = warm and cfg.warm_schedule == "fine_tune"  # "rewarm": the scratch rates
@@ -258,7 +266,7 @@ def _fit(run: _Run, model: torch.nn.Module, progress: bool, extra_cbs) -> TrainR
     """Build the Learner, train (or resume) under the run's schedule, save the generation."""
     ws, cfg, data, classes, state = run.ws, run.cfg, run.data, run.classes, run.state
     run_dir = run.dir
-    warm = run.warm
+    warm = run.fine_tune  # from trained weights: frozen head epochs, the fine-tune's rates
     history = run.history = list(state["history"]) if state else []
     start = run.start = state["epochs_done"] if state else 0
     ckpt = run_dir / "checkpoint"
@@ -279,7 +287,7 @@ def _fit(run: _Run, model: torch.nn.Module, progress: bool, extra_cbs) -> TrainR
     with rank0_first():  # rank 0 fills the pixel cache; the others then only read it
         learn = build_learner(ws, cfg, data, classes, model, run_dir, run.prep, cbs, progress)
     started = time.perf_counter()  # the whitening init is part of training
-    learn.add_cbs(_recipe_callbacks(learn, cfg, warm, fresh=not state))
+    learn.add_cbs(_recipe_callbacks(learn, cfg, run.init["init"], fresh=not state))
     if state:
         load_checkpoint(learn, saved)
         if is_main():
@@ -315,16 +323,16 @@ def _freeze_fixed(model: torch.nn.Module, cfg: TrainConfig) -> None:
         recipe.stem_conv(model).weight.requires_grad_(False)
 
 
-def _recipe_callbacks(learn: Learner, cfg: TrainConfig, warm: bool, fresh: bool) -> list:
+def _recipe_callbacks(learn: Learner, cfg: TrainConfig, init: str, fresh: bool) -> list:
     """The pieces that need the Learner and its data: DASH (a new warm run), the
-    whitening init (a new scratch run), the whitening bias's epochs, the
-    alternating flip's epoch, lookahead."""
+    whitening init (a new run from random weights, `init` "scratch"), the whitening
+    bias's epochs, the alternating flip's epoch, lookahead."""
     cbs = []
-    if fresh and warm and cfg.warm_method == "dash":
+    if fresh and init == "warm" and cfg.warm_method == "dash":
         warmstart.dash(learn.model, dash_batches(learn.dls), lam=cfg.dash_lambda)
     if cfg.whiten:
         stem = recipe.stem_conv(learn.model)
-        if fresh and not warm:
+        if fresh and init == "scratch":
             recipe.whiten_init(stem, whitening_images(learn.dls, seed=cfg.seed))
         if stem.bias is not None:
             cbs.append(TrainableUntil([stem.bias], cfg.whiten_bias_epochs))
@@ -369,7 +377,8 @@ def _finish(model: torch.nn.Module, run: _Run) -> TrainResult:
         "classes": run.classes, **run.init, "min_images": cfg.min_images,
         "throwaway": cfg.throwaway, "data_hash": data_hash(data),
         "split_counts": data.groupby("split").size().to_dict(), "config": asdict(cfg),
-        "schedule": {"kind": cfg.schedule, "warm": run.warm, **sched},
+        "schedule": {"kind": cfg.schedule, "warm": run.warm, "fine_tune": run.fine_tune,
+                     **sched},
         "recipe": {"name": cfg.recipe, "optimizer": cfg.optimizer,
                    "batch_size": run.batch_size, "lr_per_group": run.rates,
                    "weight_decay_per_group": run.decays, "lookahead": bool(cfg.lookahead),

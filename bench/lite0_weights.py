@@ -103,7 +103,7 @@ def write(path: str | Path) -> Path:
     """Write the converted weights as safetensors at `path` and return it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(load_converted(), str(path))
+    save_file(load_converted(), str(path), metadata={"arch": ARCH})  # EMBEDDER reads it
     return path
 
 

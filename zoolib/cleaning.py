@@ -2,14 +2,8 @@
 images and an embedding map, from out-of-fold predictions (cleanlab does the estimating).
 
 The estimators need predictions of each image by a model that did not train on
-it. `out_of_fold` trains k throw-away fold generations (the `FOLDS`/`FOLD`
-machinery of training: fold i of the train+valid pool is held out) and keeps,
-for every image of the training classes, the probabilities of the fold model
-that held it out; test and benchmark images, which no fold trains on, get the
-mean of all fold models. The table is stored in the workspace
-(`cleaning/oof.parquet`), so the other calls and a later kernel reuse it.
-
-cleanlab then finds the label issues (`filter.find_label_issues`, ranked by
+it: fold models or a linear probe on a pretrained embedder (`oof`, whose calls
+are re-exported here). cleanlab then finds the label issues (`filter.find_label_issues`, ranked by
 `rank.get_label_quality_scores`), the overlapping classes
 (`dataset.find_overlapping_classes`) and the out-of-distribution images
 (`outlier.OutOfDistribution`, per class on the generation's features). Writing
@@ -17,148 +11,20 @@ our own estimators would only repeat theirs.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from . import curate, inference, library, models, plots
-from .evaluate import predict_rows
-from .train import TrainConfig, train
-from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
+from . import curate, inference, library, models, plots, probe
+from .embedder import MODEL, display_name, library_vectors, vectors
+from .oof import (OOF_FILE, combine_oof, folder, load_oof, out_of_fold,  # noqa: F401 - re-exported
+                  predictions, probe_oof, save_oof)
+from .workspace import Workspace, ZoolibError
 
-OOF_FILE = "oof.parquet"
 ISSUE_COLUMNS = ["path", "label", "suggested", "label_quality", "given_prob", "suggested_prob",
-                 "split"]
-
-
-def folder(ws: Workspace) -> Path:
-    """`WORKSPACE/cleaning/`: derived tables of the cleaning step (rebuilt by re-running)."""
-    return ws.cleaning
-
-
-# --------------------------------------------------------------------------- out of fold
-
-def out_of_fold(workspace, cfg: TrainConfig, folds: int = 4, tta: bool = False,
-                progress: bool = True) -> pd.DataFrame:
-    """Train `folds` throw-away generations and predict each image with a model that
-    did not train on it.
-
-    Args:
-        workspace: the workspace.
-        cfg: the fold runs' settings: the budget (EPOCHS, PATIENCE) and the start
-            (INIT_FROM: "last" warm-starts every fold from the newest generation,
-            cheaper; "scratch" never saw any image). FOLDS, FOLD and THROWAWAY
-            are set here.
-        folds: k, at least 2.
-        tta: multi-crop test-time augmentation (`inference.tta_views`, six passes).
-        progress: progress bars of training and prediction.
-
-    Returns:
-        One row per image of the training classes: path, hash, label, split
-        ("train"/"valid" pool, or "test"/"benchmark"), fold (-1 for test and
-        benchmark images), generation (the model that predicted it, or "mean"),
-        probs (an array over `attrs["classes"]`), pred, confidence. Also saved
-        as `cleaning/oof.parquet`.
-
-    Raises:
-        ZoolibError: fewer than 2 folds, or the fold runs disagree on the classes.
-    """
-    ws = open_workspace(workspace)
-    if int(folds) < 2:
-        raise ZoolibError(f"FOLDS must be at least 2 for out-of-fold predictions, got {folds}")
-    parts, held, classes, names = [], [], None, []
-    for fold in tqdm(range(int(folds)), desc="fold models", disable=not progress):
-        result = train(ws, replace(cfg, folds=int(folds), fold=fold, throwaway=True),
-                       progress=progress)
-        names.append(result.name)
-        loaded = inference.load(ws, result.name)
-        if classes is not None and loaded.classes != classes:
-            raise ZoolibError(f"fold {fold} trained on classes {loaded.classes}, fold 0 on "
-                              f"{classes}: the library changed during the run; run it again")
-        classes = loaded.classes
-        rows = result.splits
-        valid = rows[rows["split"] == "valid"]
-        parts.append(_predicted(ws, loaded, valid, tta).assign(fold=fold, split="pool",
-                                                               generation=result.name))
-        held.append(_predicted(ws, loaded, rows[rows["split"].isin(["test", "benchmark"])], tta))
-    table = pd.concat(parts + [_mean_of(held)], ignore_index=True)
-    table.attrs.update(classes=classes, generations=names, folds=int(folds),
-                       init=cfg.init_from)
-    save_oof(ws, table)
-    return table
-
-
-def _predicted(ws: Workspace, loaded: inference.Loaded, rows: pd.DataFrame, tta: bool
-               ) -> pd.DataFrame:
-    """Prediction frame of split rows (hash, path, label, split) by one fold model."""
-    rows = rows.drop_duplicates("path").reset_index(drop=True)
-    frame = predict_rows(ws, loaded.name, rows, loaded=loaded, tta=tta)
-    return frame.assign(hash=rows["hash"].to_numpy(), split=rows["split"].to_numpy())
-
-
-def _mean_of(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Test and benchmark rows: every fold model held them out, so average them all."""
-    first = frames[0].set_index("path")
-    probs = np.mean([np.stack(f.set_index("path").loc[first.index, "probs"]) for f in frames],
-                    axis=0)
-    out = first.reset_index()[["path", "hash", "label", "split"]]
-    out["probs"] = list(probs)
-    return out.assign(fold=-1, generation="mean")
-
-
-def save_oof(ws: Workspace, table: pd.DataFrame) -> Path:
-    """Write the out-of-fold table (probabilities as lists, classes in the metadata)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    classes = table.attrs["classes"]
-    out = table[["path", "hash", "label", "split", "fold", "generation"]].copy()
-    out["probs"] = [np.asarray(p, dtype=np.float32).tolist() for p in table["probs"]]
-    meta = {"classes": "\x1f".join(classes),
-            "generations": "\x1f".join(table.attrs.get("generations", [])),
-            "folds": str(table.attrs.get("folds", "")), "init": table.attrs.get("init", "")}
-    arrow = pa.Table.from_pandas(out, preserve_index=False).replace_schema_metadata(meta)
-    path = folder(ws) / OOF_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, write=lambda p: pq.write_table(arrow, p))
-
-
-def load_oof(workspace) -> pd.DataFrame:
-    """The stored out-of-fold table (see `out_of_fold`), with pred and confidence.
-
-    Raises:
-        ZoolibError: none stored yet, or the file is not readable.
-    """
-    import pyarrow.parquet as pq
-
-    ws = open_workspace(workspace)
-    path = folder(ws) / OOF_FILE
-    if not path.exists():
-        raise ZoolibError(f"no out-of-fold predictions in {path}: run cleaning.out_of_fold "
-                          "(06_clean) first")
-    try:
-        arrow = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - any parquet failure means "re-run it"
-        raise ZoolibError(f"{path} is not readable ({exc}): delete it and run "
-                          "cleaning.out_of_fold again") from exc
-    meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
-    table = arrow.to_pandas()
-    table["probs"] = [np.asarray(p, dtype=np.float64) for p in table["probs"]]
-    return _with_prediction(table, meta["classes"].split("\x1f"),
-                            generations=meta["generations"].split("\x1f"),
-                            folds=int(meta["folds"] or 0), init=meta.get("init", ""))
-
-
-def _with_prediction(table: pd.DataFrame, classes: list[str], **attrs) -> pd.DataFrame:
-    probs = np.stack(table["probs"]) if len(table) else np.zeros((0, len(classes)))
-    table["pred"] = [classes[i] for i in probs.argmax(axis=1)]
-    table["confidence"] = probs.max(axis=1) if len(table) else []
-    table.attrs.update(classes=classes, **attrs)
-    return table
+                 "split", "predicted_by"]
 
 
 def _labels_and_probs(table: pd.DataFrame, classes: list[str] | None = None
@@ -188,8 +54,9 @@ def label_issues(ws: Workspace, table: pd.DataFrame, filter_by: str = "prune_by_
 
     Returns:
         Columns ISSUE_COLUMNS: the given label, the suggested one (the most likely
-        other class), cleanlab's label quality score (low: likely wrong) and
-        the two probabilities; sorted by label quality, lowest first.
+        other class), cleanlab's label quality score (low: likely wrong), the two
+        probabilities and what predicted them (the table's `predicted_by`: fold
+        models, a probe on an embedder, or both); sorted by label quality.
     """
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -206,7 +73,7 @@ def label_issues(ws: Workspace, table: pd.DataFrame, filter_by: str = "prune_by_
         "suggested": [classes[i] for i in best], "label_quality": quality.round(4),
         "given_prob": probs[np.arange(len(labels)), labels].round(4),
         "suggested_prob": probs[np.arange(len(labels)), best].round(4),
-        "split": known["split"]})[flagged]
+        "split": known["split"], "predicted_by": table.attrs.get("predicted_by", "")})[flagged]
     if not include_checked:
         issues = issues[~issues["path"].isin(curate.checked_paths(ws))]
     return issues.sort_values("label_quality", ignore_index=True)[ISSUE_COLUMNS]
@@ -251,9 +118,13 @@ def plot_overlaps(pairs: pd.DataFrame, path: str | Path | None = None, title: st
 
 # --------------------------------------------------------------------------- features
 
-def _library_rows(ws: Workspace, generation: str | None) -> tuple[str, pd.DataFrame]:
+def _library_rows(ws: Workspace, generation: str | None, embedder: str = MODEL
+                  ) -> tuple[str | None, pd.DataFrame]:
     """The generation's name and the library's readable images of its classes, one row
-    per content (a copy would only repeat its twin's score)."""
+    per content (a copy would only repeat its twin's score). With a pretrained
+    embedder and no generation: the classes over the cutoff (`probe.rows_to_clean`)."""
+    if embedder != MODEL and not models.generation_names(ws):
+        return None, probe.rows_to_clean(ws, None)[0]
     name = models.resolve_generation(ws, generation, include_throwaway=True)
     classes = models.read_info(ws, name)["classes"]
     manifest = library.scan(ws, progress=False)
@@ -261,17 +132,22 @@ def _library_rows(ws: Workspace, generation: str | None) -> tuple[str, pd.DataFr
     return name, rows.drop_duplicates("hash").reset_index(drop=True)
 
 
-def library_features(ws: Workspace, generation: str, rows: pd.DataFrame, batch_size: int = 128,
-                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Features of library images (path column) under a generation, in one pass each
-    (`inference.library_outputs`).
+def library_features(ws: Workspace, generation: str | None, rows: pd.DataFrame,
+                     batch_size: int = 128, progress: bool = True, embedder: str = MODEL
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Features of library images (path, hash columns) in one pass each: the
+    generation's (`inference.library_outputs`) or a pretrained EMBEDDER's.
 
     Returns:
-        (stage, embedding): the unit-length pooled features of the stage before
-        the last (`heads.features`, which describe what is in the picture
-        beyond the classes) and the pre-logit embedding (as bulk identification
-        stores it), both float32 with one row per row of `rows`.
+        (stage, embedding), float32 with one row per row of `rows`. With "model":
+        the unit-length pooled features of the stage before the last
+        (`heads.features`, which describe what is in the picture beyond the
+        classes) and the pre-logit embedding (as bulk identification stores it).
+        With a pretrained embedder its vectors, twice (`embedder.library_vectors`).
     """
+    if embedder != MODEL:
+        found = library_vectors(ws, embedder, rows, progress=progress)
+        return found, found
     loaded = inference.load(ws, generation)
     if rows.empty:
         width = len(loaded.classes)
@@ -283,7 +159,7 @@ def library_features(ws: Workspace, generation: str, rows: pd.DataFrame, batch_s
 
 
 def out_of_distribution(ws: Workspace, generation: str = "last", k: int = 10,
-                        progress: bool = True) -> pd.DataFrame:
+                        progress: bool = True, embedder: str = MODEL) -> pd.DataFrame:
     """Library images least like the rest of their class, most unusual first (cleanlab).
 
     cleanlab's `OutOfDistribution` scores each image by its mean distance to its
@@ -292,12 +168,13 @@ def out_of_distribution(ws: Workspace, generation: str = "last", k: int = 10,
     flamingo, a blank frame). Features: see `library_features`.
 
     Returns:
-        Columns path, label, ood_score (cleanlab's: low = unusual), rank_in_class.
+        Columns path, label, ood_score (cleanlab's: low = unusual), rank_in_class,
+        embedder (whose features: "model" or the backbone).
     """
     from cleanlab.outlier import OutOfDistribution
 
-    name, rows = _library_rows(ws, generation)
-    stage, _ = library_features(ws, name, rows, progress=progress)
+    name, rows = _library_rows(ws, generation, embedder)
+    stage, _ = library_features(ws, name, rows, progress=progress, embedder=embedder)
     scores = np.full(len(rows), np.nan)
     for label, idx in rows.groupby("label").indices.items():
         if len(idx) > k + 1:  # cleanlab needs more images than neighbours
@@ -305,6 +182,7 @@ def out_of_distribution(ws: Workspace, generation: str = "last", k: int = 10,
             scores[idx] = ood.fit_score(features=stage[idx], verbose=False)
     out = rows[["path", "label"]].assign(ood_score=scores.round(5))
     out["rank_in_class"] = out.groupby("label")["ood_score"].rank(method="first").astype("Int64")
+    out["embedder"] = display_name(embedder)
     return out.sort_values("ood_score", ignore_index=True, na_position="last")
 
 
@@ -338,14 +216,16 @@ def embedding_map(points: np.ndarray, seed: int = 0, max_points: int = 5000) -> 
 
 def map_frame(ws: Workspace, generation: str = "last", results: pd.DataFrame | None = None,
               marks: dict[str, set[str]] | None = None, seed: int = 0,
-              progress: bool = True) -> pd.DataFrame:
-    """Library (and inbox) images placed on one 2-D map of the generation's embeddings.
+              progress: bool = True, embedder: str = MODEL) -> pd.DataFrame:
+    """Library (and inbox) images placed on one 2-D map of the generation's embeddings
+    (or a pretrained EMBEDDER's: `attrs["embedder"]` says which).
 
     Args:
         ws: the workspace.
         generation: the generation whose embedding space is mapped.
         results: a bulk-identification table of the same generation (its
-            `embedding` column) to map the inbox beside the library; optional.
+            `embedding` column, or its files under a pretrained embedder) to map the
+            inbox beside the library; optional.
         marks: name -> library paths or inbox files to mark ("label issue", "ood").
         seed: t-SNE's seed.
 
@@ -354,12 +234,14 @@ def map_frame(ws: Workspace, generation: str = "last", results: pd.DataFrame | N
         "inbox"), label (the class, or the predicted class for inbox rows), x, y
         and mark ("" or the first name in `marks` that holds the path).
     """
-    name, rows = _library_rows(ws, generation)
-    _, emb = library_features(ws, name, rows, progress=progress)
+    name, rows = _library_rows(ws, generation, embedder)
+    _, emb = library_features(ws, name, rows, progress=progress, embedder=embedder)
     frame = pd.DataFrame({"path": rows["path"], "where": "library", "label": rows["label"]})
     if results is not None and len(results):
         ok = results[results["error"].fillna("") == ""]
-        emb = np.concatenate([emb, np.stack(ok["embedding"]).astype(np.float32)])
+        inbox = (np.stack(ok["embedding"]).astype(np.float32) if embedder == MODEL
+                 else vectors(ws, embedder, ok["path"], ok["hash"], progress=progress))
+        emb = np.concatenate([emb, inbox])
         frame = pd.concat([frame, pd.DataFrame({"path": ok["path"], "where": "inbox",
                                                 "label": ok["pred"]})], ignore_index=True)
     xy = embedding_map(emb, seed)
@@ -367,6 +249,7 @@ def map_frame(ws: Workspace, generation: str = "last", results: pd.DataFrame | N
     frame["mark"] = ""
     for mark, paths in reversed(list((marks or {}).items())):  # the first name wins
         frame.loc[frame["path"].isin(set(paths)), "mark"] = mark
+    frame.attrs["embedder"] = display_name(embedder)
     return frame
 
 

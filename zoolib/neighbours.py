@@ -40,10 +40,11 @@ CACHE = "train_neighbours.npy"
 
 
 def train_rows(ws: Workspace, generation: str, classes: list[str]) -> pd.DataFrame:
-    """The generation's training images still in the library (path, label), found as
+    """The generation's training images still in the library (path, label, hash), found as
     evaluation finds its test rows (`splits.generation_rows`)."""
     manifest = library.scan(ws, progress=False)
-    return splits.generation_rows(ws, generation, manifest, classes, "train")[["path", "label"]]
+    rows = splits.generation_rows(ws, generation, manifest, classes, "train")
+    return rows[["path", "label", "hash"]]
 
 
 # Rows per matrix product in kth_distance, the last block padded with zeros: one shape

@@ -40,6 +40,54 @@ from .images import read_file, squished_pixels
 from .workspace import Workspace, ZoolibError, write_atomic
 
 
+class Entries:
+    """Fixed-size records kept one file per content hash, each behind its CRC32.
+
+    `<folder>/<hash[:2]>/<hash><suffix>` holds the CRC32 of the payload (4 bytes,
+    little-endian) and then the payload: a record of the wrong length or with the
+    wrong bytes reads as missing, so it is computed again rather than used. The
+    pixel cache and the embedding cache (`embedder`) keep their records this way.
+
+    Args:
+        folder: where the records live (a derived cache folder).
+        suffix: the files' suffix.
+        nbytes: the payload's length.
+        what: the cache's name in error messages.
+    """
+
+    def __init__(self, folder: Path, suffix: str, nbytes: int, what: str):
+        self.folder, self.suffix, self.nbytes, self.what = Path(folder), suffix, int(nbytes), what
+
+    def path(self, digest: str) -> Path:
+        """Where the record of `digest` is kept."""
+        return self.folder / digest[:2] / f"{digest}{self.suffix}"
+
+    def put(self, digest: str, payload: bytes) -> None:
+        """Keep a record (atomically: a reader never sees half of one)."""
+        path = self.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, zlib.crc32(payload).to_bytes(4, "little") + payload)
+
+    def load(self, digest: str) -> bytes | None:
+        """The payload, or None when missing, of another length or failing its CRC.
+
+        Raises:
+            ZoolibError: the record is not a file (a folder in its place): the cache's
+                problem, not the image's; delete the cache folder (named).
+        """
+        path = self.path(digest)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise ZoolibError(f"the {self.what} entry {path} cannot be read ({exc}): delete "
+                              f"{self.folder} (a derived cache, rebuilt on the next run)") from exc
+        if len(raw) != 4 + self.nbytes or zlib.crc32(raw[4:]).to_bytes(4, "little") != raw[:4]:
+            return None
+        return raw[4:]
+
+
 class PixelCache:
     """Cached model-input pixels of library images for one preprocessing.
 
@@ -57,12 +105,13 @@ class PixelCache:
         self._memo: dict[str, np.ndarray] = {}
         self._room = int(memory_mb * 2**20)
         self.folder = ws.cache / "pixels" / f"{self.size}-{interpolation}-{decode}-v2"
+        self.entries = Entries(self.folder, ".px", self.size * self.size * 3, "pixel cache")
         self.decodes = 0  # images decoded by this object (tests count cache misses)
         self._count = threading.Lock()
 
     def path(self, digest: str) -> Path:
         """Where an image's pixels are kept."""
-        return self.folder / digest[:2] / f"{digest}.px"
+        return self.entries.path(digest)
 
     def _decode(self, file: str | Path) -> np.ndarray:
         with self._count:
@@ -70,32 +119,14 @@ class PixelCache:
         return squished_pixels(read_file(file), self.size, self.interpolation, self.decode)
 
     def _put(self, digest: str, pixels: np.ndarray) -> None:
-        path = self.path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = np.ascontiguousarray(pixels, np.uint8).tobytes()
-        crc = zlib.crc32(data).to_bytes(4, "little")
-        write_atomic(path, crc + data)  # a reader never sees half an entry
+        self.entries.put(digest, np.ascontiguousarray(pixels, np.uint8).tobytes())
 
     def _load(self, digest: str) -> np.ndarray | None:
-        """The cached pixels, or None when missing or not what this cache holds (length
-        or checksum wrong).
-
-        Raises:
-            ZoolibError: the entry is not a file (a folder in its place): the cache's
-                problem, not the library image's.
-        """
-        path = self.path(digest)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        """The cached pixels, or None when missing or not what this cache holds."""
+        raw = self.entries.load(digest)
+        if raw is None:
             return None
-        except (IsADirectoryError, PermissionError) as exc:
-            raise ZoolibError(f"the pixel cache entry {path} cannot be read ({exc}): delete "
-                              f"{self.folder} (a derived cache, rebuilt on the next run)") from exc
-        n = self.size * self.size * 3
-        if len(raw) != 4 + n or zlib.crc32(raw[4:]).to_bytes(4, "little") != raw[:4]:
-            return None
-        return np.frombuffer(raw, np.uint8, count=n, offset=4).reshape(self.size, self.size, 3)
+        return np.frombuffer(raw, np.uint8).reshape(self.size, self.size, 3)
 
     def get(self, file: str | Path, digest: str) -> np.ndarray:
         """An image's pixels (read-only): from memory or the cache, else decoded and kept."""

@@ -97,7 +97,7 @@ def new_model(arch: str, num_classes: int, source: str,
         detail = load_file_into(model, Path(source).expanduser(), arch)
     else:
         name = hub_name(arch, source)
-        model = _download(name, num_classes, model_args)
+        model = download(name, num_classes, model_args)
         detail = {"tag": name}
     # whose statistics the inputs are normalised with: the architecture's (or tag's) config
     tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
@@ -107,7 +107,7 @@ def new_model(arch: str, num_classes: int, source: str,
     return model, record, models.preprocessing(model, pretrained=True)
 
 
-def _download(name: str, num_classes: int, model_args: dict) -> torch.nn.Module:
+def download(name: str, num_classes: int, model_args: dict) -> torch.nn.Module:
     """timm's model `name` with its hub weights (the output layer new and random).
 
     Raises:

@@ -89,6 +89,11 @@ class Workspace:
         return self.root / "served"
 
     @property
+    def settings(self) -> Path:
+        """Choices the workspace remembers between notebooks (`embedder.choose`)."""
+        return self.root / "settings.json"
+
+    @property
     def cleaning(self) -> Path:
         """Derived tables of the cleaning step (rebuilt by re-running it)."""
         return self.root / "cleaning"
@@ -99,7 +104,7 @@ class Workspace:
         return {"library/": self.library, "models/": self.models, "splits/": self.splits,
                 "bulkid/": self.bulkid, "_trash/": self.trash, ".zoolib/": self.cache,
                 "served/": self.served, "cleaning/": self.cleaning,
-                "zoo.sqlite": self.journal_db}
+                "settings.json": self.settings, "zoo.sqlite": self.journal_db}
 
     def __str__(self) -> str:
         return str(self.root)

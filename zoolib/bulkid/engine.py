@@ -48,12 +48,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import inference, neighbours
+from ..embedder import MODEL, display_name
 from ..images import RESAMPLE
 from ..machine import cores as machine_cores
 from ..preprocess import normalise
 from ..models import resolve_generation
 from ..workspace import UNKNOWN, Workspace, ZoolibError, open_workspace
-from . import parts, results, schema
+from . import embedded, parts, results, schema
+from .rows import table as _rows
 from .inbox import LINK_ERROR, SPECIAL_ERROR, ImageFiles, input_files, list_files  # noqa: F401
 
 _READ_BATCHES = 4  # model batches decoded in a row when decoding in this process ...
@@ -70,7 +72,8 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         progress: bool = True, files: list[Path] | None = None,
         on_batch: Callable[[int, int], None] | None = None, device: str | None = None,
         knn: bool = True, runtime: str | None = None, engine: str = "local",
-        address: str | None = None, lazy: bool = False, tta: bool = False):
+        address: str | None = None, lazy: bool = False, tta: bool = False,
+        embedder: str = MODEL):
     """Predict every file under an inbox folder into `bulkid/<name>/results.parquet`.
 
     Args:
@@ -107,6 +110,8 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
         tta: multi-crop test-time augmentation (`inference.tta_views`: six passes
             per image, the scores of their averaged logits); recorded in the run's
             run.json, and a run is never resumed with the other setting.
+        embedder: "model", or a pretrained EMBEDDER whose vectors fill the knn and
+            embedding columns (`bulkid.embedded`); recorded in run.json likewise.
 
     Symbolic links, pipes, sockets and devices are never opened: each gets a row
     with an error (`LINK_ERROR`, `SPECIAL_ERROR`), as unreadable files do. Hidden
@@ -135,18 +140,20 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     name = name or f"{loaded.name}-{'inbox' if files is None else 'files'}"
     run_dir = results.run_dir(ws, name)
     with results.exclusive(run_dir, name):
-        results.open_run(run_dir, name, loaded)
+        results.open_run(run_dir, name, loaded, display_name(embedder))
         done = results.recover(run_dir)
         skip = pc.is_in(pa.array(paths, pa.string()), value_set=done)
         todo = [p for p, done_ in zip(paths, skip.to_numpy(zero_copy_only=False)) if not done_]
         if todo:
-            ref = neighbours.reference(ws, loaded) if knn else None  # cached for actors too
+            own = knn and embedder == MODEL
+            ref = neighbours.reference(ws, loaded) if own else None  # cached for actors too
+            post = _post(ws, loaded, embedder, knn, progress)
             if engine == "ray":
                 _predict_ray(ws, loaded, run_dir, todo, int(batch_size), num_workers,
-                             progress, on_batch, knn, refused, address)
+                             progress, on_batch, own, refused, address, post)
             else:
                 _predict(ws, loaded, run_dir, todo, int(batch_size), num_workers, progress,
-                         on_batch, ref, refused)
+                         on_batch, ref, refused, post)
     if lazy:  # a big inbox: the table stays on disk, opened as the widget reads it
         from .view import open_view
 
@@ -170,6 +177,16 @@ def identify_unknown(workspace, generation: str = "last", name: str | None = Non
         raise ZoolibError(f"{folder} holds no file to identify")
     gen = resolve_generation(ws, generation, include_throwaway=True)
     return run(ws, gen, name=name or f"{gen}-unknown", files=files, **kw)
+
+
+def _post(ws: Workspace, loaded: inference.Loaded, embedder: str, knn: bool, progress: bool
+          ) -> Callable[[pa.Table], pa.Table]:
+    """What each table of rows goes through before it is written: nothing, or the
+    pretrained embedder's knn and embedding (`embedded.rescore`)."""
+    if embedder == MODEL:
+        return lambda table: table
+    ref = embedded.reference(ws, loaded.name, embedder, progress) if knn else None
+    return lambda table: embedded.rescore(ws, embedder, ref, table)
 
 
 def _check_preprocessing(loaded: inference.Loaded) -> None:
@@ -201,8 +218,10 @@ def _default_workers(cuda: bool) -> int:
 def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[str],
              batch_size: int, num_workers: int | None, progress: bool,
              on_batch: Callable[[int, int], None] | None,
-             ref: torch.Tensor | None, refused: dict[str, str] | None = None) -> None:
-    """Stream `todo` through the model, flushing parts; always leaves a merged table."""
+             ref: torch.Tensor | None, refused: dict[str, str] | None = None,
+             post: Callable[[pa.Table], pa.Table] = lambda table: table) -> None:
+    """Stream `todo` through the model, flushing parts (each table through `post`);
+    always leaves a merged table."""
     cuda = loaded.device.type == "cuda"
     workers = _default_workers(cuda) if num_workers is None else int(num_workers)
     # Decoding in this process: several model batches per read, so the decoder's
@@ -235,12 +254,12 @@ def _predict(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[
                     on_batch(done, len(todo))
             # One table per read, not per model batch: Arrow's cost per call, paid
             # cold after every forward pass, was ~10 us per 32 px image per batch.
-            writer.add(_rows(ws, loaded, todo[start:done], hashes, errors, scored))
+            writer.add(post(_rows(ws, loaded, todo[start:done], hashes, errors, scored)))
             start, scored = done, []
     finally:
         if scored:  # batches scored before an interruption keep their rows
             n = done - start
-            writer.add(_rows(ws, loaded, todo[start:done], hashes[:n], errors[:n], scored))
+            writer.add(post(_rows(ws, loaded, todo[start:done], hashes[:n], errors[:n], scored)))
         torch.set_num_threads(threads)
         bar.close()
         writer.flush()
@@ -305,8 +324,10 @@ def _ray():
 def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: list[str],
                  batch_size: int, num_workers: int | None, progress: bool,
                  on_batch: Callable[[int, int], None] | None, knn: bool,
-                 refused: dict[str, str] | None, address: str | None) -> None:
-    """`_predict` on Ray Data: actors identify, this process writes the parts.
+                 refused: dict[str, str] | None, address: str | None,
+                 post: Callable[[pa.Table], pa.Table]) -> None:
+    """`_predict` on Ray Data: actors identify, this process writes the parts (and runs
+    `post`: a pretrained embedder's pass is not spread over the cluster yet).
 
     The rows come back in the order of `todo` (preserve_order), so the parts,
     the table and resuming are those of the local engine.
@@ -340,7 +361,7 @@ def _predict_ray(ws: Workspace, loaded: inference.Loaded, run_dir: Path, todo: l
     done = 0
     try:
         for table in rows.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(table.cast(schema.SCHEMA))  # Ray may widen types (large_binary)
+            writer.add(post(table.cast(schema.SCHEMA)))  # Ray may widen types (large_binary)
             done += table.num_rows
             bar.update(table.num_rows)
             if on_batch is not None:
@@ -386,57 +407,3 @@ def _score_batch(loaded: inference.Loaded, pixels: torch.Tensor, errors: list[st
     # Index only when needed: a fresh tensor would lose the pinned memory.
     kept = pixels if ok.all() else pixels[torch.from_numpy(ok)]
     return {"ok": ok, **_scores(loaded, normalise(kept, loaded.info, loaded.device), ref)}
-
-
-def _rows(ws: Workspace, loaded: inference.Loaded, paths: list[str], hashes: list[str],
-          errors: list[str], scored: list[dict[str, np.ndarray]]) -> pa.Table:
-    """Consecutive batches' rows as one Arrow table (errors keep their row, no prediction)."""
-    ok = np.concatenate([b["ok"] for b in scored])
-    found = [b for b in scored if "top_i" in b]
-    s = {k: np.concatenate([b[k] for b in found]) for k in found[0]} if found else {}
-    n, names = len(paths), pa.array(loaded.classes, type=pa.string())
-    conf, margin, entropy, ood, knn = (np.full(n, np.nan) for _ in range(5))
-    top_i = s.get("top_i", np.zeros((0, 0), dtype=np.int64))
-    best = np.zeros(n, dtype=np.int64)
-    if s:
-        rows = np.flatnonzero(ok)
-        conf[rows], margin[rows] = s["top_p"][:, 0], s["margin"]
-        entropy[rows], ood[rows], best[rows] = s["entropy"], s["ood"], top_i[:, 0]
-        if "knn" in s:
-            knn[rows] = s["knn"]
-    root = str(ws.root) + os.sep
-    # Class names are taken from the class list by index (Arrow's take), and lists
-    # are built from flat arrays and offsets: no Python object per value.
-    return pa.table({
-        "path": paths, "rel": [p[len(root):] if p.startswith(root) else p for p in paths],
-        "hash": list(hashes), "pred": names.take(pa.array(best, mask=~ok)), "confidence": conf,
-        "top5": _lists(names.take(pa.array(top_i.ravel())), ok),
-        "top5_prob": _lists(pa.array(s.get("top_p", np.zeros(0)).ravel(), type=pa.float32()),
-                            ok),
-        "margin": margin, "entropy": entropy, "ood": ood, "knn": knn,
-        "embedding": _blobs(s.get("emb", np.zeros((0, 0))), ok),
-        "generation": pa.repeat(pa.scalar(loaded.name), n), "error": list(errors),
-    }, schema=schema.SCHEMA)
-
-
-def _offsets(ok: np.ndarray, width: int) -> np.ndarray:
-    """Arrow offsets giving `width` items to each readable row and none to the others."""
-    offsets = np.zeros(len(ok) + 1, dtype=np.int32)
-    np.cumsum(np.where(ok, width, 0), out=offsets[1:])
-    return offsets
-
-
-def _lists(values: pa.Array, ok: np.ndarray) -> pa.ListArray:
-    """A list column: the values shared evenly by the readable rows, in order; the others
-    get []."""
-    width = len(values) // max(int(ok.sum()), 1)
-    return pa.ListArray.from_arrays(pa.array(_offsets(ok, width)), values)
-
-
-def _blobs(emb: np.ndarray, ok: np.ndarray) -> pa.BinaryArray:
-    """The embedding column: one row of `emb` as float16 bytes per readable row, else null."""
-    data = np.ascontiguousarray(emb, dtype=schema.EMBEDDING)
-    offsets = _offsets(ok, data.shape[1] * schema.EMBEDDING.itemsize if data.size else 0)
-    valid = pa.array(ok).buffers()[1]  # Arrow's validity bitmap has the bool array's bits
-    return pa.BinaryArray.from_buffers(pa.binary(), len(ok), [
-        valid, pa.py_buffer(offsets), pa.py_buffer(data.tobytes())], null_count=int((~ok).sum()))

@@ -101,11 +101,12 @@ def _read_run_json(run_dir: Path) -> dict:
     return meta
 
 
-def open_run(run_dir: Path, name: str, loaded: inference.Loaded) -> None:
-    """Create or reopen a run's run.json, refusing to mix generations, or predictions
-    with and without test-time augmentation, in one table."""
+def open_run(run_dir: Path, name: str, loaded: inference.Loaded, embedder: str = "model"
+             ) -> None:
+    """Create or reopen a run's run.json, refusing to mix generations, predictions
+    with and without test-time augmentation, or embedders (`engine.run`) in one table."""
     meta = {"name": name, "generation": loaded.name, "classes": list(loaded.classes),
-            "tta": inference.TTA_NAME if loaded.tta else None}
+            "tta": inference.TTA_NAME if loaded.tta else None, "embedder": embedder}
     if (run_dir / "run.json").exists():
         old = _read_run_json(run_dir)
         if old.get("generation") != loaded.name:
@@ -117,6 +118,10 @@ def open_run(run_dir: Path, name: str, loaded: inference.Loaded) -> None:
             raise ZoolibError(f"bulk identification run {name!r} was made with tta="
                               f"{bool(old.get('tta'))}: pass tta={bool(old.get('tta'))} to "
                               "resume it or choose another name")
+        if old.get("embedder", "model") != embedder:
+            raise ZoolibError(f"bulk identification run {name!r} was made with embedder "
+                              f"{old.get('embedder', 'model')!r}, not {embedder!r}: choose "
+                              "another name, or resume it with that embedder")
     else:
         write_atomic(run_dir / "run.json", json.dumps(meta, indent=2))
 

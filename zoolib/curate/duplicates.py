@@ -144,21 +144,22 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int = 10) -> pd.D
 
 
 def embedding_pairs(rows: pd.DataFrame, embeddings: np.ndarray,
-                    min_similarity: float = 0.97) -> pd.DataFrame:
-    """Pairs of images whose embeddings (from a generation) are close.
+                    min_similarity: float = 0.97, embedder: str = "model") -> pd.DataFrame:
+    """Pairs of images whose embeddings (a generation's or a pretrained backbone's) are close.
 
     Curation stays below the model: the embeddings are given, one row per row of
-    `rows` (`inference.embed(ws, generation, rows["path"])` gives a generation's
-    pre-logit features). Pairs come from a nearest-neighbour index (`ann.near_pairs`:
+    `rows` (`embedder.library_vectors` gives a pretrained backbone's or, with
+    "model", a generation's pre-logit features). Pairs come from a nearest-neighbour index (`ann.near_pairs`:
     exact up to `ann.EXACT_MAX` images, an inverted file above), not an N x N scan.
 
     Args:
         rows: manifest rows (path, label), e.g. the readable ones, one per content hash.
         embeddings: (len(rows), d) float array.
         min_similarity: the least cosine similarity that counts as a near duplicate.
+        embedder: whose embeddings, for the pairs' kind.
 
     Returns:
-        PAIR_COLUMNS with kind "embedding" and the cosine similarity.
+        PAIR_COLUMNS with kind "embedding (<embedder>)" and the cosine similarity.
 
     Raises:
         ZoolibError: the embeddings are not one row per image.
@@ -172,7 +173,7 @@ def embedding_pairs(rows: pd.DataFrame, embeddings: np.ndarray,
     a, b, s = a[order], b[order], s[order]
     path, label = rows["path"].to_numpy(), rows["label"].to_numpy()
     pairs = pd.DataFrame({"path_a": path[a], "path_b": path[b], "label_a": label[a],
-                          "label_b": label[b], "kind": "embedding", "distance": np.nan,
+                          "label_b": label[b], "kind": f"embedding ({embedder})", "distance": np.nan,
                           "similarity": np.round(s, 4)})
     return pairs[PAIR_COLUMNS]
 

@@ -76,7 +76,7 @@ from cifar import (ANIMALS, DATA, REPO, VEHICLES, EpochLog, link_inbox, link_lib
                    peak_rss_mb, shuffled, test_rows)
 from replicate_inbox import enrichment, inbox_part, junk_scores  # noqa: F401 (the test's)
 from replicate_report import GOALS, goals, write_report, write_results  # noqa: F401
-from train_recipe import commit, cpu
+from benchinfo import commit, cpu
 from zoolib import evaluate, metrics, pipeline, workspace
 from zoolib.config import WARM_METHODS, WARM_SCHEDULES, TrainConfig
 from zoolib.train import train
@@ -271,7 +271,7 @@ def run_seed(args, m: dict, seed: int, plan: dict, root: Path, tests: pd.DataFra
             arrive = files[first][:plan[args.arrivals[first]][first]]
             m["inbox"].append({"seed": seed, **inbox_part(
                 ws, scratch.name, truth, first, arrive, args.threshold, args.workers, out,
-                f"s{seed}")})
+                f"s{seed}", args.embedder)})
         for chain in args.chains if gen > 1 else ():
             warm = train_one(ws, args, m, seed, gen, chain, parents[chain.label], tests, scratch)
             parents[chain.label] = warm.name
@@ -396,6 +396,9 @@ def _flags(ap: argparse.ArgumentParser) -> None:
                     help="test figures with TTA too: at no, the last or every generation")
     ap.add_argument("--workers", type=int, default=None,
                     help="data-loading processes for training and bulkid (default: theirs)")
+    ap.add_argument("--embedder", default="",
+                    help="a pretrained EMBEDDER whose knn junk score is measured beside the "
+                         "model's on the inbox (e.g. the file bench/lite0_weights.py writes)")
     ap.add_argument("--data", default=str(DATA), help="the cifar10 folder (train/ and test/)")
     ap.add_argument("--out", default=str(REPO / "reports" / "replicate"))
     ap.add_argument("--run", default=None, help="report folder name (default: a timestamp)")

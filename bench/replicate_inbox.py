@@ -112,7 +112,8 @@ def plot_inbox(table: pd.DataFrame, results: pd.DataFrame, truth: pd.DataFrame,
 
 
 def inbox_part(ws, generation: str, truth: pd.DataFrame, holdout: str, holdout_files: list[Path],
-               threshold: float, workers: int | None, out: Path, tag: str) -> dict:
+               threshold: float, workers: int | None, out: Path, tag: str,
+               embedder: str = "") -> dict:
     """Identify the inbox with `generation`; write the tables and plot; return the figures.
 
     Args:
@@ -125,10 +126,13 @@ def inbox_part(ws, generation: str, truth: pd.DataFrame, holdout: str, holdout_f
         workers: bulkid's decoding processes (None: its default).
         out: the report folder; files are suffixed with `tag` (e.g. "s0").
         tag: the seed's suffix.
+        embedder: a pretrained EMBEDDER: the inbox is identified a second time with
+            its knn score, beside the model's (`bulkid.embedded`); "" for none.
 
     Returns:
         seconds (bulkid), lookalike (class, counts and the figures at `threshold`),
-        enrichment (every threshold) and junk_scores (one row per score).
+        enrichment (every threshold) and junk_scores (one row per score; with an
+        embedder, also embedder_junk (its knn row, named) and embedder_seconds).
     """
     t = time.perf_counter()
     results = bulkid.run(ws, generation, batch_size=256, num_workers=workers, progress=False)
@@ -137,6 +141,7 @@ def inbox_part(ws, generation: str, truth: pd.DataFrame, holdout: str, holdout_f
     table = pd.DataFrame([enrichment(results, truth, holdout, look, th)
                           for th in sorted(set(THRESHOLDS + [threshold]))])
     scores = junk_scores(results, truth)
+    extra = embedder_junk(ws, generation, truth, embedder, workers) if embedder else {}
     plot_inbox(table, results, truth, scores, holdout, look, out / f"inbox_{tag}.png")
     table.to_csv(out / f"enrichment_{tag}.csv", index=False)
     scores.to_csv(out / f"junk_scores_{tag}.csv", index=False)
@@ -144,4 +149,19 @@ def inbox_part(ws, generation: str, truth: pd.DataFrame, holdout: str, holdout_f
             "lookalike": {"class": look, "counts": counts,
                           **enrichment(results, truth, holdout, look, threshold)},
             "enrichment": table.to_dict(orient="records"),
-            "junk_scores": scores.to_dict(orient="records")}
+            "junk_scores": scores.to_dict(orient="records"), **extra}
+
+
+def embedder_junk(ws, generation: str, truth: pd.DataFrame, embedder: str,
+                  workers: int | None) -> dict:
+    """The inbox identified again with a pretrained embedder's knn score: its junk AUC."""
+    from zoolib.embedder import display_name
+
+    t = time.perf_counter()
+    results = bulkid.run(ws, generation, name=f"{generation}-embedder", batch_size=64,
+                         num_workers=workers, progress=False, embedder=embedder)
+    seconds = round(time.perf_counter() - t, 1)
+    row = junk_scores(results, truth).set_index("score").loc["knn"]
+    return {"embedder_seconds": seconds,
+            "embedder_junk": {"embedder": display_name(embedder), "auc": float(row["auc"]),
+                              "junk_in_bottom": float(row["junk_in_bottom"])}}

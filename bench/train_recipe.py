@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from benchinfo import commit, cpu
 from cifar import ANIMALS, DATA, REPO, EpochLog, link_library, peak_rss_mb, place, test_rows
 
 from zoolib import curate, evaluate, pipeline, splits, workspace
@@ -58,24 +58,6 @@ FRACTIONS = {"train": 0.9, "valid": 0.1, "test": 0.0, "benchmark": 0.0}
 FIRST = 5000  # the valid images are the last --valid-per-class of the first 5,000
 # The longer preset: airbench95's widths (128/384/384) at its rate 10 for 11 epochs.
 LONG = {"arch": "zoo_cnn_wide", "recipe": "long"}
-
-
-def cpu() -> dict:
-    """The CPU model and the flags that decide the speed of training."""
-    model, flags = "unknown", []
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = line.split(":", 1)[1].split()
-    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))]
-    import torch
-
-    from zoolib.callbacks import cpu_has_bf16
-
-    return {"model": model, "flags": keep, "native_bf16": cpu_has_bf16(),
-            "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": len(os.sched_getaffinity(0))}
 
 
 def files(data: Path, cls: str, per_class: int, valid: int) -> tuple[list[Path], list[Path]]:
@@ -285,11 +267,6 @@ def write_part(args, m: dict, side: str, seed: int, result: dict) -> None:
     path.write_text(json.dumps({"cpu": m["cpu"], "per_class": args.per_class,
                                 "on_valid": args.on_valid, "date": time.strftime("%Y-%m-%d"),
                                 "commit": commit(), "result": keep}, indent=2) + "\n")
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def write_results(m: dict) -> None:

@@ -51,8 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import embedding_parts
 import lite0_weights
 from benchinfo import commit, cpu
+from cifar import DATA as CIFAR
 from cifar import REPO, EpochLog, link_library, peak_rss_mb
 
 from zoolib import curate, evaluate, pipeline, splits, workspace
@@ -61,7 +63,8 @@ from zoolib.workspace import ZoolibError
 
 ANIMALS10 = REPO.parent / "shared" / "datasets" / "animals10-mini"
 RESULTS = REPO / "bench" / "results" / "pretrained.json"
-GOALS = {"pretrained_accuracy": 0.90}
+GOALS = {"pretrained_accuracy": 0.90, "embedding_junk_auc": 0.90, "embed_speed": 0.85,
+         "embed_cache_speedup": 20.0}
 SHARES = {"train": 0.70, "valid": 0.15}  # test: the rest
 # Pins decide every split; the shares only keep the content-hash split from freezing
 # a benchmark bucket, whose images no pin could move.
@@ -210,8 +213,29 @@ def part_accuracy(ctx: Context) -> dict:
     return {"pretrained_accuracy": goal("pretrained_accuracy", value)}
 
 
+def part_speed(ctx: Context) -> dict:
+    """The cached embedding pass against the bare forward (bench/embedding_parts.py)."""
+    ws = workspace.create(ctx.tmp / "speed")
+    found = embedding_parts.speed(ws, str(weights_file(ctx.tmp)),
+                                  embedding_parts.photos(Path(ctx.args.data)))
+    ctx.rows.append({"part": "speed", **found})
+    print(f"embedding speed: {found}", flush=True)
+    return {"embed_speed": goal("embed_speed", found["first_over_bare"]),
+            "embed_cache_speedup": goal("embed_cache_speedup", found["second_over_first"])}
+
+
+def part_junk(ctx: Context) -> dict:
+    """Junk removal on bench/replicate.py's inbox: the embedder's knn against the model's."""
+    found = embedding_parts.junk(ctx.tmp / "junk", str(weights_file(ctx.tmp)),
+                                 Path(ctx.args.cifar))
+    ctx.rows.append({"part": "junk", **found})
+    print(f"junk removal: {found}", flush=True)
+    return {"embedding_junk_auc": goal("embedding_junk_auc", found["embedder_auc"])}
+
+
 # One function per part; each returns its entries of the shared goals dict.
-PARTS: dict[str, Callable[[Context], dict]] = {"accuracy": part_accuracy}
+PARTS: dict[str, Callable[[Context], dict]] = {"accuracy": part_accuracy, "speed": part_speed,
+                                               "junk": part_junk}
 
 
 # ------------------------------------------------------------------ figures
@@ -252,7 +276,7 @@ def table(rows: list[dict]) -> str:
         return "  -  " if v is None else f"{v:.3f}"
 
     lines = ["seed  start       valid  v.TTA  test   t.TTA  epochs  minutes"]
-    for r in rows:
+    for r in (r for r in rows if r["part"] == "accuracy"):
         lines.append(f"{r['seed']:<5} {r['start']:<11} {cell(r, 'valid', 'accuracy')}  "
                      f"{cell(r, 'valid', 'accuracy_tta')}  {cell(r, 'test', 'accuracy')}  "
                      f"{cell(r, 'test', 'accuracy_tta')}  {r['epochs_run']:<6}  "
@@ -283,6 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated")
     ap.add_argument("--starts", default=",".join(STARTS), help="pretrained and/or scratch")
     ap.add_argument("--data", default=str(ANIMALS10), help="class folders of photos")
+    ap.add_argument("--cifar", default=str(CIFAR), help="the cifar10 folder (part junk)")
     ap.add_argument("--out", default=str(REPO / "reports" / "pretrained"))
     ap.add_argument("--run", default=None, help="report folder name (default: a timestamp)")
     ap.add_argument("--no-test", action="store_true",

@@ -253,3 +253,15 @@ def test_bulk_identification_scores_junk_and_neighbours_in_the_embedders_space(w
         bulkid.run(trained_ws, "gen-0001", name="own", embedder=value, progress=False)
     worst = bulkid.lowest_scores(results, n=3, by="knn")
     assert worst["knn"].tolist() == sorted(results["knn"].dropna(), reverse=True)[:3]
+
+
+def test_the_speed_benchmark_times_the_bare_pass_and_both_cached_passes(weights, demo_ws, tmp_path):
+    from .test_replicate import _script
+
+    parts = _script("embedding_parts")
+    files = sorted(demo_ws.library.rglob("*.jpg"))[:10]
+    found = parts.speed(demo_ws, str(weights), files)
+    assert found["images"] == 10 and found["recomputed_on_second"] == 0
+    assert found["bare_per_s"] > 0 and found["cached_second_per_s"] > found["cached_first_per_s"]
+    assert found["first_over_bare"] == pytest.approx(
+        found["cached_first_per_s"] / found["bare_per_s"], rel=0.02)

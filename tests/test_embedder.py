@@ -235,12 +235,12 @@ def test_bulk_identification_scores_junk_and_neighbours_in_the_embedders_space(w
     widths = {len(v) for v in ok["embedding"]}
     assert widths == {found.shape[1]} == {576}  # the backbone's vectors, not the model's
     assert np.allclose(np.stack(ok["embedding"]).astype(np.float32), found, atol=1e-3)
-    # knn: the distance to the 10th nearest library image in the backbone's space
+    # knn: the distance to the K-th nearest library image in the backbone's space
     rows, _ = probe.rows_to_clean(trained_ws, "gen-0001")
     ref = unit(torch.from_numpy(embedder.vectors(
         trained_ws, value, [trained_ws.library / p for p in rows["path"]], rows["hash"],
         progress=False)))
-    expected = neighbours.kth_distance(ref, torch.from_numpy(found)).numpy()
+    expected = neighbours.kth_distance(ref, torch.from_numpy(found), embedded.K).numpy()
     assert np.allclose(ok["knn"].to_numpy(), expected, atol=1e-5)
     assert np.allclose(embedded.reference(trained_ws, "gen-0001", value, progress=False).numpy(),
                        ref.numpy())

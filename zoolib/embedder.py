@@ -16,11 +16,12 @@ issues of 06_clean can read an ImageNet backbone's features instead. `EMBEDDER`
 - `""`: whichever of these the workspace used last (`settings.json`), else "model".
 
 The vector of an image is the backbone's last feature map pooled to its channel
-means and maxima, unit length (`heads.pooled`), at the backbone's own input size,
+means and to its channel maxima, each half unit length, the whole unit length
+(`pool`), at the backbone's own input size,
 normalisation and resize filter (timm's pretrained config). Vectors are kept in
 the workspace's derived cache, one record per content hash and backbone:
 
-    WORKSPACE/.zoolib/embeddings/<arch>-<weights id>-<size>-v1/<hash[:2]>/<hash>.vec
+    WORKSPACE/.zoolib/embeddings/<arch>-<weights id>-<size>-v2/<hash[:2]>/<hash>.vec
 
 (float16 behind a CRC32, `pixel_cache.Entries`), so an image is embedded once, a
 changed image is a new hash, a deleted cache is rebuilt, and the library is only
@@ -41,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models, pretrained
-from .heads import pooled
+from .heads import unit
 from .images import DECODE
 from .machine import cores
 from .pixel_cache import Entries
@@ -56,7 +57,7 @@ MODEL = "model"
 # distinct photos scored below 0.74 (the closest 0.91).
 NEAR_SIMILARITY = 0.8
 SETTINGS_KEY = "embedder"
-VERSION = "v1"  # of the vectors: bump when the pooling or preprocessing changes
+VERSION = "v2"  # of the vectors: bump when the pooling or preprocessing changes
 HOW_TO = ("configure a pretrained backbone with EMBEDDER: a timm name such as "
           "'tf_efficientnet_lite0' (downloaded once from timm's hub) or, offline, "
           "'<arch>:<weights file in timm key names>'")
@@ -105,7 +106,22 @@ class Embedder:
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Unit-length pooled features (n, 2C) of a normalised NCHW batch."""
         batch = batch.contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout
-        return pooled(self.model().forward_features(batch)).float()
+        return pool(self.model().forward_features(batch))
+
+
+def pool(final: torch.Tensor) -> torch.Tensor:
+    """A (n, C, h, w) feature map as unit rows of [unit(channel means), unit(channel maxima)].
+
+    Each half normalised on its own, so neither dominates the cosine by its scale.
+    Measured on a tuning inbox disjoint from bench/replicate.py's (1,360 cifar10/train
+    animals as the library, 150 unseen images of each of the ten classes, vehicles as
+    junk; EfficientNet-Lite0): junk ROC AUC of the knn distance, k = 5 / 10, was
+    0.899 / 0.895 for these vectors, 0.894 / 0.887 for means and maxima concatenated
+    raw (`heads.pooled`), 0.891 / 0.884 for maxima alone, 0.847 / 0.850 for means alone,
+    0.840 / 0.839 for a middle stage's means.
+    """
+    final = final.float()
+    return unit(torch.cat([unit(final.mean(dim=(2, 3))), unit(final.amax(dim=(2, 3)))], dim=1))
 
 
 def resolve(value: str) -> Embedder:

@@ -221,6 +221,36 @@ def test_a_weights_file_is_the_new_models_body(weights_file, suffix):
     assert prep["interpolation"] == cfg.interpolation == "bicubic"
 
 
+def test_a_pretrained_starts_new_head_is_zero_and_a_random_starts_is_not(weights_file):
+    state = load_file(weights_file)
+    model, record, _ = pretrained.new_model(ARCH, 4, str(weights_file), {})
+    # zero logits: no large, meaningless gradient reaches the pretrained body
+    head = model.get_classifier()
+    assert not head.weight.any() and not head.bias.any()
+    body = [k for k in state if not k.startswith("classifier.")]
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in body)
+    assert record["head_init"] == "zeros"
+    scratch, record, _ = pretrained.new_model(ARCH, 4, "", {})
+    assert scratch.get_classifier().weight.any()  # timm's random init
+    assert record["head_init"] == "random"
+
+
+def _norm_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters()]
+
+
+def test_a_pretrained_starts_batch_norm_is_fixed_and_a_random_starts_trains(weights_file):
+    model, record, _ = pretrained.new_model(ARCH, 4, str(weights_file), {})
+    norms = _norm_params(model)
+    assert len(norms) > 40 and not any(p.requires_grad for p in norms)
+    others = [p for p in model.parameters() if all(p is not n for n in norms)]
+    assert all(p.requires_grad for p in others)  # convolutions and the head train
+    assert record["body_norm"] == "frozen"
+    scratch, record, _ = pretrained.new_model(ARCH, 4, "", {})
+    assert all(p.requires_grad for p in _norm_params(scratch)) and "body_norm" not in record
+
+
 def test_a_pretrained_run_fine_tunes_the_head_first(demo_ws, weights_file):
     state, check = load_file(weights_file), _FrozenCheck()
     cfg = TrainConfig(arch=ARCH, img_size=32, epochs=2, batch_size=32, freeze_epochs=1,
@@ -233,8 +263,14 @@ def test_a_pretrained_run_fine_tunes_the_head_first(demo_ws, weights_file):
     assert not torch.equal(check.after_first["classifier.weight"], check.head0["weight"])
     body_lr, head_lr = check.lrs  # classic recipe (Adam): body, head
     assert body_lr == pytest.approx(head_lr / 10)
+    kept, _ = models.load_generation(demo_ws, r.name)
+    norms = [k for k in body if k.split(".")[-2].startswith("bn")]  # blocks.0.0.bn2.bias
+    assert len(norms) > 100  # after the whole model trained: scales, shifts and statistics kept
+    assert all(torch.allclose(kept.state_dict()[k], state[k]) for k in norms)
+    assert not torch.allclose(kept.conv_stem.weight, state["conv_stem.weight"])  # the body trained
     info, timm_cfg = r.info, get_pretrained_cfg(ARCH)
     assert (info["init"], info["parent"], info["fine_tune"]) == ("pretrained", None, True)
+    assert (info["head_init"], info["body_norm"]) == ("zeros", "frozen")
     assert info["pretrained"]["file"] == str(weights_file.resolve())
     assert info["pretrained"]["sha256"] == pretrained.file_sha256(weights_file)
     assert info["warm_schedule"] == "fine_tune" and info["recipe"]["name"] == "classic"

@@ -163,5 +163,5 @@ def embedder_junk(ws, generation: str, truth: pd.DataFrame, embedder: str,
     seconds = round(time.perf_counter() - t, 1)
     row = junk_scores(results, truth).set_index("score").loc["knn"]
     return {"embedder_seconds": seconds,
-            "embedder_junk": {"embedder": display_name(embedder), "auc": float(row["auc"]),
+            "embedder_junk": {"embedder": display_name(embedder, ws), "auc": float(row["auc"]),
                               "junk_in_bottom": float(row["junk_in_bottom"])}}

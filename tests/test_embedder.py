@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
-from zoolib import embedder, library
+from PIL import Image
+
+from zoolib import embedder, library, workspace
 from zoolib.workspace import ZoolibError
 
 ARCH = "mobilenetv3_small_050"  # a small timm backbone: 224 px, fast on a CPU
@@ -265,3 +267,22 @@ def test_the_speed_benchmark_times_the_bare_pass_and_both_cached_passes(weights,
     assert found["bare_per_s"] > 0 and found["cached_second_per_s"] > found["cached_first_per_s"]
     assert found["first_over_bare"] == pytest.approx(
         found["cached_first_per_s"] / found["bare_per_s"], rel=0.02)
+
+
+def test_small_images_are_embedded_at_a_smaller_size_and_say_so(weights, tmp_path):
+    assert [embedder.input_size(224, s) for s in (None, 400, 45, 32, 10)] == [224, 224, 224, 160, 96]
+    ws = workspace.create(tmp_path / "ws")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (ws.library / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(ws.library / cls / f"{i}.png")
+    rows = _rows(ws)
+    assert library.typical_side(ws) == 32
+    e = embedder.for_workspace(ws, str(weights))
+    assert e.info["img_size"] == 160 and e.name.endswith("small.safetensors@160")
+    embedder.vectors(ws, str(weights), [ws.library / p for p in rows["path"]], rows["hash"],
+                     progress=False)
+    assert [p.name for p in (ws.cache / "embeddings").iterdir()][0].endswith("-160-v2")
+    assert embedder.display_name(str(weights), ws) == e.name
+    assert embedder.resolve(str(weights)).name == f"{ARCH}:small.safetensors"  # its own size

@@ -182,7 +182,7 @@ def out_of_distribution(ws: Workspace, generation: str = "last", k: int = 10,
             scores[idx] = ood.fit_score(features=stage[idx], verbose=False)
     out = rows[["path", "label"]].assign(ood_score=scores.round(5))
     out["rank_in_class"] = out.groupby("label")["ood_score"].rank(method="first").astype("Int64")
-    out["embedder"] = display_name(embedder)
+    out["embedder"] = display_name(embedder, ws)
     return out.sort_values("ood_score", ignore_index=True, na_position="last")
 
 
@@ -249,7 +249,7 @@ def map_frame(ws: Workspace, generation: str = "last", results: pd.DataFrame | N
     frame["mark"] = ""
     for mark, paths in reversed(list((marks or {}).items())):  # the first name wins
         frame.loc[frame["path"].isin(set(paths)), "mark"] = mark
-    frame.attrs["embedder"] = display_name(embedder)
+    frame.attrs["embedder"] = display_name(embedder, ws)
     return frame
 
 

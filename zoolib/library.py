@@ -315,6 +315,16 @@ def _load_cache(ws: Workspace) -> pd.DataFrame:
     return frame.astype(_FILE_TYPES)
 
 
+def typical_side(ws: Workspace) -> int | None:
+    """The median short side in pixels of the library's images, from the last scan's
+    cache (None before the first scan): how large the images are, roughly, without
+    reading them."""
+    files = _load_cache(ws)
+    sides = files[["width", "height"]].min(axis=1)
+    sides = sides[sides > 0]
+    return int(sides.median()) if len(sides) else None
+
+
 def _save_cache(ws: Workspace, files: pd.DataFrame) -> None:
     """Keep the scan for next time; on a read-only copy of a workspace, say so and go on."""
     path = _cache_path(ws)

@@ -91,5 +91,5 @@ def out_of_fold(ws: Workspace, value: str, generation: str | None = "last", fold
         fold[held] = k
     table = rows.assign(fold=fold, generation="probe", probs=list(probs))
     table.attrs.update(classes=classes, generations=["probe"], folds=int(folds), init="probe",
-                       predicted_by=f"linear probe on {embedder.display_name(value)}")
+                       predicted_by=f"linear probe on {embedder.display_name(value, ws)}")
     return table

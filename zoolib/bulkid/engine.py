@@ -140,7 +140,7 @@ def run(workspace, generation: str = "last", inbox: str | Path | None = None,
     name = name or f"{loaded.name}-{'inbox' if files is None else 'files'}"
     run_dir = results.run_dir(ws, name)
     with results.exclusive(run_dir, name):
-        results.open_run(run_dir, name, loaded, display_name(embedder))
+        results.open_run(run_dir, name, loaded, display_name(embedder, ws))
         done = results.recover(run_dir)
         skip = pc.is_in(pa.array(paths, pa.string()), value_set=done)
         todo = [p for p, done_ in zip(paths, skip.to_numpy(zero_copy_only=False)) if not done_]

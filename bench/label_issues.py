@@ -87,8 +87,13 @@ def run(args) -> dict:
             cfg = TrainConfig(**{**cfg.__dict__, "init_from": parent})
         built = time.perf_counter()
         folds = args.folds if args.oof != "probe" else args.probe_folds
-        oof = cleaning.predictions(ws, cfg, args.oof, embedder, folds=folds, tta=args.tta,
-                                   progress=False)
+        # "both" as cleaning.predictions makes it, its two halves kept for study
+        sources = ["folds", "probe"] if args.oof == "both" else [args.oof]
+        parts = {s: cleaning.predictions(ws, cfg, s, embedder, folds=folds, tta=args.tta,
+                                         progress=False) for s in sources}
+        oof = (cleaning.combine_oof(ws, parts["folds"], parts["probe"])
+               if args.oof == "both" else parts[args.oof])
+        keep_oof(oof, parts, {row["path"] for row in key}, Path(args.out))
         issues = cleaning.label_issues(ws, oof)
         pairs = cleaning.overlapping_classes(oof)
         flipped = {row["path"] for row in key}
@@ -110,6 +115,18 @@ def run(args) -> dict:
                "minutes_total": round((time.perf_counter() - start) / 60, 1),
                "minutes_oof": round((time.perf_counter() - built) / 60, 1)}
     return out
+
+
+def keep_oof(oof: pd.DataFrame, parts: dict, planted: set[str], out: Path) -> None:
+    """The out-of-fold probabilities (and each source's, `probs_<source>`) with the
+    answer key, in out/oof.parquet: other operating points without predicting again."""
+    out.mkdir(parents=True, exist_ok=True)
+    frame = oof[["path", "label"]].assign(planted=oof["path"].isin(planted),
+                                          probs=[list(map(float, p)) for p in oof["probs"]])
+    for source, table in parts.items():
+        probs = table.set_index("path")["probs"]
+        frame[f"probs_{source}"] = [list(map(float, probs[p])) for p in frame["path"]]
+    frame.to_parquet(out / "oof.parquet", index=False)
 
 
 def goals(result: dict) -> dict:

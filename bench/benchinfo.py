@@ -37,9 +37,10 @@ def commit() -> str:
                           text=True).stdout.strip()
 
 
-def goal(value: float, target: float, at_least: bool = True) -> dict:
-    """A goal as the results files record it: value, goal and met."""
-    met = value >= target if at_least else value <= target
+def goal(value: float | None, target: float, at_least: bool = True) -> dict:
+    """A goal as the results files record it: value, goal and met (not met when the
+    value is None: unmeasured)."""
+    met = value is not None and (value >= target if at_least else value <= target)
     return {"value": value, "goal": target, "met": bool(met)}
 
 

@@ -54,6 +54,7 @@ from typing import Callable
 import embedding_parts
 import lite0_weights
 from benchinfo import commit, cpu
+from benchinfo import goal as benchinfo_goal
 from cifar import DATA as CIFAR
 from cifar import REPO, EpochLog, link_library, peak_rss_mb
 
@@ -260,9 +261,7 @@ def mean(values) -> float | None:
 
 def goal(name: str, value: float | None, higher: bool = True) -> dict:
     """value, goal and met of one of GOALS (not met when unmeasured)."""
-    target = GOALS[name]
-    met = value is not None and (value >= target if higher else value <= target)
-    return {"value": None if value is None else round(value, 4), "goal": target, "met": met}
+    return benchinfo_goal(None if value is None else round(value, 4), GOALS[name], higher)
 
 
 def means(rows: list[dict]) -> dict:

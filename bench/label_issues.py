@@ -40,7 +40,8 @@ from zoolib import cleaning, workspace  # noqa: E402
 from zoolib.train import TrainConfig, train  # noqa: E402
 
 DEFAULTS = dict(per_class=1500, flip=0.05, folds=3, epochs=None, init="scratch", arch="zoo_cnn",
-                size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="")
+                size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="", pretrained="",
+                freeze_epochs=None, lr_warm=None, lr_mult=None, batch_size=None)
 RESULTS = REPO / "bench" / "results" / "label_issues.json"
 GOALS = {"precision": 0.6, "recall": 0.6, "minutes": 30}
 
@@ -79,8 +80,11 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="zoolib-labels-") as tmp:
         ws, key = build(Path(tmp) / "ws", Path(args.data), args.per_class, args.flip, args.seed)
         embedder = (args.embedder or lite0_file(Path(tmp))) if args.oof != "folds" else "model"
+        tuned = {k: getattr(args, k) for k in ("freeze_epochs", "lr_warm", "lr_mult",
+                                                "batch_size") if getattr(args, k) is not None}
+        weights = lite0_file(Path(tmp)) if args.pretrained == "lite0" else args.pretrained
         cfg = TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs, seed=args.seed,
-                          min_images=10)
+                          min_images=10, pretrained=weights, **tuned)
         parent = None
         if args.init == "warm" and args.oof != "probe":  # the last generation, on noisy labels
             parent = train(ws, cfg, progress=False).name
@@ -153,6 +157,13 @@ def main() -> None:
     ap.add_argument("--init", choices=["scratch", "warm"], default=d["init"],
                     help="fold models from scratch, or warm from a generation on the noisy data")
     ap.add_argument("--arch", default=d["arch"], help="timm architecture")
+    ap.add_argument("--pretrained", default=d["pretrained"],
+                    help="PRETRAINED of the fold models: a weights file, or 'lite0' for the "
+                         "packaged Lite0 weights (with --arch tf_efficientnet_lite0)")
+    for name, kind in (("freeze-epochs", int), ("lr-warm", float), ("lr-mult", float),
+                       ("batch-size", int)):
+        ap.add_argument(f"--{name}", type=kind, default=None,
+                        help="the fold models' TrainConfig field (default: the recipe's)")
     ap.add_argument("--size", type=int, default=d["size"], help="input size")
     ap.add_argument("--seed", type=int, default=d["seed"], help="sample, flips and training")
     ap.add_argument("--no-tta", dest="tta", action="store_false", help="no mirror TTA")

@@ -170,3 +170,24 @@ def test_map_region_opens_the_images_inside_the_rectangle(demo_ws):
     assert view.paths == [str(demo_ws.library / p) for p in lions[:2]]
     assert [t.path for t in view.grid.tiles if t.path] == view.paths
     assert view.grid.tiles[1].toggle.button_style == "warning"  # the marked image
+
+
+def test_ranked_flags_cleanlabs_estimated_count_lowest_quality_first():
+    from cleanlab.count import num_label_issues
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    rng = np.random.default_rng(1)
+    n, k = 600, 4
+    labels = rng.integers(0, k, n)
+    # a model that is often unsure between the given class and another: its confusions
+    # look like label noise to cleanlab's filters
+    probs = rng.dirichlet(np.ones(k) * 0.7, n)
+    probs[np.arange(n), labels] += rng.uniform(0.2, 1.2, n)
+    probs /= probs.sum(axis=1, keepdims=True)
+    quality = get_label_quality_scores(labels, probs)
+    mask = cleaning.flag_ranked(labels, probs, quality)
+    count = num_label_issues(labels, probs)
+    assert mask.sum() == count > 0
+    assert quality[mask].max() <= quality[~mask].min()  # the lowest ones, nothing skipped
+    assert count < find_label_issues(labels, probs).sum()  # fewer than cleanlab's filter

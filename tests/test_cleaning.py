@@ -114,6 +114,9 @@ def test_out_of_fold_predicts_each_image_with_a_model_that_held_it_out(trained_w
     cfg = TrainConfig(**{**TINY, "epochs": 1, "init_from": "last", "freeze_epochs": 0})
     oof = cleaning.out_of_fold(trained_ws, cfg, folds=2, progress=False)
     assert oof["path"].is_unique and set(oof["fold"]) == {-1, 0, 1}
+    classes = oof.attrs["classes"]  # every row predicted, the held-out ones too
+    assert list(oof["pred"]) == [classes[i] for i in np.stack(oof["probs"]).argmax(axis=1)]
+    assert np.allclose(oof["confidence"], np.stack(oof["probs"]).max(axis=1))
     for name in oof.attrs["generations"]:
         assert models.read_info(trained_ws, name)["throwaway"]
         trained = models.read_splits(trained_ws, name)

@@ -85,7 +85,9 @@ def out_of_fold(workspace, cfg: TrainConfig, folds: int = 4, tta: bool = False,
     table.attrs.update(classes=classes, generations=names, folds=int(folds),
                        init=cfg.init_from, predicted_by=f"{folds} fold models ({cfg.init_from})")
     save_oof(ws, table)
-    return table
+    # pred and confidence of every row from its probabilities: the held-out test and
+    # benchmark rows are a mean of the fold models and had neither
+    return _with_prediction(table, table.attrs.pop("classes"), **table.attrs)
 
 
 def probe_oof(workspace, value: str, generation: str | None = "last", folds: int = probe.FOLDS,

@@ -278,7 +278,7 @@ def test_small_images_are_embedded_at_a_smaller_size_and_say_so(weights, tmp_pat
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(ws.library / cls / f"{i}.png")
     rows = _rows(ws)
-    assert library.typical_side(ws) == 32
+    assert embedder.typical_side(ws) == 32
     e = embedder.for_workspace(ws, str(weights))
     assert e.info["img_size"] == 160 and e.name.endswith("small.safetensors@160")
     embedder.vectors(ws, str(weights), [ws.library / p for p in rows["path"]], rows["hash"],

@@ -151,12 +151,20 @@ def input_size(native: int, side: int | None) -> int:
     return int(min(native, max(MIN_SIZE, 32 * math.ceil(UPSCALE * side / 32))))
 
 
+def typical_side(ws: Workspace) -> int | None:
+    """The median short side in pixels of the library's images, from the last scan's
+    cache (None before the first scan): roughly how large they are, without reading them."""
+    sides = library.cached_files(ws)[["width", "height"]].min(axis=1)
+    sides = sides[sides > 0]
+    return int(sides.median()) if len(sides) else None
+
+
 def resolve(value: str, side: int | None = None) -> Embedder:
     """The Embedder a (non-"model") EMBEDDER value names; no weights are loaded yet.
 
     Args:
         value: the EMBEDDER.
-        side: the typical short side of the images to embed (`library.typical_side`):
+        side: the typical short side of the images to embed (`typical_side`):
             small images are embedded at a smaller input size (`input_size`).
 
     Raises:
@@ -367,7 +375,7 @@ def embedder_for(value: str, side: int | None = None) -> Embedder:
 def for_workspace(ws: Workspace, value: str) -> Embedder:
     """The Embedder of a (non-"model") EMBEDDER for `ws`'s images: at the input size
     its library's typical image side calls for (`input_size`)."""
-    return embedder_for(value, library.typical_side(ws))
+    return embedder_for(value, typical_side(ws))
 
 
 def display_name(value: str, ws: Workspace | None = None) -> str:

@@ -270,7 +270,7 @@ def _reuse_cached(ws: Workspace) -> tuple[pd.DataFrame, list[tuple[str, int, int
     for path in _list_files(ws):
         stat = os.lstat(path)  # a link's own size and time: its target is never read
         listed.append((path, stat.st_size, stat.st_mtime_ns))
-    cached = _load_cache(ws)
+    cached = cached_files(ws)
     if cached.empty or not listed:
         return cached.iloc[:0], listed
     cut = len(ws.library.as_posix()) + 1  # listed paths start with it: cheaper than relative_to
@@ -301,8 +301,8 @@ def _describe_new(library: Path, todo: list[tuple[str, int, int]], workers: int 
         return frames
 
 
-def _load_cache(ws: Workspace) -> pd.DataFrame:
-    """The cached rows (none when the cache is missing, broken or of another layout)."""
+def cached_files(ws: Workspace) -> pd.DataFrame:
+    """The last scan's rows, unchecked (none when missing, broken or of another layout)."""
     path = _cache_path(ws)
     if not path.exists():
         return _frame([])
@@ -313,16 +313,6 @@ def _load_cache(ws: Workspace) -> pd.DataFrame:
     if list(frame.columns) != _FILE_COLUMNS or frame["path"].duplicated().any():
         return _frame([])
     return frame.astype(_FILE_TYPES)
-
-
-def typical_side(ws: Workspace) -> int | None:
-    """The median short side in pixels of the library's images, from the last scan's
-    cache (None before the first scan): how large the images are, roughly, without
-    reading them."""
-    files = _load_cache(ws)
-    sides = files[["width", "height"]].min(axis=1)
-    sides = sides[sides > 0]
-    return int(sides.median()) if len(sides) else None
 
 
 def _save_cache(ws: Workspace, files: pd.DataFrame) -> None:

@@ -11,7 +11,7 @@ out-of-fold predictions come from `--oof` (`cleaning.predictions`):
   bench/lite0_weights.py into a temporary file);
 - "both": the mean of the two.
 
-`cleaning.label_issues` flags at its default (`flag_ranked`: the lowest label
+`cleaning.label_issues` flags at its default (`cleaning.FILTER_BY`: the lowest label
 quality, as many as cleanlab estimates; cleanlab's own "prune_by_noise_rate" filter is
 reported beside it), and the flagged images are compared with the planted ones.
 Also printed: the overlap ranking's top pairs, the wall time and the CPU (goal:

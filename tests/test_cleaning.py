@@ -175,7 +175,7 @@ def test_map_region_opens_the_images_inside_the_rectangle(demo_ws):
     assert view.grid.tiles[1].toggle.button_style == "warning"  # the marked image
 
 
-def test_ranked_flags_cleanlabs_estimated_count_lowest_quality_first():
+def test_the_default_flags_cleanlabs_estimated_count_lowest_quality_first(demo_ws):
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -184,13 +184,19 @@ def test_ranked_flags_cleanlabs_estimated_count_lowest_quality_first():
     n, k = 600, 4
     labels = rng.integers(0, k, n)
     # a model that is often unsure between the given class and another: its confusions
-    # look like label noise to cleanlab's filters
+    # look like label noise to cleanlab's own default filter
     probs = rng.dirichlet(np.ones(k) * 0.7, n)
     probs[np.arange(n), labels] += rng.uniform(0.2, 1.2, n)
     probs /= probs.sum(axis=1, keepdims=True)
-    quality = get_label_quality_scores(labels, probs)
-    mask = cleaning.flag_ranked(labels, probs, quality)
+    classes = [f"c{i}" for i in range(k)]
+    table = pd.DataFrame({"path": [f"c{l}/img_{i:03d}.jpg" for i, l in enumerate(labels)],
+                          "label": [classes[l] for l in labels], "probs": list(probs),
+                          "split": "pool"})
+    table.attrs["classes"] = classes
+    issues = cleaning.label_issues(demo_ws, table)
+    quality = pd.Series(get_label_quality_scores(labels, probs), index=table["path"])
     count = num_label_issues(labels, probs)
-    assert mask.sum() == count > 0
-    assert quality[mask].max() <= quality[~mask].min()  # the lowest ones, nothing skipped
-    assert count < find_label_issues(labels, probs).sum()  # fewer than cleanlab's filter
+    assert len(issues) == count > 0
+    flagged = quality.index.isin(issues["path"])
+    assert quality[flagged].max() <= quality[~flagged].min()  # the lowest ones, nothing skipped
+    assert count < find_label_issues(labels, probs).sum()  # fewer than cleanlab's default

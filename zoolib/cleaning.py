@@ -42,38 +42,26 @@ def _labels_and_probs(table: pd.DataFrame, classes: list[str] | None = None
 
 # --------------------------------------------------------------------------- label issues
 
-RANKED = "ranked"
+# cleanlab's "prune_by_noise_rate" (its default) flags every image its noise estimate
+# cannot rule out, and a model's own confusions look like noise to it: with out-of-fold
+# accuracy near 0.8 it flagged about twice the planted errors. "low_self_confidence"
+# flags the images of lowest label quality, as many as cleanlab's `num_label_issues`
+# estimates. bench/label_issues.py (448 flips in 8,858 CIFAR animals; three sets of
+# out-of-fold predictions, accuracy 0.77-0.78): precision / recall 0.556 / 0.667,
+# 0.462 / 0.719 and 0.563 / 0.722, against 0.372 / 0.703, 0.313 / 0.742 and
+# 0.376 / 0.737 for "prune_by_noise_rate".
+FILTER_BY = "low_self_confidence"
 
 
-def flag_ranked(labels: np.ndarray, probs: np.ndarray, quality: np.ndarray) -> np.ndarray:
-    """The images of lowest label quality, as many as cleanlab estimates are mislabelled
-    (`cleanlab.count.num_label_issues`, confident learning): a mask.
-
-    cleanlab's filters flag every image its noise estimate cannot rule out, and a
-    model's own confusions look like noise to them: with out-of-fold accuracy near 0.8
-    they flagged about twice the planted errors. Ranking by quality and cutting at the
-    estimated count keeps the surest ones. bench/label_issues.py (448 flips in 8,858
-    CIFAR animals; three sets of out-of-fold predictions, accuracy 0.77-0.78):
-    precision / recall 0.556 / 0.667, 0.462 / 0.719 and 0.563 / 0.722 ranked, against
-    0.372 / 0.703, 0.313 / 0.742 and 0.376 / 0.737 for "prune_by_noise_rate".
-    """
-    from cleanlab.count import num_label_issues
-
-    count = int(num_label_issues(labels, probs))
-    mask = np.zeros(len(labels), bool)
-    mask[np.argsort(quality, kind="stable")[:count]] = True
-    return mask
-
-
-def label_issues(ws: Workspace, table: pd.DataFrame, filter_by: str = RANKED,
+def label_issues(ws: Workspace, table: pd.DataFrame, filter_by: str = FILTER_BY,
                  include_checked: bool = False) -> pd.DataFrame:
     """Library images whose label is likely wrong, worst first (cleanlab).
 
     Args:
         ws: the workspace (to leave out images a person marked checked).
         table: out-of-fold predictions (`out_of_fold` / `load_oof`).
-        filter_by: RANKED (the default: `flag_ranked`), or one of cleanlab's
-            `find_label_issues` methods ("prune_by_noise_rate", its own default, ...).
+        filter_by: cleanlab's `find_label_issues` method (FILTER_BY: the lowest label
+            quality, as many as cleanlab estimates are mislabelled).
         include_checked: also list images already marked checked.
 
     Returns:
@@ -88,8 +76,7 @@ def label_issues(ws: Workspace, table: pd.DataFrame, filter_by: str = RANKED,
     labels, probs, classes = _labels_and_probs(table)
     known = table[table["label"].isin(classes)].reset_index(drop=True)
     quality = get_label_quality_scores(labels, probs)
-    flagged = (flag_ranked(labels, probs, quality) if filter_by == RANKED
-               else find_label_issues(labels, probs, filter_by=filter_by))
+    flagged = find_label_issues(labels, probs, filter_by=filter_by)
     other = probs.copy()
     other[np.arange(len(labels)), labels] = -1  # the suggestion is another class
     best = other.argmax(axis=1)

@@ -257,6 +257,16 @@ def test_bulk_identification_scores_junk_and_neighbours_in_the_embedders_space(w
     assert worst["knn"].tolist() == sorted(results["knn"].dropna(), reverse=True)[:3]
 
 
+def test_bulk_identification_without_knn_still_fills_the_embedders_vectors(weights, trained_ws):
+    from zoolib import bulkid
+
+    results = bulkid.run(trained_ws, "gen-0001", name="no-knn", embedder=str(weights),
+                         knn=False, progress=False)
+    ok = results[results["error"] == ""]
+    assert len(ok) and ok["knn"].isna().all()
+    assert {len(v) for v in ok["embedding"]} == {576}  # the backbone's vectors
+
+
 def test_the_speed_benchmark_times_the_bare_pass_and_both_cached_passes(weights, demo_ws, tmp_path):
     from .test_replicate import _script
 

@@ -17,6 +17,8 @@ run.json records the embedder, and a run is never resumed with another one.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,17 +45,26 @@ def reference(ws: Workspace, generation: str, value: str, progress: bool = True
     return unit(torch.from_numpy(found))
 
 
-def rescore(ws: Workspace, value: str, ref: torch.Tensor, table: pa.Table) -> pa.Table:
-    """`table` (rows of the results schema) with knn and embedding from the embedder."""
+def rescore(cache: embedders.EmbeddingCache, ref: torch.Tensor | None, table: pa.Table
+            ) -> pa.Table:
+    """`table` (rows of the results schema) with knn and embedding from the embedder.
+
+    Args:
+        cache: the embedder's cache in the workspace (made once a run: resolving the
+            EMBEDDER hashes its weights file and reads the scan cache).
+        ref: the knn reference (`reference`), or None for no knn score (NaN).
+        table: the rows.
+    """
     ok = pc.equal(table["error"], "").to_numpy(zero_copy_only=False)
     if not ok.any():
         return table
     rows = np.flatnonzero(ok)
     paths = table["path"].take(pa.array(rows)).to_pylist()
     hashes = table["hash"].take(pa.array(rows)).to_pylist()
-    found = embedders.vectors(ws, value, paths, hashes, progress=False)
+    found = cache.get([Path(p) for p in paths], hashes, progress=False)
     knn = np.full(len(ok), np.nan)
-    knn[rows] = neighbours.kth_distance(ref, torch.from_numpy(found), K).numpy()
+    if ref is not None:
+        knn[rows] = neighbours.kth_distance(ref, torch.from_numpy(found), K).numpy()
     blobs = pa.array([found[i].astype(schema.EMBEDDING).tobytes() if k else None
                       for i, k in zip(np.cumsum(ok) - 1, ok)], pa.binary())
     table = table.set_column(table.schema.get_field_index("knn"), "knn", pa.array(knn))

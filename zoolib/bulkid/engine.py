@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import inference, neighbours
-from ..embedder import MODEL, display_name
+from ..embedder import MODEL, EmbeddingCache, display_name, for_workspace
 from ..images import RESAMPLE
 from ..machine import cores as machine_cores
 from ..preprocess import normalise
@@ -186,7 +186,8 @@ def _post(ws: Workspace, loaded: inference.Loaded, embedder: str, knn: bool, pro
     if embedder == MODEL:
         return lambda table: table
     ref = embedded.reference(ws, loaded.name, embedder, progress) if knn else None
-    return lambda table: embedded.rescore(ws, embedder, ref, table)
+    cache = EmbeddingCache(ws, for_workspace(ws, embedder))  # once: not per table
+    return lambda table: embedded.rescore(cache, ref, table)
 
 
 def _check_preprocessing(loaded: inference.Loaded) -> None:

@@ -98,23 +98,17 @@ def run(args) -> dict:
                                          progress=False) for s in sources}
         oof = (cleaning.combine_oof(ws, parts["folds"], parts["probe"])
                if args.oof == "both" else parts[args.oof])
-        keep_oof(oof, parts, {row["path"] for row in key}, Path(args.out))
-        issues = cleaning.label_issues(ws, oof)
+        flipped = {row["path"] for row in key}
+        keep_oof(oof, parts, flipped, Path(args.out))
+        found = set(cleaning.label_issues(ws, oof)["path"])
         cleanlab_default = set(cleaning.label_issues(ws, oof, "prune_by_noise_rate")["path"])
         pairs = cleaning.overlapping_classes(oof)
-        flipped = {row["path"] for row in key}
-        found = set(issues["path"])
-        hits = len(found & flipped)
         accuracy = float((oof["pred"] == oof["label"]).mean())
         fold_models = [g for g in oof.attrs["generations"] if g != "probe"]
-        out = {"images": len(oof), "flipped": len(flipped), "flagged": len(found), "hits": hits,
-               "precision": round(hits / max(len(found), 1), 3),
-               "recall": round(hits / max(len(flipped), 1), 3),
+        out = {"images": len(oof), "flipped": len(flipped), **scored(found, flipped),
                "oof_accuracy_vs_given": round(accuracy, 3), "oof": args.oof,
-               "prune_by_noise_rate": {  # cleanlab's own filter, for comparison
-                   "flagged": len(cleanlab_default),
-                   "precision": round(len(cleanlab_default & flipped) / max(len(cleanlab_default), 1), 3),
-                   "recall": round(len(cleanlab_default & flipped) / max(len(flipped), 1), 3)},
+               # cleanlab's own default filter, for comparison
+               "prune_by_noise_rate": scored(cleanlab_default, flipped),
                "predicted_by": oof.attrs["predicted_by"],
                "top_pair": f"{pairs.loc[0, 'class_a']} / {pairs.loc[0, 'class_b']}",
                "top_pairs": pairs.head(3).to_dict("records"), "init": args.init,
@@ -125,6 +119,13 @@ def run(args) -> dict:
                "minutes_total": round((time.perf_counter() - start) / 60, 1),
                "minutes_oof": round((time.perf_counter() - built) / 60, 1)}
     return out
+
+
+def scored(found: set[str], flipped: set[str]) -> dict:
+    """Flagged, hits, precision and recall of the flagged paths against the planted ones."""
+    hits = len(found & flipped)
+    return {"flagged": len(found), "hits": hits, "precision": round(hits / max(len(found), 1), 3),
+            "recall": round(hits / max(len(flipped), 1), 3)}
 
 
 def keep_oof(oof: pd.DataFrame, parts: dict, planted: set[str], out: Path) -> None:

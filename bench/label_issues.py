@@ -42,7 +42,8 @@ from zoolib.train import TrainConfig, train  # noqa: E402
 
 DEFAULTS = dict(per_class=1500, flip=0.05, folds=3, epochs=None, init="scratch", arch="zoo_cnn",
                 size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="", pretrained="",
-                freeze_epochs=None, lr_warm=None, lr_mult=None, batch_size=None)
+                freeze_epochs=None, lr_warm=None, lr_mult=None, batch_size=None,
+                frozen_stages=None)
 RESULTS = REPO / "bench" / "results" / "label_issues.json"
 GOALS = {"precision": 0.6, "recall": 0.6, "minutes": 30}
 
@@ -81,8 +82,8 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="zoolib-labels-") as tmp:
         ws, key = build(Path(tmp) / "ws", Path(args.data), args.per_class, args.flip, args.seed)
         embedder = (args.embedder or lite0_file(Path(tmp))) if args.oof != "folds" else "model"
-        tuned = {k: getattr(args, k) for k in ("freeze_epochs", "lr_warm", "lr_mult",
-                                                "batch_size") if getattr(args, k) is not None}
+        tuned = {k: getattr(args, k) for k in ("freeze_epochs", "lr_warm", "lr_mult", "batch_size",
+                                                "frozen_stages") if getattr(args, k) is not None}
         weights = lite0_file(Path(tmp)) if args.pretrained == "lite0" else args.pretrained
         cfg = TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs, seed=args.seed,
                           min_images=10, pretrained=weights, **tuned)
@@ -168,7 +169,7 @@ def main() -> None:
                     help="PRETRAINED of the fold models: a weights file, or 'lite0' for the "
                          "packaged Lite0 weights (with --arch tf_efficientnet_lite0)")
     for name, kind in (("freeze-epochs", int), ("lr-warm", float), ("lr-mult", float),
-                       ("batch-size", int)):
+                       ("batch-size", int), ("frozen-stages", int)):
         ap.add_argument(f"--{name}", type=kind, default=None,
                         help="the fold models' TrainConfig field (default: the recipe's)")
     ap.add_argument("--size", type=int, default=d["size"], help="input size")

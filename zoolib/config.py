@@ -118,6 +118,9 @@ class TrainConfig:
             model at the scratch run's rates, warmed up and decayed again).
         warm_shrink, warm_perturb: "shrink_perturb" only (None: 0.4 and 0.1).
         dash_lambda: "dash": the smallest scale of a filter (their 0.3).
+        frozen_stages: a fine-tune (pretrained or warm start) keeps its first
+            FROZEN_STAGES feature stages (timm's `feature_info`, stem included) as
+            they came for the whole run: their backward pass is skipped (0: none).
         pretrained: the weights a scratch run starts from (`zoolib.pretrained`): ""
             (random, the default), a timm pretrained name ("<arch>.<tag>", the bare
             tag, or the arch for its default tag; downloaded from timm's hub) or a
@@ -183,6 +186,7 @@ class TrainConfig:
     warm_shrink: float | None = None
     warm_perturb: float | None = None
     dash_lambda: float = 0.3
+    frozen_stages: int = 0
     pretrained: str = ""
     num_workers: int | None = None
     resume: bool = True
@@ -271,6 +275,11 @@ class TrainConfig:
         if self.freeze_epochs < 0:
             raise ZoolibError(f"FREEZE_EPOCHS must be at least 0, got {self.freeze_epochs}")
         self._check_pretrained()
+        if self.frozen_stages < 0 or (self.frozen_stages and self.init_from == "scratch"
+                                      and not self.pretrained):
+            raise ZoolibError(f"FROZEN_STAGES={self.frozen_stages} fixes layers of trained "
+                              "weights: it needs PRETRAINED or a warm start (INIT_FROM), and "
+                              "is at least 0")
         if (self.init_from != "scratch" or self.pretrained) and self.freeze_epochs >= self.epochs:
             raise ZoolibError(f"FREEZE_EPOCHS={self.freeze_epochs} leaves no epoch to train the "
                               f"whole model in EPOCHS={self.epochs}: raise EPOCHS or lower it")

@@ -316,7 +316,9 @@ def _schedule(cfg: TrainConfig, rates: list[float], warm: bool, progress: Progre
 
 
 def _freeze_fixed(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Fix what the recipe never trains: batch-norm scales, the whitening weights."""
+    """Fix what the recipe never trains: batch-norm scales, the whitening weights, a
+    fine-tune's first FROZEN_STAGES stages."""
+    pretrained.freeze_stages(model, cfg.frozen_stages)
     if cfg.bn_frozen_scale:
         recipe.freeze_norm_scales(model)
     if cfg.whiten:

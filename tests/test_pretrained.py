@@ -280,6 +280,29 @@ def test_a_pretrained_run_fine_tunes_the_head_first(demo_ws, weights_file):
     assert info["config"]["pretrained"] == str(weights_file)
 
 
+def test_frozen_stages_keep_the_first_stages_as_they_came(demo_ws, weights_file):
+    state = load_file(weights_file)
+    cfg = TrainConfig(arch=ARCH, img_size=32, epochs=2, batch_size=32, freeze_epochs=1,
+                      num_workers=0, seed=0, pretrained=str(weights_file), frozen_stages=2)
+    r = train(demo_ws, cfg, progress=False)
+    kept = models.load_generation(demo_ws, r.name)[0].state_dict()
+    fixed = [k for k in state if k.startswith(("conv_stem.", "blocks.0.", "blocks.1."))]
+    assert len(fixed) > 20 and all(torch.equal(kept[k], state[k]) for k in fixed)
+    # the third stage on trained: only the first two were fixed
+    assert not torch.allclose(kept["blocks.2.0.conv_pw.weight"], state["blocks.2.0.conv_pw.weight"])
+    assert r.info["config"]["frozen_stages"] == 2
+
+
+def test_frozen_stages_that_make_no_sense_are_named(weights_file):
+    with pytest.raises(ZoolibError, match="FROZEN_STAGES=2 fixes layers of trained weights"):
+        TrainConfig(arch=ARCH, frozen_stages=2).check()
+    model = timm.create_model(ARCH, num_classes=3)
+    with pytest.raises(ZoolibError, match="FROZEN_STAGES=6, but .* has 5 feature stages: blocks.0"):
+        pretrained.freeze_stages(model, 6)
+    assert pretrained.freeze_stages(model, 0) == 0 and all(p.requires_grad
+                                                           for p in model.parameters())
+
+
 # ------------------------------------------------------------------ PRETRAINED with a tag
 @pytest.fixture
 def hub(monkeypatch):

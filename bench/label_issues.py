@@ -12,7 +12,8 @@ out-of-fold predictions come from `--oof` (`cleaning.predictions`):
 - "both": the mean of the two.
 
 `cleaning.label_issues` flags at its default (`cleaning.FILTER_BY`: the lowest label
-quality, as many as cleanlab estimates; cleanlab's own "prune_by_noise_rate" filter is
+quality, as many as cleanlab estimates, and with "both" only those each source flags
+too; cleanlab's own "prune_by_noise_rate" filter and the mean without the consensus are
 reported beside it), and the flagged images are compared with the planted ones.
 Also printed: the overlap ranking's top pairs, the wall time and the CPU (goal:
 precision and recall >= 0.6 each within 30 minutes on 2 CPU cores). The default run writes
@@ -103,6 +104,7 @@ def run(args) -> dict:
         keep_oof(oof, parts, flipped, Path(args.out))
         found = set(cleaning.label_issues(ws, oof)["path"])
         cleanlab_default = set(cleaning.label_issues(ws, oof, "prune_by_noise_rate")["path"])
+        mean_only = set(cleaning.label_issues(ws, oof, consensus=False)["path"])
         pairs = cleaning.overlapping_classes(oof)
         accuracy = float((oof["pred"] == oof["label"]).mean())
         fold_models = [g for g in oof.attrs["generations"] if g != "probe"]
@@ -110,6 +112,8 @@ def run(args) -> dict:
                "oof_accuracy_vs_given": round(accuracy, 3), "oof": args.oof,
                # cleanlab's own default filter, for comparison
                "prune_by_noise_rate": scored(cleanlab_default, flipped),
+               # "both" without the consensus of its two sources (cleaning.CONSENSUS)
+               "mean_only": scored(mean_only, flipped),
                "predicted_by": oof.attrs["predicted_by"],
                "top_pair": f"{pairs.loc[0, 'class_a']} / {pairs.loc[0, 'class_b']}",
                "top_pairs": pairs.head(3).to_dict("records"), "init": args.init,

@@ -200,3 +200,22 @@ def test_the_default_flags_cleanlabs_estimated_count_lowest_quality_first(demo_w
     flagged = quality.index.isin(issues["path"])
     assert quality[flagged].max() <= quality[~flagged].min()  # the lowest ones, nothing skipped
     assert count < find_label_issues(labels, probs).sum()  # fewer than cleanlab's default
+
+
+def test_a_combined_table_flags_only_what_each_source_doubts_too(demo_ws):
+    table, planted, _ = planted_table()
+    probs = np.stack(table["probs"])
+    doubted = [5, 20]  # labels one source is sure are wrong, the other less so
+    one, other = probs.copy(), probs.copy()
+    for i in doubted:
+        wrong = (i % 3 + 1) % 3  # label i % 3
+        one[i], other[i] = 0.02, 0.05
+        one[i, wrong], other[i, wrong], other[i, i % 3] = 0.96, 0.75, 0.2
+    table = table.assign(probs_a=list(one), probs_b=list(other),
+                         probs=list((one + other) / 2))
+    mean_only = set(cleaning.label_issues(demo_ws, table, consensus=False)["path"])
+    both = set(cleaning.label_issues(demo_ws, table)["path"])
+    doubted_paths = {table["path"][i] for i in doubted}
+    assert doubted_paths <= mean_only  # the mean alone flags them
+    assert not doubted_paths & both and set(planted) <= both  # the consensus does not
+    assert both < mean_only

@@ -202,6 +202,10 @@ def test_combined_predictions_are_the_mean_of_both(demo_ws):
     assert both["path"].tolist() == ["a.jpg", "b.jpg"]
     assert np.allclose(np.stack(both["probs"]), [[0.7, 0.3], [0.4, 0.6]])
     assert both.attrs["predicted_by"] == "folds + probe" and both["pred"].tolist() == ["x", "y"]
+    # each source's own, for the consensus of label_issues, kept in the stored table too
+    for frame in (both, cleaning.load_oof(demo_ws)):
+        assert np.allclose(np.stack(frame["probs_a"]), [[0.9, 0.1], [0.2, 0.8]])
+        assert np.allclose(np.stack(frame["probs_b"]), [[0.5, 0.5], [0.6, 0.4]])
     wrong = table([[0.5, 0.5]], "probe")
     wrong.attrs["classes"] = ["x", "z"]
     with pytest.raises(ZoolibError, match="cannot combine"):

@@ -31,6 +31,9 @@ from .workspace import Workspace, ZoolibError, open_workspace, write_atomic
 
 OOF_FILE = "oof.parquet"
 SOURCES = ("auto", "folds", "probe", "both")
+# a combined table keeps each source's own probabilities beside their mean, for the
+# consensus of `cleaning.label_issues`
+PART_COLUMNS = ("probs_a", "probs_b")
 
 
 def folder(ws: Workspace) -> Path:
@@ -112,8 +115,10 @@ def combine_oof(workspace, first: pd.DataFrame, second: pd.DataFrame) -> pd.Data
     if list(first.attrs["classes"]) != list(second.attrs["classes"]):
         raise ZoolibError(f"cannot combine predictions over {first.attrs['classes']} with "
                           f"predictions over {second.attrs['classes']}")
-    both = first.merge(second[["path", "probs"]], on="path", suffixes=("", "_2"))
-    both["probs"] = [(a + b) / 2 for a, b in zip(both["probs"], both.pop("probs_2"))]
+    both = first.drop(columns=list(PART_COLUMNS), errors="ignore").merge(
+        second[["path", "probs"]], on="path", suffixes=("", "_2"))
+    both["probs_a"], both["probs_b"] = both["probs"], both.pop("probs_2")
+    both["probs"] = [(a + b) / 2 for a, b in zip(both["probs_a"], both["probs_b"])]
     attrs = {"generations": first.attrs.get("generations", []) + second.attrs.get(
         "generations", []), "folds": first.attrs.get("folds", 0), "init": "combined",
         "predicted_by": f"{first.attrs.get('predicted_by')} + {second.attrs.get('predicted_by')}"}
@@ -147,7 +152,8 @@ def save_oof(ws: Workspace, table: pd.DataFrame) -> Path:
 
     classes = table.attrs["classes"]
     out = table[["path", "hash", "label", "split", "fold", "generation"]].copy()
-    out["probs"] = [np.asarray(p, dtype=np.float32).tolist() for p in table["probs"]]
+    for column in ("probs", *[c for c in PART_COLUMNS if c in table]):
+        out[column] = [np.asarray(p, dtype=np.float32).tolist() for p in table[column]]
     meta = {"classes": "\x1f".join(classes),
             "generations": "\x1f".join(table.attrs.get("generations", [])),
             "folds": str(table.attrs.get("folds", "")), "init": table.attrs.get("init", ""),
@@ -178,7 +184,8 @@ def load_oof(workspace) -> pd.DataFrame:
                           "cleaning.out_of_fold again") from exc
     meta = {k.decode(): v.decode() for k, v in (arrow.schema.metadata or {}).items()}
     table = arrow.to_pandas()
-    table["probs"] = [np.asarray(p, dtype=np.float64) for p in table["probs"]]
+    for column in ("probs", *[c for c in PART_COLUMNS if c in table]):
+        table[column] = [np.asarray(p, dtype=np.float64) for p in table[column]]
     return _with_prediction(table, meta["classes"].split("\x1f"),
                             generations=meta["generations"].split("\x1f"),
                             folds=int(meta["folds"] or 0), init=meta.get("init", ""),

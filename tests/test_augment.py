@@ -1,6 +1,7 @@
 """The augmentation does what the parameters say, on training batches only."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from fastai.vision.all import Pipeline, TensorImage
@@ -85,3 +86,25 @@ def test_a_validation_batch_is_the_inference_preprocessing_of_its_files(demo_ws)
     assert [classes[i] for i in yb.tolist()] == [r["label"] for r in items]
     bilinear = inference.to_tensor(load_rgb(items[0]["file"]), {**info, "interpolation": "bilinear"})
     assert not torch.allclose(expected[0], bilinear, atol=1e-3)  # the filter really is used
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_gathered_batches_are_fastais_item_by_item_batches(demo_ws, epoch):
+    cfg = TrainConfig(img_size=32, batch_size=16, num_workers=0, flip="alternate")
+    data, classes = prepare_data(demo_ws, cfg, progress=False)
+    dls = make_dataloaders(demo_ws, data, classes, cfg, progress=False)
+    dls.item_loader.flip.epoch = epoch
+    for dl in (dls.train, dls.valid):
+        order = list(np.random.default_rng(epoch).permutation(len(dl.dataset)))
+        gathered = list(dl.create_batches(iter(order)))
+        assert dl._stack is not None  # the in-memory path ran
+        dl.pixel_source = None  # fastai's own, item by item
+        own = list(dl.create_batches(iter(order)))
+        dl.pixel_source = dls.item_loader
+        assert len(gathered) == len(own) > 0
+        for (x, y), (x0, y0) in zip(gathered, own):
+            assert type(x) is type(x0) and type(y) is type(y0)
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+    # not vacuous: some training images are mirrored this epoch, and the others the next
+    mirrored = [dls.item_loader.flip.flipped(it["hash"]) for it in dls.train.dataset.items]
+    assert any(mirrored) and not all(mirrored)

@@ -77,10 +77,14 @@ class AlternatingFlip:
     def __init__(self, seed: int = 0):
         self.seed, self.epoch = int(seed), 0
 
+    def coin(self, key: str) -> bool:
+        """Whether the image with content hash `key` is mirrored in even epochs."""
+        digest = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=1).digest()
+        return bool(digest[0] & 1)
+
     def flipped(self, key: str) -> bool:
         """Whether the image with content hash `key` is mirrored this epoch."""
-        digest = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=1).digest()
-        return bool((digest[0] & 1) ^ (self.epoch & 1))
+        return self.coin(key) ^ bool(self.epoch & 1)
 
     def __call__(self, pixels: np.ndarray, key: str) -> np.ndarray:
         """The (H, W, C) pixels, mirrored left-right when `flipped(key)`."""

@@ -58,7 +58,7 @@ from fastai.optimizer import Adam, OptimWrapper
 from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 from timm.optim import Lookahead
 
-from . import augment, models, pretrained, recipe, warmstart
+from . import augment, machine, models, pretrained, recipe, warmstart
 from .callbacks import (Checkpoint, CpuAutocast, Ema, GroupWeightDecay, LookaheadRate,
                         ReleaseMemory, SkipDone, TrainableUntil, ValidateLast, cpu_has_bf16,
                         release_memory)
@@ -292,7 +292,8 @@ def _fit(run: _Run, model: torch.nn.Module, progress: bool, extra_cbs) -> TrainR
         load_checkpoint(learn, saved)
         if is_main():
             print(f"resuming an interrupted run after epoch {start}")
-    with _quiet(learn, progress):
+    # on a CPU, large activations reuse heap pages instead of a fresh mmap a step
+    with _quiet(learn, progress), machine.kept_heap(on=not torch.cuda.is_available()):
         if sched.state.phase != "done" and start < cfg.epochs:
             learn.fit(cfg.epochs, lr=rates[-1])
     run.seconds = time.perf_counter() - started

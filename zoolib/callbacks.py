@@ -24,8 +24,6 @@ fastai has the rest of the recipe (label smoothing, `ChannelsLast`, `to_fp16`,
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import random
 from pathlib import Path
 from typing import Callable
@@ -39,6 +37,7 @@ from fastai.torch_core import get_model, to_float
 from fastai.callback.core import TrainEvalCallback
 from timm.utils import ModelEmaV3
 
+from . import machine
 from .workspace import write_atomic
 
 
@@ -92,11 +91,8 @@ class Ema(Callback):
 
 def release_memory() -> bool:
     """Return freed heap memory to the OS (glibc `malloc_trim`); False where unavailable."""
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return False
+    libc = machine.glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False  # not glibc: nothing to do
 
 
 class ReleaseMemory(Callback):

@@ -20,13 +20,15 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _libc():
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None
+    (macOS, musl): the heap settings here and `callbacks.release_memory` need it."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "mallopt") else None
     except OSError:
         return None
+    return libc if all(hasattr(libc, f) for f in ("mallopt", "malloc_trim")) else None
 
 
 @contextmanager
@@ -38,11 +40,11 @@ def kept_heap(on: bool = True):
     free, so each training step faults in and zeroes gigabytes of new pages: a fifth
     of a zoo_cnn step's time went to the kernel (batch 1,024, bf16, 2 cores of a
     Xeon). With mmap off and a high trim threshold the pages are reused: steps
-    1.25-1.38 s -> 1.09-1.13 s there. The defaults come back on exit;
-    `callbacks.ReleaseMemory` still trims the heap after each epoch. Nothing where
+    1.25-1.38 s -> 1.09-1.13 s there. On exit the defaults come back and the heap
+    is trimmed; `callbacks.ReleaseMemory` still trims it after each epoch. Nothing where
     the C library is not glibc (macOS, musl) or `on` is False.
     """
-    libc = _libc() if on else None
+    libc = glibc() if on else None
     if libc is None:
         yield
         return
@@ -53,3 +55,4 @@ def kept_heap(on: bool = True):
     finally:
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM)
+        libc.malloc_trim(0)  # what was kept goes back: a large free top would serve later ones

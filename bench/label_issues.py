@@ -39,10 +39,11 @@ from benchinfo import goal, stamp  # noqa: E402
 from cifar import ANIMALS, DATA, REPO, link_library, shuffled  # noqa: E402
 
 from zoolib import cleaning, workspace  # noqa: E402
+from zoolib.recipe import RECIPE_NAMES  # noqa: E402
 from zoolib.train import TrainConfig, train  # noqa: E402
 
 DEFAULTS = dict(per_class=1500, flip=0.05, folds=3, epochs=None, init="scratch", arch="zoo_cnn",
-                size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="", pretrained="",
+                recipe="auto", size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="", pretrained="",
                 freeze_epochs=None, lr_warm=None, lr_mult=None, batch_size=None,
                 frozen_stages=None)
 RESULTS = REPO / "bench" / "results" / "label_issues.json"
@@ -86,8 +87,9 @@ def run(args) -> dict:
         tuned = {k: getattr(args, k) for k in ("freeze_epochs", "lr_warm", "lr_mult", "batch_size",
                                                 "frozen_stages") if getattr(args, k) is not None}
         weights = lite0_file(Path(tmp)) if args.pretrained == "lite0" else args.pretrained
-        cfg = TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs, seed=args.seed,
-                          min_images=10, pretrained=weights, **tuned)
+        cfg = TrainConfig(arch=args.arch, recipe=args.recipe, img_size=args.size,
+                          epochs=args.epochs, seed=args.seed, min_images=10, pretrained=weights,
+                          **tuned)
         parent = None
         if args.init == "warm" and args.oof != "probe":  # the last generation, on noisy labels
             parent = train(ws, cfg, progress=False).name
@@ -118,6 +120,7 @@ def run(args) -> dict:
                "top_pair": f"{pairs.loc[0, 'class_a']} / {pairs.loc[0, 'class_b']}",
                "top_pairs": pairs.head(3).to_dict("records"), "init": args.init,
                "parent": parent, "folds": folds, "per_class": args.per_class,
+               "arch": args.arch, "recipe": args.recipe,
                "epochs_budget": args.epochs, "tta": args.tta,
                "fold_epochs": [len(pd.read_csv(ws.models / g / "history.csv"))
                                for g in fold_models],
@@ -169,6 +172,8 @@ def main() -> None:
     ap.add_argument("--init", choices=["scratch", "warm"], default=d["init"],
                     help="fold models from scratch, or warm from a generation on the noisy data")
     ap.add_argument("--arch", default=d["arch"], help="timm architecture")
+    ap.add_argument("--recipe", default=d["recipe"], choices=RECIPE_NAMES,
+                    help="RECIPE of the fold models (long: with --arch zoo_cnn_wide)")
     ap.add_argument("--pretrained", default=d["pretrained"],
                     help="PRETRAINED of the fold models: a weights file, or 'lite0' for the "
                          "packaged Lite0 weights (with --arch tf_efficientnet_lite0)")

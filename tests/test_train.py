@@ -440,6 +440,25 @@ def test_a_frozen_warm_epoch_trains_the_head_alone(trained_ws):
     assert any(not torch.equal(model.state_dict()[k], parent.state_dict()[k]) for k in body)
 
 
+def test_a_warm_body_renormalises_once_it_trains(trained_ws):
+    """The airbench recipe fixes batch-norm scales for the whole run; the body's
+    statistics must still follow its data once the frozen epochs are over (fastai's
+    BnFreeze kept them at the parent's all run long)."""
+    demo.add_class(trained_ws)
+    parent, _ = models.load_generation(trained_ws, "gen-0001")
+    check = _FrozenCheck()
+    cfg = TrainConfig(**{**TINY, "epochs": 2}, init_from="last", freeze_epochs=1,
+                      recipe="airbench")
+    r = train(trained_ws, cfg, progress=False, extra_cbs=[check])
+    assert r.info["recipe"]["bn_frozen_scale"]
+    model, _ = models.load_generation(trained_ws, r.name)
+    stats = [k for k in parent.state_dict() if k.endswith("running_mean")]
+    assert stats
+    for k in stats:  # the frozen epoch keeps them, the whole-model epoch updates them
+        assert torch.equal(check.after_first[k], parent.state_dict()[k]), k
+        assert not torch.equal(model.state_dict()[k], parent.state_dict()[k]), k
+
+
 def test_training_learns_a_separable_set(tmp_path):
     ws = workspace.create(tmp_path / "ws")
     rng = np.random.default_rng(0)

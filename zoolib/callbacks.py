@@ -1,7 +1,7 @@
 """fastai callbacks of a training run: weight averaging, CPU mixed precision, resume.
 
 fastai has the rest of the recipe (label smoothing, `ChannelsLast`, `to_fp16`,
-`BnFreeze`, the splitter hooks of `freeze`); these fill its gaps:
+the splitter hooks of `freeze`); these fill its gaps:
 
 - `Ema`: timm's `ModelEmaV3` kept alongside the model. Validation runs on the
   average, and the average is what a run keeps: on a short schedule it is worth
@@ -16,6 +16,13 @@ fastai has the rest of the recipe (label smoothing, `ChannelsLast`, `to_fp16`,
 - `ValidateLast`: validate on the last epoch only (`VALIDATE="last"`): a
   fixed-budget schedule reads nothing else, and 3,000 validation images cost
   about 4% of a 27,000-image epoch of the airbench recipe on two cores.
+- `NormFreeze`: batch norm in eval mode (its statistics kept) where the layer's
+  parameters are all fixed: a warm start's frozen body, a pretrained model's fixed
+  norms. fastai's `BnFreeze` asks only whether the first parameter (the scale)
+  trains, and the airbench recipe fixes every scale for the whole run: a warm start
+  then trained its body on the parent's statistics all run long, and a shrunk body
+  (shrink-and-perturb, DASH) was never normalised again (bench/replicate.py: those
+  chains fell to near chance).
 - `ReleaseMemory`: hand freed heap back to the OS after each epoch. Measured on
   CIFAR: resident memory grew by 25-40 MB every epoch with glibc keeping freed
   small blocks (per-batch images, tensors of a few sizes); with `malloc_trim`
@@ -102,6 +109,28 @@ class ReleaseMemory(Callback):
 
     def after_epoch(self):
         release_memory()
+
+
+def norm_frozen(norm: torch.nn.Module) -> bool:
+    """A batch-norm layer with parameters, none of them trained (see `NormFreeze`)."""
+    params = list(norm.parameters(recurse=False))
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+class NormFreeze(Callback):
+    """Batch-norm layers whose parameters are all fixed run in eval mode while
+    training (see the module docstring); the others update their statistics.
+
+    Runs after fastai's `TrainEvalCallback` (which sets the model to train mode) and
+    after the schedule's `before_epoch` (which freezes or unfreezes the body).
+    """
+
+    run_after = TrainEvalCallback
+
+    def before_train(self):
+        for mod in self.model.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and norm_frozen(mod):
+                mod.eval()
 
 
 class ValidateLast(Callback):

@@ -30,7 +30,7 @@ whole run (model.json `body_norm` "frozen"), as detection fine-tunes do (timm's
 `freeze_batch_norm_2d`, detectron2's FrozenBN): a few hundred photos in batches of
 16 are too few to re-estimate ImageNet's statistics. Its parameters are fixed, so
 `recipe.split_groups` leaves them out of every group (the unfreeze never turns them
-on) and fastai's `BnFreeze`, which every fine-tune runs (`train`), keeps such
+on) and `callbacks.NormFreeze`, which every fine-tune runs (`train`), keeps such
 layers in eval mode. On animals10-mini (bench/pretrained.py, seeds 0-2, valid
 images) the same fine-tune with it reached 0.907 against 0.880 with the statistics
 re-estimated, whose valid loss rose once the body trained.

@@ -53,15 +53,14 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.training import BnFreeze
 from fastai.optimizer import Adam, OptimWrapper
 from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 from timm.optim import Lookahead
 
 from . import augment, machine, models, pretrained, recipe, warmstart
 from .callbacks import (Checkpoint, CpuAutocast, Ema, GroupWeightDecay, LookaheadRate,
-                        ReleaseMemory, SkipDone, TrainableUntil, ValidateLast, cpu_has_bf16,
-                        release_memory)
+                        NormFreeze, ReleaseMemory, SkipDone, TrainableUntil, ValidateLast,
+                        cpu_has_bf16, release_memory)
 from .config import TrainConfig, read_params
 from .distributed import init, is_main, on_main, parallel_callbacks, rank0_first, world_size
 from .loaders import (batch_size, dash_batches, data_hash, make_dataloaders, prepare_data,
@@ -280,7 +279,7 @@ def _fit(run: _Run, model: torch.nn.Module, progress: bool, extra_cbs) -> TrainR
     saves = [Checkpoint(run_dir, history, lambda: asdict(sched.state))] if is_main() else []
     cbs = [sched, *saves, SkipDone(start, saved and saved["rng"]),
            ChannelsLast(), *_precision_cbs(run.precision),
-           *([ema] if ema else []), *([BnFreeze()] if warm else []), ReleaseMemory(),
+           *([ema] if ema else []), *([NormFreeze()] if warm else []), ReleaseMemory(),
            *([GroupWeightDecay(decays)] if decays else []),
            *([ValidateLast()] if cfg.validate == "last" else []),
            *parallel_callbacks(), *extra_cbs]

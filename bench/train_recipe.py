@@ -56,7 +56,7 @@ GOALS = {"anchor_gap": 0.005, "minutes_ratio": 1.1, "long_test_accuracy": 0.90,
          "long_minutes_ratio": 3.0}
 FRACTIONS = {"train": 0.9, "valid": 0.1, "test": 0.0, "benchmark": 0.0}
 FIRST = 5000  # the valid images are the last --valid-per-class of the first 5,000
-# The longer preset: airbench95's widths (128/384/384) at its rate 10 for 11 epochs.
+# The longer preset: airbench95's widths (128/384/384) at its rate 10 for 13 epochs.
 LONG = {"arch": "zoo_cnn_wide", "recipe": "long"}
 
 

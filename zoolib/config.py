@@ -42,7 +42,7 @@ class TrainConfig:
         arch: timm architecture name ("zoo_cnn" for 32-96 px, "inception_v4" at 299).
         img_size: square input size in pixels.
         recipe: "auto" (airbench for zoo_cnn* from random weights, else classic),
-            "airbench", "long" (airbench95's rate, 11 epochs, for zoo_cnn_wide) or
+            "airbench", "long" (airbench95's rate, 13 epochs, for zoo_cnn_wide) or
             "classic" (see zoolib/recipe.py).
         epochs: the budget (airbench: 10): the triangle's length, or the most epochs
             a plateau run may take (classic: 40), anneal included.

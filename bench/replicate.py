@@ -85,7 +85,7 @@ from zoolib.workspace import ZoolibError
 IMAGES_PER_S = 130  # zoo_cnn, 32 px, default recipe, 2 AVX2 cores (see the docstring)
 TRAIN_SHARE = 0.7  # the workspace's default split: 70% train
 DEFAULTS = dict(generations=6, arrivals="cat:2,horse:4", initial=340, growth="0.2",
-                new_class=300, methods="copy", warm_schedule="fine_tune", seeds="0,1",
+                new_class=300, methods="copy", warm_schedule="rewarm", seeds="0,1",
                 epochs=None, arch="zoo_cnn", size=32, batch_size=None, lr=None, lr_warm=None,
                 inbox_per_class=500, test_per_class=0, threshold=0.7, tta="last")
 QUICK = dict(generations=3, arrivals="cat:2", initial=60, new_class=50, inbox_per_class=20,
@@ -281,7 +281,8 @@ def run_seed(args, m: dict, seed: int, plan: dict, root: Path, tests: pd.DataFra
 def settings(args, plan: dict) -> dict:
     """The run's settings as recorded (the resolved budget and the default chain)."""
     keep = {k: v for k, v in vars(args).items() if k not in ("chains",)}
-    default = Chain(TrainConfig.warm_method, TrainConfig.warm_schedule)
+    schedule = TrainConfig(arch=args.arch, img_size=args.size).resolved().warm_schedule
+    default = Chain(TrainConfig.warm_method, schedule)
     chosen = default if default in args.chains else args.chains[0]
     epochs = TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs).resolved().epochs
     return {**keep, "chains": [c.label for c in args.chains], "default_chain": chosen.label,

@@ -185,8 +185,8 @@ def test_batch_norm_biases_train_at_64x_from_scratch_warm_start_and_resume(demo_
     for body, bias, head in first.rates:
         assert bias == pytest.approx(64 * body) and head == pytest.approx(body)
     warm = _Rates()
-    r = train(demo_ws, TrainConfig(**{**SGD, "epochs": 3}, init_from="last"), progress=False,
-              extra_cbs=[warm])
+    r = train(demo_ws, TrainConfig(**{**SGD, "epochs": 3}, init_from="last",
+                                   warm_schedule="fine_tune"), progress=False, extra_cbs=[warm])
     body, bias, head = warm.rates[-1]  # after the head-only epoch
     assert bias == pytest.approx(64 * body) and head == pytest.approx(3 * body)
     assert r.info["recipe"]["lr_per_group"][1] == pytest.approx(

@@ -77,21 +77,21 @@ def test_pipeline_writes_report(rep, tmp_path):
     assert not any(p.is_symlink() for p in inbox)  # zoolib never follows links
     # a scratch run every generation; the chain warm-starts from its own previous generation
     runs = {(r["gen"], r["chain"]): r for r in m["runs"]}
-    assert set(runs) == {(1, "scratch"), (2, "scratch"), (2, "copy:fine_tune"), (3, "scratch"),
-                         (3, "copy:fine_tune")}
-    assert runs[(2, "copy:fine_tune")]["parent"] == runs[(1, "scratch")]["name"]
-    assert runs[(3, "copy:fine_tune")]["parent"] == runs[(2, "copy:fine_tune")]["name"]
-    assert runs[(3, "copy:fine_tune")]["method"] == "copy"
-    assert runs[(3, "copy:fine_tune")]["schedule"] == "fine_tune"
+    assert set(runs) == {(1, "scratch"), (2, "scratch"), (2, "copy:rewarm"), (3, "scratch"),
+                         (3, "copy:rewarm")}
+    assert runs[(2, "copy:rewarm")]["parent"] == runs[(1, "scratch")]["name"]
+    assert runs[(3, "copy:rewarm")]["parent"] == runs[(2, "copy:rewarm")]["name"]
+    assert runs[(3, "copy:rewarm")]["method"] == "copy"
+    assert runs[(3, "copy:rewarm")]["schedule"] == "rewarm"
     assert runs[(1, "scratch")]["classes"] == 5 and runs[(3, "scratch")]["classes"] == 6
-    assert runs[(3, "copy:fine_tune")]["test_images"] == 30
+    assert runs[(3, "copy:rewarm")]["test_images"] == 30
     assert runs[(1, "scratch")]["test_images"] == 25
     # TTA at the last generation only (--tta last)
     assert runs[(2, "scratch")]["test_accuracy_tta"] is None
-    assert 0 <= runs[(3, "copy:fine_tune")]["test_accuracy_tta"] <= 1
-    w3 = runs[(3, "copy:fine_tune")]
+    assert 0 <= runs[(3, "copy:rewarm")]["test_accuracy_tta"] <= 1
+    w3 = runs[(3, "copy:rewarm")]
     assert w3["cum_seconds"] == pytest.approx(runs[(1, "scratch")]["train_seconds"]
-                                              + runs[(2, "copy:fine_tune")]["train_seconds"]
+                                              + runs[(2, "copy:rewarm")]["train_seconds"]
                                               + w3["train_seconds"])
     assert w3["scratch_cum_seconds"] == pytest.approx(
         sum(runs[(g, "scratch")]["train_seconds"] for g in (1, 2, 3)))
@@ -110,15 +110,15 @@ def test_pipeline_writes_report(rep, tmp_path):
     assert m["memory"]["peak_rss_mb"] > 100 and m["memory"]["rss_per_epoch_mb"]["s0-g3-scratch"]
     assert m["cpu"]["cores"] >= 1 and len(m["commit"]) == 40
     gens = pd.read_csv(out / "generations.csv")
-    assert len(gens) == 6 and set(gens["chain"]) == {"scratch", "copy:fine_tune"}
+    assert len(gens) == 6 and set(gens["chain"]) == {"scratch", "copy:rewarm"}
     summary = (out / "summary.md").read_text()
-    assert "## Chain copy:fine_tune" in summary and "## Goals" in summary
+    assert "## Chain copy:rewarm" in summary and "## Goals" in summary
 
 
 def test_flags_plan_and_default_run(rep):
     args = rep.parse_args([])
     assert args.default_run and args.generations == 6 and args.seeds == [0, 1]
-    assert args.chains == [rep.Chain("copy", "fine_tune")] and args.epochs is None
+    assert args.chains == [rep.Chain("copy", "rewarm")] and args.epochs is None
     plan = rep.library_plan(args)
     assert plan[1] == {c: 340 for c in ("bird", "deer", "dog", "frog")}
     assert plan[2]["cat"] == 300 and plan[4]["horse"] == 300 and "horse" not in plan[3]
@@ -134,7 +134,7 @@ def test_flags_plan_and_default_run(rep):
     assert rep.parse_args(["--methods", "copy,shrink_perturb:rewarm"]).chains[1] == rep.Chain(
         "shrink_perturb", "rewarm")
     for bad in (["--arrivals", "okapi:2"], ["--arrivals", "cat:7"], ["--methods", "paste"],
-                ["--growth", "0.1,0.2"], ["--methods", "copy,copy:fine_tune"]):
+                ["--growth", "0.1,0.2"], ["--methods", "copy,copy:rewarm"]):
         with pytest.raises(SystemExit):
             rep.parse_args(bad)
 

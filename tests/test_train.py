@@ -423,7 +423,7 @@ def test_a_frozen_warm_epoch_trains_the_head_alone(trained_ws):
     parent, _ = models.load_generation(trained_ws, "gen-0001")
     check = _FrozenCheck()
     cfg = TrainConfig(**{**TINY, "epochs": 2}, init_from="last", freeze_epochs=1, lr_mult=10.0,
-                      optimizer="sgd")
+                      optimizer="sgd", warm_schedule="fine_tune")
     r = train(trained_ws, cfg, progress=False, extra_cbs=[check])
     body = [k for k in parent.state_dict() if not k.startswith("head.")]
     assert len(body) > 20

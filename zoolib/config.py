@@ -115,7 +115,9 @@ class TrainConfig:
             new data's gradient, at least `dash_lambda`).
         warm_schedule: "fine_tune" (the head alone for FREEZE_EPOCHS, then the body
             at LR_WARM / LR_MULT) or "rewarm" (the head alone, then the whole
-            model at the scratch run's rates, warmed up and decayed again).
+            model at the scratch run's rates, warmed up and decayed again). None:
+            the recipe's (airbench and long: "rewarm", measured by
+            bench/replicate.py; classic: "fine_tune").
         warm_shrink, warm_perturb: "shrink_perturb" only (None: 0.4 and 0.1).
         dash_lambda: "dash": the smallest scale of a filter (their 0.3).
         frozen_stages: a fine-tune (pretrained or warm start) keeps its first
@@ -182,7 +184,7 @@ class TrainConfig:
     max_lighting: float = 0.0
     carry_rows: bool = False
     warm_method: str = "copy"
-    warm_schedule: str = "fine_tune"
+    warm_schedule: str | None = None
     warm_shrink: float | None = None
     warm_perturb: float | None = None
     dash_lambda: float = 0.3

@@ -42,10 +42,8 @@ from zoolib import cleaning, workspace  # noqa: E402
 from zoolib.recipe import RECIPE_NAMES  # noqa: E402
 from zoolib.train import TrainConfig, train  # noqa: E402
 
-# fold models: the long recipe's wider network (zoo_cnn at the airbench recipe, seeds 0 / 1:
-# precision 0.639 / 0.647, recall 0.580 / 0.608 in 6-13 minutes)
-DEFAULTS = dict(per_class=1500, flip=0.05, folds=3, epochs=None, init="scratch",
-                arch="zoo_cnn_wide", recipe="long", size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="", pretrained="",
+DEFAULTS = dict(per_class=1500, flip=0.05, folds=3, epochs=None, init="scratch", arch="zoo_cnn",
+                recipe="auto", size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="", pretrained="",
                 freeze_epochs=None, lr_warm=None, lr_mult=None, batch_size=None,
                 frozen_stages=None)
 RESULTS = REPO / "bench" / "results" / "label_issues.json"

@@ -43,8 +43,8 @@ from zoolib.recipe import RECIPE_NAMES  # noqa: E402
 from zoolib.train import TrainConfig, train  # noqa: E402
 
 DEFAULTS = dict(per_class=1500, flip=0.05, folds=3, epochs=None, init="scratch", arch="zoo_cnn",
-                recipe="auto", size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="", pretrained="",
-                freeze_epochs=None, lr_warm=None, lr_mult=None, batch_size=None,
+                recipe="auto", size=32, seed=0, tta=True, oof="both", probe_folds=5, embedder="",
+                pretrained="", freeze_epochs=None, lr_warm=None, lr_mult=None, batch_size=None,
                 frozen_stages=None)
 RESULTS = REPO / "bench" / "results" / "label_issues.json"
 GOALS = {"precision": 0.6, "recall": 0.6, "minutes": 30}

@@ -281,12 +281,11 @@ def run_seed(args, m: dict, seed: int, plan: dict, root: Path, tests: pd.DataFra
 def settings(args, plan: dict) -> dict:
     """The run's settings as recorded (the resolved budget and the default chain)."""
     keep = {k: v for k, v in vars(args).items() if k not in ("chains",)}
-    schedule = TrainConfig(arch=args.arch, img_size=args.size).resolved().warm_schedule
-    default = Chain(TrainConfig.warm_method, schedule)
+    resolved = TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs).resolved()
+    default = Chain(resolved.warm_method, resolved.warm_schedule)
     chosen = default if default in args.chains else args.chains[0]
-    epochs = TrainConfig(arch=args.arch, img_size=args.size, epochs=args.epochs).resolved().epochs
     return {**keep, "chains": [c.label for c in args.chains], "default_chain": chosen.label,
-            "resolved_epochs": epochs, "plan": {str(g): c for g, c in plan.items()}}
+            "resolved_epochs": resolved.epochs, "plan": {str(g): c for g, c in plan.items()}}
 
 
 def run(args) -> dict:
